@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine:
+#   make quick   -> installs into .venv (first time) and runs the main job (configs/quick.yaml)
+#   make test    -> installs into .venv (first time) and runs the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out/quick
+
+.PHONY: install quick test clean
+
+$(BIN)/nlbench: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch first: a bare range would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/nlbench
+
+install: $(BIN)/nlbench
+
+quick: install
+	$(BIN)/nlbench run configs/quick.yaml --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

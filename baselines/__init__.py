@@ -1,0 +1,1 @@
+"""Baselines nlbench compares Hope against: Transformer and Titans (LMM, MAC, MAG)."""

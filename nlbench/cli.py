@@ -1,0 +1,38 @@
+"""`nlbench` command line. Each sub-command lives in its own module under nlbench/commands/
+and is imported only when used, so `nlbench --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+COMMANDS = {
+    "run": "nlbench.commands.run:run",
+    "submit": "nlbench.commands.submit:submit",
+    "jobs": "nlbench.commands.submit:jobs",
+    "tune": "nlbench.commands.tune:tune",
+    "report": "nlbench.commands.report:report",
+    "bench": "nlbench.commands.bench:bench",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nlbench")
+def main():
+    """nlbench: does Hope forget less than Transformer and Titans?"""
+
+
+if __name__ == "__main__":
+    main()
