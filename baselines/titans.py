@@ -1,0 +1,314 @@
+"""Titans baselines (spec §1): the neural long-term memory as a layer (LMM), as context (MAC)
+and as a gate (MAG).
+
+Every block is pre-norm: x = x + mixer(norm(x)); x = x + SwiGLU(norm(x)). The mixer is
+  LMM  the memory alone (a recurrent sequence layer);
+  MAC  per segment, attention over [persistent ‖ memory read ‖ segment], then the memory
+       learns from the attention output y and gates it: o = y ⊗ σ(M(y));
+  MAG  sliding-window attention (with persistent tokens) gated by the memory output.
+Each family narrows its SwiGLU so that a block holds as many parameters as a Transformer
+block of the same width (the 15% budget of ARCHITECTURE.md).
+
+Fast state, one dict per layer: memory weights "W" and momentum "S" (lists of
+[B, H, out, in]) plus the last 3 pre-conv projections ("conv", MAC also "conv_y") so the
+causal conv continues exactly across calls. `update_state=False` runs the same computation
+(the memory still learns within the sequence -- it is the layer's token mixer) but returns
+the input state untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlbench.baselines.transformer import check_positive_int, check_tokens, scale_residual_init
+from nlbench.kernels.titans_memory import memory_flops_per_token, memory_read, titans_memory_chunked
+from nlbench.models import ModelConfigError, check_overrides
+from nlbench.models.base import ModelOutput, NLModel
+from nlbench.models.layers import (
+    CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, init_weights, swiglu_hidden,
+)
+
+# Gate initialisation (sigmoid of a bias): forgetting α ≈ 0.007 so memory decays slowly
+# (not the 0.5-per-token halving of spec §7), momentum η ≈ 0.5, inner learning rate
+# θ = max_lr · sigmoid(0) = max_lr / 2. θ is capped at max_lr because inside a chunk all C
+# gradients are taken at the same state and summed: with correlated keys the chunk's step is
+# up to C times one token's, and an MLP memory then diverges (seen with max_lr = 1, C = 16).
+ALPHA_BIAS, ETA_BIAS, THETA_BIAS = -5.0, 0.0, 0.0
+
+
+class NeuralMemory(nn.Module):
+    """Titans LMM over multi-head keys/values (spec §1): projections, conv, gates, memory, output.
+
+    q, k, v = SiLU(conv4(x W)); q, k L2-normalised per head. Gates η, θ, α = sigmoid(x W_g + b),
+    one per token and head. The initial memory weights are parameters (meta-learned).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
+                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.1):
+        super().__init__()
+        self.n_heads, self.head_dim, self.chunk_size = n_heads, d_model // n_heads, chunk_size
+        self.max_lr = max_lr
+        dh = self.head_dim
+        hidden = memory_hidden or 2 * dh
+        if memory == "linear":
+            self.dims = [(dh, dh)]
+        else:
+            self.dims = [(hidden, dh)] + [(hidden, hidden)] * (memory_layers - 2) + [(dh, hidden)]
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.conv = ShortConv(3 * d_model, kernel_size=4)
+        self.gates = nn.Linear(d_model, 3 * n_heads)
+        self.w0 = nn.ParameterList(nn.Parameter(torch.randn(n_heads, o, i) / i**0.5) for o, i in self.dims)
+        self.out_norm = RMSNorm(d_model)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def reset_gates(self):
+        nn.init.zeros_(self.gates.weight)  # gates start input-independent, learn their dependence
+        bias = torch.tensor([ETA_BIAS, THETA_BIAS, ALPHA_BIAS]).repeat_interleave(self.n_heads)
+        with torch.no_grad():
+            self.gates.bias.copy_(bias)
+
+    def init_state(self, batch_size: int, conv_keys=("conv",)) -> dict:
+        ref = self.w0[0]
+        state = {"W": [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.w0],
+                 "S": [ref.new_zeros(batch_size, *w.shape) for w in self.w0]}
+        for key in conv_keys:
+            state[key] = ref.new_zeros(batch_size, self.conv.kernel_size - 1, self.qkv.out_features)
+        return state
+
+    def heads(self, x):  # [B, T, D] -> [B, H, T, dh]
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project(self, x, tail):
+        """q, k, v [B, H, T, dh] through the causal conv continued from `tail`; returns the new tail."""
+        z = torch.cat([tail, self.qkv(x)], dim=1)
+        qkv = F.silu(self.conv.conv(z.transpose(1, 2)).transpose(1, 2))
+        q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, z[:, -(self.conv.kernel_size - 1):]
+
+    def memorize(self, x, state, conv_key="conv"):
+        """Run the memory over x: reads y_t = M_{t-1}(q_t) while learning (k_t, v_t). Returns (out, state)."""
+        q, k, v, tail = self.project(x, state[conv_key])
+        eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
+        theta = self.max_lr * theta
+        y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size)
+        return self.output(y), {**state, "W": W, "S": S, conv_key: tail}
+
+    def read(self, q, state):
+        """M_b(q) at the current memory, without learning."""
+        return self.output(memory_read(state["W"], q))
+
+    def output(self, y):  # [B, H, T, dh] -> [B, T, D]
+        B, H, T, dh = y.shape
+        return self.out_proj(self.out_norm(y.transpose(1, 2).reshape(B, T, H * dh)))
+
+    def flops_per_token(self) -> float:
+        proj = 2 * (self.qkv.weight.numel() + self.gates.weight.numel() + self.out_proj.weight.numel())
+        conv = 2 * self.conv.conv.weight.numel()
+        return proj + conv + self.n_heads * memory_flops_per_token(self.dims, self.chunk_size)
+
+
+def matched_mlp_hidden(d_model: int, mixer: nn.Module) -> int:
+    """SwiGLU width that makes mixer + MLP hold the parameters of a Transformer block (4d² + 3d·h)."""
+    extra = sum(p.numel() for p in mixer.parameters()) - 4 * d_model * d_model
+    h = swiglu_hidden(d_model) - extra / (3 * d_model)
+    return max(16, 16 * round(h / 16))
+
+
+class LMMBlock(nn.Module):
+    def __init__(self, d_model, n_heads, mem_kw):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
+        self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
+        self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
+
+    def init_state(self, batch_size):
+        return self.memory.init_state(batch_size)
+
+    def forward(self, x, state):
+        m, state = self.memory.memorize(self.norm1(x), state)
+        x = x + m
+        return x + self.mlp(self.norm2(x)), state
+
+    def flops_per_token(self, seq_len):
+        return self.memory.flops_per_token() + 2 * 3 * self.mlp.w_up.weight.numel()
+
+
+class MAGBlock(nn.Module):
+    """o = SWA([P ‖ x]) ⊗ σ(M(x)): sliding-window attention gated by the memory output."""
+
+    def __init__(self, d_model, n_heads, mem_kw, window, n_persistent):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
+        self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.attn = CausalSelfAttention(d_model, n_heads, window=window)
+        self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
+        self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
+
+    def init_state(self, batch_size):
+        return self.memory.init_state(batch_size)
+
+    def forward(self, x, state):
+        h = self.norm1(x)
+        P = self.persistent.unsqueeze(0).expand(h.shape[0], -1, -1)
+        a = self.attn(torch.cat([P, h], dim=1), n_prefix=P.shape[1])[:, P.shape[1]:]
+        m, state = self.memory.memorize(h, state)
+        x = x + a * torch.sigmoid(m)
+        return x + self.mlp(self.norm2(x)), state
+
+    def flops_per_token(self, seq_len):
+        d = self.attn.proj.in_features
+        attn = 2 * (self.attn.qkv.weight.numel() + self.attn.proj.weight.numel())
+        attn += attention_flops(seq_len, d, self.attn.window) + 2 * 2 * self.persistent.shape[0] * d
+        return attn + self.memory.flops_per_token() + 2 * 3 * self.mlp.w_up.weight.numel()
+
+
+class MACBlock(nn.Module):
+    """Memory as context, one segment at a time.
+
+    For a segment s with normalised input h:
+      r = M_{s-1}(q(h))                    read at the segment-start memory (no learning)
+      y = Attn([P ‖ r ‖ h])                persistent tokens, memory reads, segment
+      m = M(norm(y)) learning from y       reads M_{t-1}, so each token sees only its past
+      o = y ⊗ σ(m)
+    Causality: r_j depends on h_j, so r and h are interleaved (r_1, h_1, r_2, h_2, ...) under
+    a causal mask -- h_i attends to P, r_{≤i}, h_{≤i} and never to the read of a later token.
+    The memory state handed to the next segment has learned the whole segment.
+    """
+
+    def __init__(self, d_model, n_heads, mem_kw, segment_len, n_persistent):
+        super().__init__()
+        self.segment_len = segment_len
+        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
+        self.read_norm, self.y_norm = RMSNorm(d_model), RMSNorm(d_model)
+        self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
+        self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
+
+    def init_state(self, batch_size):
+        return self.memory.init_state(batch_size, conv_keys=("conv", "conv_y"))
+
+    def forward(self, x, state):
+        h = self.norm1(x)
+        B, T, D = h.shape
+        q_read, _, _, tail_x = self.memory.project(h, state["conv"])
+        P = self.persistent.unsqueeze(0).expand(B, -1, -1)
+        n_p, outs = P.shape[1], []
+        for s0 in range(0, T, self.segment_len):
+            seg = h[:, s0 : s0 + self.segment_len]
+            L = seg.shape[1]
+            r = self.read_norm(self.memory.read(q_read[:, :, s0 : s0 + L], state))
+            ctx = torch.stack([r, seg], dim=2).reshape(B, 2 * L, D)        # r_1, h_1, r_2, h_2, ...
+            y = self.attn(torch.cat([P, ctx], dim=1), n_prefix=n_p)[:, n_p + 1 :: 2]
+            m, state = self.memory.memorize(self.y_norm(y), state, conv_key="conv_y")
+            outs.append(y * torch.sigmoid(m))
+        x = x + torch.cat(outs, dim=1)
+        return x + self.mlp(self.norm2(x)), {**state, "conv": tail_x}
+
+    def flops_per_token(self, seq_len):
+        d = self.attn.proj.in_features
+        ctx = min(seq_len, self.segment_len)
+        attn = 2 * 2 * (self.attn.qkv.weight.numel() + self.attn.proj.weight.numel())  # r and h tokens
+        attn += 2 * (attention_flops(2 * ctx, d) + 2 * 2 * self.persistent.shape[0] * d)
+        read = 2 * self.memory.qkv.weight.numel() + self.memory.n_heads * 2 * sum(o * i for o, i in self.memory.dims)
+        return attn + read + self.memory.flops_per_token() + 2 * 3 * self.mlp.w_up.weight.numel()
+
+
+class Titans(NLModel):
+    """Token embedding, a stack of Titans blocks, final norm, tied LM head."""
+
+    def __init__(self, variant: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int,
+                 block_fn):
+        super().__init__()
+        self.family = f"titans-{variant}"
+        self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(block_fn() for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+        init_weights(self)
+        scale_residual_init(self, n_layers)
+        for block in self.blocks:
+            block.memory.reset_gates()
+
+    def init_state(self, batch_size: int):
+        return [block.init_state(batch_size) for block in self.blocks]
+
+    def forward(self, tokens, state=None, update_state: bool = True):
+        check_tokens(tokens)
+        layer_states = self.init_state(tokens.shape[0]) if state is None else state
+        if len(layer_states) != len(self.blocks):
+            raise ValueError(f"state has {len(layer_states)} layers, the model has {len(self.blocks)}.")
+        x, new_states = self.tok_emb(tokens), []
+        for block, s in zip(self.blocks, layer_states):
+            x, s = block(x, s)
+            new_states.append(s)
+        logits = self.lm_head(self.norm(x))
+        return ModelOutput(logits, new_states if update_state else state)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return float(sum(b.flops_per_token(seq_len) for b in self.blocks) + 2 * self.d_model * self.vocab_size)
+
+
+MEMORY_OPTIONS = {
+    "chunk_size": "tokens per parallel memory chunk (default 16; 1 = exact per-token Titans)",
+    "memory": "'mlp' (default) or 'linear'",
+    "memory_layers": "layers of the MLP memory, >= 2 (default 2)",
+    "memory_hidden": "hidden width of the MLP memory per head (default 2 * head_dim)",
+    "max_lr": "upper bound of the inner learning rate θ in (0, 1] (default 0.1)",
+}
+
+
+def _memory_kwargs(name: str, d_model: int, n_layers: int, n_heads: int, opts: dict) -> dict:
+    for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
+        check_positive_int(name, key, value)
+    if d_model % n_heads:
+        raise ModelConfigError(f"model '{name}': d_model={d_model} must be divisible by n_heads={n_heads}.")
+    kw = {"chunk_size": check_positive_int(name, "chunk_size", opts.get("chunk_size", 16)),
+          "memory": opts.get("memory", "mlp"),
+          "memory_layers": check_positive_int(name, "memory_layers", opts.get("memory_layers", 2), minimum=2)}
+    if kw["memory"] not in ("mlp", "linear"):
+        raise ModelConfigError(f"model '{name}': option 'memory' must be one of 'mlp', 'linear', got {kw['memory']!r}.")
+    max_lr = opts.get("max_lr", 0.1)
+    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr <= 1:
+        raise ModelConfigError(f"model '{name}': option 'max_lr' must be a number in (0, 1], got {max_lr!r}.")
+    kw["max_lr"] = float(max_lr)
+    if opts.get("memory_hidden") is not None:
+        kw["memory_hidden"] = check_positive_int(name, "memory_hidden", opts["memory_hidden"])
+    return kw
+
+
+def build_titans_lmm(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    check_overrides("titans-lmm", overrides, MEMORY_OPTIONS)
+    mem_kw = _memory_kwargs("titans-lmm", d_model, n_layers, n_heads, overrides)
+    return Titans("lmm", vocab_size, d_model, n_layers, n_heads, lambda: LMMBlock(d_model, n_heads, mem_kw))
+
+
+MAC_OPTIONS = {**MEMORY_OPTIONS,
+               "segment_len": "tokens per MAC segment (default 32)",
+               "n_persistent": "learned persistent-memory tokens (default 4)"}
+
+
+def build_titans_mac(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    check_overrides("titans-mac", overrides, MAC_OPTIONS)
+    mem_kw = _memory_kwargs("titans-mac", d_model, n_layers, n_heads, overrides)
+    seg = check_positive_int("titans-mac", "segment_len", overrides.get("segment_len", 32))
+    n_p = check_positive_int("titans-mac", "n_persistent", overrides.get("n_persistent", 4), minimum=0)
+    return Titans("mac", vocab_size, d_model, n_layers, n_heads, lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
+
+
+MAG_OPTIONS = {**MEMORY_OPTIONS,
+               "window": "sliding-window attention span in tokens, itself included (default 64)",
+               "n_persistent": "learned persistent-memory tokens (default 4)"}
+
+
+def build_titans_mag(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    check_overrides("titans-mag", overrides, MAG_OPTIONS)
+    mem_kw = _memory_kwargs("titans-mag", d_model, n_layers, n_heads, overrides)
+    window = check_positive_int("titans-mag", "window", overrides.get("window", 64))
+    n_p = check_positive_int("titans-mag", "n_persistent", overrides.get("n_persistent", 4), minimum=0)
+    return Titans("mag", vocab_size, d_model, n_layers, n_heads, lambda: MAGBlock(d_model, n_heads, mem_kw, window, n_p))

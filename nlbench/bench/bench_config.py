@@ -1,0 +1,89 @@
+"""Schema of throughput-benchmark configs (configs/throughput*.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nlbench.models import MODELS, PRESETS
+
+
+class BenchConfigError(ValueError):
+    pass
+
+
+class BenchModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    options: dict = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        if v not in MODELS:
+            raise ValueError(f"unknown model '{v}'; allowed: {', '.join(sorted(MODELS))}")
+        return v
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "throughput"
+    models: list[BenchModel]
+    sizes: list[str] = ["small"]
+    seq_lens: list[int] = [256]
+    batch_size: int = Field(8, ge=1)
+    vocab_size: int = Field(256, ge=2)
+    optimizer: Literal["adamw", "muon", "m3", "dgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    phases: list[Literal["train", "infer"]] = ["train", "infer"]
+    warmup_steps: int = Field(2, ge=1)
+    steps: int = Field(5, ge=1)
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)
+    # memory-update micro-benchmark: chunked fast path vs token-by-token reference
+    kernel_seq_len: int | None = Field(1024, ge=16)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return [{"name": m} if isinstance(m, str) else m for m in v]
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v):
+        bad = [s for s in v if s not in PRESETS]
+        if bad:
+            raise ValueError(f"unknown size(s) {bad}; allowed: {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _lens(cls, v):
+        if not v or any(t < 2 for t in v):
+            raise ValueError("every seq_len must be an integer >= 2")
+        return v
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise BenchConfigError(f"bench config '{path}' does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BenchConfigError(f"bench config '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise BenchConfigError(f"bench config '{path}' must be a mapping of fields, got {type(raw).__name__}.")
+    try:
+        return BenchConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msgs.append(f"field '{loc}': {err['msg']}")
+        raise BenchConfigError(f"invalid bench config '{path}': " + "; ".join(msgs) + ".") from None

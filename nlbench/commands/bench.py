@@ -1,0 +1,104 @@
+"""`nlbench bench CONFIG --out OUT`: throughput of every model, written to OUT/throughput."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Results directory (OUT/throughput).")
+@click.option("--only", default=None, help="Only models whose name contains this string.")
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]), help="Override the config's device.")
+def bench(config, out, only, device):
+    """Measure train/inference tokens/s, p50/p95 step time, peak memory and MFU."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from nlbench.bench.bench_config import BenchConfigError, load_bench_config
+    from nlbench.bench.throughput import BenchCase, bench_case, device_name, measure_matmul_peak, versions
+    from nlbench.results import ResultStore
+
+    console = Console()
+    try:
+        cfg = load_bench_config(config)
+    except BenchConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    dev_str = device or cfg.device
+    if dev_str == "auto":
+        dev_str = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev_str == "cuda" and not torch.cuda.is_available():
+        console.print("[red]error:[/red] device 'cuda' requested but torch sees no CUDA device; use device: cpu or auto.")
+        sys.exit(2)
+    dev = torch.device(dev_str)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = getattr(torch, cfg.dtype)
+    if dev.type == "cpu" and dtype != torch.float32:
+        console.print(f"[yellow]note:[/yellow] dtype {cfg.dtype} on CPU runs under autocast; MFU is against the {cfg.dtype} matmul peak.")
+
+    peak = measure_matmul_peak(dev, dtype)
+    console.print(f"device {device_name(dev)}  dtype {cfg.dtype}  measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    cmd = " ".join(shlex.quote(a) for a in ["nlbench", *sys.argv[1:]])
+    stamp = datetime.now(timezone.utc).isoformat()
+    meta = dict(versions(), command=cmd, timestamp=stamp, matmul_peak_flops=peak, config_name=cfg.name)
+
+    rows = []
+    models = [m for m in cfg.models if only is None or only in m.name]
+    for size in cfg.sizes:
+        for seq_len in cfg.seq_lens:
+            for m in models:
+                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options)
+                t0 = time.perf_counter()
+                try:
+                    got = bench_case(
+                        case, device=dev, dtype=dtype, vocab_size=cfg.vocab_size, optimizer=cfg.optimizer,
+                        lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, phases=list(cfg.phases),
+                        compile=cfg.compile, peak_flops=peak,
+                    )
+                except torch.OutOfMemoryError as e:
+                    console.print(f"[yellow]skip[/yellow] {m.name}/{size}/T={seq_len}: out of memory ({e})")
+                    continue
+                for r in got:
+                    r.update(meta)
+                    r["run_id"] = f"{cfg.name}:{r['model']}:{size}:{seq_len}:{cfg.batch_size}:{r['phase']}:{r['dtype']}:{stamp}"
+                    console.print(
+                        f"{r['model']:>15} {size:>6} T={seq_len:<5} {r['phase']:<5} {r['tokens_per_s']:>10.0f} tok/s "
+                        f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}%  ({time.perf_counter() - t0:.0f}s)"
+                    )
+                rows.extend(got)
+    store = ResultStore(Path(out))
+    store.write_rows("throughput", rows, key=f"{cfg.name}-{stamp.replace(':', '')}")
+
+    table = Table(title=f"throughput — {device_name(dev)} ({cfg.dtype})")
+    for col in ["model", "size", "T", "phase", "tokens/s", "p50 ms", "p95 ms", "peak MiB", "MFU %"]:
+        table.add_column(col, justify="right" if col not in ("model", "phase") else "left")
+    for r in rows:
+        table.add_row(r["model"], r["size"], str(r["seq_len"]), r["phase"], f"{r['tokens_per_s']:.0f}",
+                      f"{r['step_ms_p50']:.1f}", f"{r['step_ms_p95']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
+                      f"{100 * r['mfu']:.1f}")
+    console.print(table)
+    _print_goals(console, rows)
+    if cfg.kernel_seq_len:
+        from nlbench.bench.kernels import bench_memory_kernels
+
+        for line in bench_memory_kernels(dev, seq_len=cfg.kernel_seq_len):
+            console.print(line)
+    console.print(f"wrote {len(rows)} rows to {Path(out) / 'throughput'}")
+
+
+def _print_goals(console, rows):
+    """Ratios the project sets goals on, from this run's own measurements."""
+    by = {(r["model"], r["size"], r["seq_len"], r["phase"]): r["tokens_per_s"] for r in rows}
+    for (model, size, t, phase), tps in sorted(by.items()):
+        if model == "hope" and phase == "train" and ("transformer", size, t, "train") in by:
+            ratio = tps / by[("transformer", size, t, "train")]
+            console.print(f"goal: Hope/Transformer train tokens/s at {size}, T={t}: {ratio:.2f}x (goal >= 0.5x)")

@@ -1,0 +1,29 @@
+"""`nlbench report OUT [OUT2 …]`: leaderboard, figures and throughput report of result directories."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", default="all", show_default=True, type=click.Choice(["md", "html", "json", "all"]),
+              help="Leaderboard format(s) to write.")
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False), help="Where to write (default: first OUT/report).")
+@click.option("--no-figures", is_flag=True, help="Skip the matplotlib figures.")
+def report(dirs, fmt, out_dir, no_figures):
+    """Rank models per stream (95% CI over seeds), draw figures, line up throughput per device."""
+    from nlbench.report import ReportError, build_report
+
+    formats = ("md", "html", "json") if fmt == "all" else (fmt,)
+    try:
+        got = build_report(list(dirs), out_dir=out_dir, formats=formats, figures=not no_figures)
+    except ReportError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    for w in got["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    for f in got["files"]:
+        click.echo(f)

@@ -1,0 +1,565 @@
+"""Experiment configs: a YAML file describes a sweep, `expand_runs` turns it into runs.
+
+    cfg = load_config("configs/quick.yaml")     # ExperimentConfig; ConfigError names the field
+    specs = expand_runs(cfg)                     # models × streams × seeds × protocols ×
+                                                 # strategies × variants, one RunSpec each
+    spec.config                                  # the fully resolved config of ONE run (dict)
+    spec.run_id                                  # content hash of what affects the results
+
+A run's resolved config (`RunSpec.config`) has the keys
+
+    model:    {name, size, options, label}
+    stream:   {name, num_tasks, seq_len, options}      (None = the stream's default)
+    seed, protocol, strategy, variant
+    replay:   {buffer_size, ratio}                     (used by strategy 'replay')
+    ewc:      {lam, fisher_samples}                    (used by strategy 'ewc')
+    train:    {tokens_per_task, batch_size, optimizer{name, lr, ...}, grad_clip, eval_every,
+               device, dtype}
+    eval:     {max_sequences, batch_size, curve_tasks}
+
+`apply_override(config, "train.optimizer.lr", 3e-3)` sets one dotted path of such a dict (list
+items by index: "model.options.cms_periods.1"); `validate_run_config` re-checks the result.
+Variants in a config are lists of such overrides, each swept as extra runs.
+
+Resources (cpus/gpus per run, max failures) and the execution device never enter the run id:
+they change where a run executes, not what it computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nlbench.models import MODELS, PRESETS
+
+PROTOCOLS = ("finetune", "in_context")
+STRATEGIES = ("naive", "replay", "ewc")
+OPTIMIZERS = ("adamw", "muon", "m3", "dgd")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+
+# Keys of a run config that do not change its results (kept out of the run id).
+_NOT_HASHED = ("device",)
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the field path and the allowed values."""
+
+
+def _stream_names() -> list[str]:
+    from nlbench.tasks import STREAMS
+
+    return sorted(STREAMS)
+
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelEntry(_Strict):
+    """One model of the sweep: a registered name, a size preset, options for its factory."""
+
+    name: str
+    size: str = "tiny"
+    options: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v):
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; allowed models: {_allowed(sorted(MODELS))}")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, v):
+        if v not in PRESETS:
+            raise ValueError(f"unknown size {v!r}; allowed sizes: {_allowed(PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_label(self):
+        if self.label is None:
+            object.__setattr__(self, "label", self.name)
+        return self
+
+
+class StreamEntry(_Strict):
+    """One task stream; num_tasks / seq_len None = the stream's own default."""
+
+    name: str
+    num_tasks: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=2)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_stream(cls, v):
+        names = _stream_names()
+        if v not in names:
+            raise ValueError(f"unknown stream {v!r}; allowed streams: {_allowed(names)}")
+        return v
+
+    @field_validator("num_tasks")
+    @classmethod
+    def _task_count(cls, v, info):
+        from nlbench.tasks import STREAMS
+
+        name = info.data.get("name")
+        max_tasks = getattr(STREAMS.get(name), "max_tasks", None)
+        if v is not None and max_tasks is not None and v > max_tasks:
+            raise ValueError(f"stream {name!r} has at most {max_tasks} tasks; num_tasks must be in [1, {max_tasks}], got {v}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _known_knobs(cls, v, info):
+        from nlbench.tasks import STREAMS
+
+        name = info.data.get("name")
+        if name not in STREAMS:  # the name's own error is reported
+            return v
+        knobs = [*getattr(STREAMS[name], "knobs", {}), "eval_size"]
+        unknown = sorted(set(v) - set(knobs))
+        if unknown:
+            raise ValueError(f"stream {name!r}: unknown option(s) {_allowed(unknown)}; allowed options: {_allowed(knobs)}")
+        return v
+
+
+class OptimizerConfig(BaseModel):
+    """The outer optimizer; any extra key is a hyper-parameter passed to build_optimizer."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: Literal["adamw", "muon", "m3", "dgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _scalar_hparams(self):
+        try:
+            from nlbench.optim.build import ADAMW_HP, MAIN_HP
+        except ImportError:
+            ADAMW_HP, MAIN_HP = None, None
+        if MAIN_HP is not None and self.name in MAIN_HP:
+            allowed = sorted({*MAIN_HP[self.name], *ADAMW_HP, "name"})
+            unknown = sorted(set(self.model_extra or {}) - set(allowed))
+            if unknown:
+                raise ValueError(
+                    f"optimizer {self.name!r}: unknown hyper-parameter(s) {_allowed(unknown)}; allowed: {_allowed(allowed)}"
+                )
+        for key, value in (self.model_extra or {}).items():
+            ok = isinstance(value, (int, float, str, bool)) or (
+                isinstance(value, (list, tuple)) and all(isinstance(x, (int, float)) for x in value)
+            )
+            if not ok:
+                raise ValueError(f"hyper-parameter {key!r} must be a number, string, bool or list of numbers, got {value!r}")
+        return self
+
+
+class TrainConfig(_Strict):
+    tokens_per_task: int = Field(..., ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    grad_clip: float | None = Field(1.0, gt=0)
+    # evaluate every task this often (in training tokens) for the learning curves; None = only
+    # after each task
+    eval_every: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class EvalConfig(_Strict):
+    max_sequences: int | None = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    # which tasks the eval_every curve points score: every task, or only the one being trained
+    curve_tasks: Literal["all", "current"] = "all"
+
+
+class ReplayConfig(_Strict):
+    """Experience replay: a reservoir buffer of `buffer_size` training sequences; every batch of
+    B new sequences is extended with round(ratio · B) sequences drawn from the buffer."""
+
+    buffer_size: int = Field(256, ge=1)
+    ratio: float = Field(0.5, gt=0)
+
+
+class EWCConfig(_Strict):
+    """Elastic weight consolidation: penalty lam/2 Σ_k Σ_i F_k,i (θ_i − θ*_k,i)², F_k the diagonal
+    empirical Fisher of task k estimated on `fisher_samples` training sequences."""
+
+    lam: float = Field(100.0, ge=0)
+    fisher_samples: int = Field(64, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_run: float = Field(1.0, gt=0)
+    gpus_per_run: float = Field(0.0, ge=0)
+    max_failures: int = Field(0, ge=0)
+
+
+class Variant(_Strict):
+    label: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+def _as_list(v):
+    return v if isinstance(v, list) else [v]
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    models: list[ModelEntry] = Field(..., min_length=1)
+    streams: list[StreamEntry] = Field(..., min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    protocol: list[Literal["finetune", "in_context"]] = Field(default_factory=lambda: ["finetune"], min_length=1)
+    strategy: list[Literal["naive", "replay", "ewc"]] = Field(default_factory=lambda: ["naive"], min_length=1)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    ewc: EWCConfig = Field(default_factory=EWCConfig)
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    variants: list[Variant] = Field(default_factory=list)
+
+    @field_validator("models", "streams", mode="before")
+    @classmethod
+    def _names_to_entries(cls, v):
+        return [{"name": x} if isinstance(x, str) else x for x in _as_list(v)]
+
+    @field_validator("protocol", "strategy", "seeds", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return _as_list(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if any(s < 0 for s in v):
+            raise ValueError(f"seeds must be integers >= 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_labels(self):
+        labels = [m.label for m in self.models]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(
+                f"models: label(s) {dup} used twice; give each model entry of the same name a distinct 'label'"
+            )
+        vlabels = [v.label for v in self.variants if v.label is not None]
+        vdup = sorted({x for x in vlabels if vlabels.count(x) > 1})
+        if vdup:
+            raise ValueError(f"variants: label(s) {vdup} used twice")
+        return self
+
+
+class RunConfig(_Strict):
+    """The resolved config of a single run (what `RunSpec.config` holds)."""
+
+    model: ModelEntry
+    stream: StreamEntry
+    seed: int = Field(..., ge=0)
+    protocol: Literal["finetune", "in_context"]
+    strategy: Literal["naive", "replay", "ewc"]
+    variant: str | None = None
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    ewc: EWCConfig = Field(default_factory=EWCConfig)
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _strategy_fits_protocol(self):
+        if self.protocol == "in_context" and self.strategy != "naive":
+            raise ValueError(
+                f"strategy {self.strategy!r} needs outer training; protocol 'in_context' freezes the "
+                "outer parameters and allows only strategy 'naive'"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def _error_text(e: ValidationError, intro: str) -> str:
+    """One paragraph: every failing field by dotted path, with pydantic's reason (our validators
+    put the allowed values in the reason)."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (remove it or check its spelling)"
+            parent = err["loc"][:-1]
+            known = _known_keys(parent)
+            if known:
+                msg += f"; allowed keys here: {_allowed(known)}"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be one of") + f", got {err.get('input')!r}"
+        elif msg.startswith("Input should be"):
+            msg = msg.replace("Input should be", "must be") + f", got {err.get('input')!r}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"field '{loc or '<root>'}': {msg}")
+    return f"{intro}: " + "; ".join(parts) + "."
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "models": ModelEntry, "model": ModelEntry, "streams": StreamEntry, "stream": StreamEntry,
+    "train": TrainConfig, "eval": EvalConfig, "replay": ReplayConfig, "ewc": EWCConfig,
+    "resources": ResourcesConfig, "variants": Variant, "optimizer": OptimizerConfig,
+}
+
+
+def _known_keys(loc) -> list[str]:
+    names = [p for p in loc if isinstance(p, str)]
+    if not names:
+        return list(ExperimentConfig.model_fields)
+    cls = _SECTIONS.get(names[-1])
+    return list(cls.model_fields) if cls else []
+
+
+def _check_model_options(entries: list[ModelEntry], prefix: str) -> None:
+    """Let each model factory reject unknown or invalid options now, not hours into a sweep.
+    The check builds a tiny instance (milliseconds); an option that only fails at a larger
+    size shows up as a failed run instead."""
+    from nlbench.models import ModelConfigError, build_model
+
+    for i, m in enumerate(entries):
+        try:
+            build_model(m.name, size="tiny", vocab_size=256, **m.options)
+        except ModelConfigError as e:
+            where = f"{prefix}.{i}.options" if prefix == "models" else f"{prefix}.options"
+            raise ConfigError(f"invalid config: field '{where}': {e}") from None
+        except ImportError:
+            # model family not importable in this checkout: the run itself will report it
+            continue
+        except Exception:  # noqa: BLE001 - a factory that cannot build on meta is checked at run time
+            continue
+
+
+def validate_config(raw: dict, source: str = "") -> ExperimentConfig:
+    """Validate a config mapping; raise ConfigError naming every bad field and the allowed values."""
+    src = f"'{source}'" if source else "(mapping)"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {src}: it must be a mapping of fields, got {type(raw).__name__}.")
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_error_text(e, f"invalid config {src}")) from None
+    _check_model_options(cfg.models, "models")
+    # every variant must resolve to valid runs: catch bad override paths before anything runs
+    for _ in _expand(cfg):
+        pass
+    return cfg
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    return validate_config(raw, source=str(path))
+
+
+def validate_run_config(config: dict) -> dict:
+    """Validate (and normalize) the resolved config of one run, e.g. after apply_override."""
+    try:
+        rc = RunConfig.model_validate(config)
+    except ValidationError as e:
+        raise ConfigError(_error_text(e, "invalid run config")) from None
+    return rc.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------- overrides
+
+
+def apply_override(config: dict, path: str, value: Any) -> dict:
+    """Return a copy of `config` with the dotted `path` set to `value`.
+
+    Each segment names a key of a mapping or an index of a list ("model.options.cms_periods.1").
+    Every segment but the last must exist; the last may be new only inside an open mapping
+    (`options` of a model or stream, `train.optimizer` hyper-parameters), so a typo never
+    silently adds a key the run ignores.
+    """
+    if not isinstance(path, str) or not path or any(not s for s in path.split(".")):
+        raise ConfigError(f"override path {path!r} must be dotted keys like 'train.optimizer.lr'.")
+    out = copy.deepcopy(config)
+    node, walked = out, []
+    segments = path.split(".")
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        here = ".".join(walked) or "<root>"
+        if isinstance(node, list):
+            if not seg.lstrip("-").isdigit():
+                raise ConfigError(f"override '{path}': '{here}' is a list; '{seg}' must be an index 0..{len(node) - 1}.")
+            idx = int(seg)
+            if not 0 <= idx < len(node):
+                raise ConfigError(f"override '{path}': index {idx} out of range for '{here}' (length {len(node)}).")
+            if last:
+                node[idx] = copy.deepcopy(value)
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            open_map = bool(walked) and walked[-1] in ("options", "optimizer")
+            if seg not in node and not (last and open_map):
+                keys = _allowed(sorted(node)) if node else "none"
+                raise ConfigError(f"override '{path}': '{here}' has no key '{seg}'; existing keys: {keys}.")
+            if last:
+                node[seg] = copy.deepcopy(value)
+            else:
+                node = node[seg]
+        else:
+            raise ConfigError(f"override '{path}': '{here}' is a value ({node!r}), not a mapping or list.")
+        walked.append(seg)
+    return out
+
+
+# -------------------------------------------------------------------------------- expansion
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its resolved config (plain, JSON-able dict), its content hash, its resources."""
+
+    config: dict
+    run_id: str
+    resources: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return run_label(self.config)
+
+    @property
+    def stream(self) -> str:
+        return self.config["stream"]["name"]
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+    @property
+    def protocol(self) -> str:
+        return self.config["protocol"]
+
+    @property
+    def strategy(self) -> str:
+        return self.config["strategy"]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.stream}/{self.protocol}/{self.strategy}/seed{self.seed}"
+
+
+def run_label(config: dict) -> str:
+    """The `model` column of a run: the model label, plus '@variant' for variant runs."""
+    label = config["model"]["label"]
+    return f"{label}@{config['variant']}" if config.get("variant") else label
+
+
+def hashed_part(config: dict) -> dict:
+    """What the run id covers: everything that changes results (not the execution device)."""
+    cfg = copy.deepcopy(config)
+    for key in _NOT_HASHED:
+        cfg["train"].pop(key, None)
+    return cfg
+
+
+def compute_run_id(config: dict) -> str:
+    from nlbench.results import run_id_for
+
+    return run_id_for(hashed_part(config))
+
+
+def _variant_label(v: Variant) -> str:
+    if v.label:
+        return v.label
+    return ",".join(f"{k}={val}" for k, val in v.overrides.items())
+
+
+def _expand(cfg: ExperimentConfig, check_options: bool = True):
+    """Yield each run's resolved, validated config dict."""
+    variants = cfg.variants or [None]
+    base_common = {
+        "replay": cfg.replay.model_dump(mode="json"),
+        "ewc": cfg.ewc.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "eval": cfg.eval.model_dump(mode="json"),
+    }
+    checked: set[str] = set()
+    combos = []
+    for protocol in dict.fromkeys(cfg.protocol):
+        # in_context freezes the outer parameters: replay / ewc have nothing to act on, so the
+        # protocol runs once, as 'naive', whatever the strategy list holds
+        strategies = ["naive"] if protocol == "in_context" else list(dict.fromkeys(cfg.strategy))
+        combos += [(protocol, s) for s in strategies]
+    for m, s, seed, (protocol, strategy), (vi, v) in itertools.product(
+        cfg.models, cfg.streams, cfg.seeds, combos, enumerate(variants)
+    ):
+        run = {
+            "model": m.model_dump(mode="json"),
+            "stream": s.model_dump(mode="json"),
+            "seed": seed,
+            "protocol": protocol,
+            "strategy": strategy,
+            "variant": None if v is None else _variant_label(v),
+            **copy.deepcopy(base_common),
+        }
+        if v is not None:
+            for path, value in v.overrides.items():
+                try:
+                    run = apply_override(run, path, value)
+                except ConfigError as e:
+                    raise ConfigError(f"invalid config: field 'variants.{vi}.overrides': {e}") from None
+            try:
+                run = validate_run_config(run)
+            except ConfigError as e:
+                raise ConfigError(f"invalid config: field 'variants.{vi}.overrides' makes an invalid run: {e}") from None
+            touches_model = any(p == "model" or p.startswith("model.") for p in v.overrides)
+            if check_options and touches_model:
+                key = json.dumps(run["model"], sort_keys=True)
+                if key not in checked:
+                    checked.add(key)
+                    _check_model_options([ModelEntry.model_validate(run["model"])], f"variants.{vi}.overrides.model")
+        yield run
+
+
+def expand_runs(cfg: ExperimentConfig) -> list[RunSpec]:
+    """models × streams × seeds × protocols × strategies × variants, in that nesting order."""
+    resources = cfg.resources.model_dump(mode="json")
+    specs, seen = [], set()
+    for run in _expand(cfg):
+        rid = compute_run_id(run)
+        if rid in seen:  # e.g. two variants that resolve to the same run
+            continue
+        seen.add(rid)
+        specs.append(RunSpec(config=run, run_id=rid, resources=dict(resources)))
+    return specs
+
+
+def spec_from_config(config: dict, resources: dict | None = None) -> RunSpec:
+    """A RunSpec for one resolved run config (validated), e.g. built by the tuner."""
+    run = validate_run_config(config)
+    return RunSpec(config=run, run_id=compute_run_id(run), resources=dict(resources or ResourcesConfig().model_dump()))
+
+
+__all__ = [
+    "ConfigError", "ExperimentConfig", "RunConfig", "RunSpec", "PROTOCOLS", "STRATEGIES", "OPTIMIZERS",
+    "apply_override", "compute_run_id", "expand_runs", "load_config", "run_label", "spec_from_config",
+    "validate_config", "validate_run_config",
+]

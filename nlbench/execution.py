@@ -1,0 +1,442 @@
+"""Ray sweep execution: every run of a sweep on a Ray actor, embedded or on a real cluster.
+
+``run_sweep(specs, out_dir)`` is what ``nlbench run`` calls (docs/ARCHITECTURE.md, "Runs").
+
+* **Where.** ``address=None`` starts an embedded Ray runtime with this machine's CPUs (and GPUs,
+  if any), the dashboard off, and shuts it down at the end; ``address="auto"``, ``"ray://h:10001"``
+  or ``"host:port"`` joins an existing cluster. When the process already has a Ray runtime (a test
+  session, a notebook, a Ray job's driver) it is used as it is.
+* **What runs where.** A pool of :class:`RunActor` actors, each holding ``cpus_per_run`` CPUs
+  and ``gpus_per_run`` GPUs (fractions allowed), as many as the cluster fits at once; each actor
+  executes one run at a time with ``nlbench.runner.execute_run`` (torch threads = its CPUs, CUDA
+  when it holds a GPU). Actors are reused across runs because starting a Python process and
+  importing torch costs about a second, which would dwarf a short run.
+* **Faults.** Actors are created with ``max_restarts = max_task_retries = max_failures``: when an
+  actor's process dies, Ray restarts it and re-sends the run, which resumes from its last per-task
+  checkpoint (``OUT/checkpoints/<run_id>/``, written atomically by the runner), so the result
+  equals an undisturbed run. An actor that was restarted is replaced after the run finishes, so
+  every run gets the full ``max_failures`` budget. A run whose actor dies more than
+  ``max_failures`` times, or whose ``execute_run`` raises more than ``max_failures`` times, is
+  recorded with status ``failed`` and the error, and the sweep goes on.
+* **One writer.** Results come back as runs finish (``ray.wait``) and only this driver writes them
+  into ``OUT`` (``ResultStore.write_run``: one file per run per table, atomic), so nothing is
+  written twice or half. Runs already ``completed`` in ``OUT`` are skipped: re-running a sweep
+  after Ctrl-C, a killed driver or a lost cluster finishes only what is missing, and runs that
+  were in flight resume from their checkpoints.
+
+On a multi-node cluster ``OUT`` must be on storage every node sees (the actors write
+checkpoints there); results themselves are written by the driver only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = ["RunActor", "SweepError", "run_sweep", "failed_record", "connect", "sweep_capacity"]
+
+
+class SweepError(ValueError):
+    """Bad arguments to :func:`run_sweep` (the message names the argument and what is allowed)."""
+
+
+# ----------------------------------------------------------------------------- the actor
+
+
+class RunActor:
+    """Executes runs one at a time inside a Ray worker process.
+
+    Wrapped with ``ray.remote`` in :func:`_actor_class` (so importing this module does not
+    import Ray). ``num_cpus`` is the actor's CPU share: torch gets that many threads (at least
+    one), because more threads than reserved cores only makes concurrent runs fight.
+    """
+
+    def __init__(self, num_cpus: float, use_gpu: bool):
+        import torch
+
+        self.threads = max(1, int(math.floor(num_cpus)))
+        torch.set_num_threads(self.threads)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+    def run(self, spec, checkpoint_dir: str, hooks: Mapping[str, Any] | None = None):
+        """One run; returns ``(RunRecord, info)`` where ``info`` says which process ran it and
+        whether that process is a restart of this actor (Ray re-sent the run after a crash)."""
+        import ray
+        from nlbench.runner import execute_run
+
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "restarted": bool(ray.get_runtime_context().was_current_actor_reconstructed),
+        }
+        kwargs = dict(checkpoint_dir=checkpoint_dir, device=self.device)
+        if hooks:  # test hooks of execute_run (e.g. a pause after each task), passed through
+            kwargs.update(hooks)
+        record = execute_run(spec, **kwargs, **_thread_kwarg(execute_run, self.threads))
+        return record, info
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _thread_kwarg(fn, threads: int) -> dict:
+    """execute_run sets torch threads itself when it takes a thread-count argument."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    for name in ("num_threads", "threads", "torch_threads"):
+        if name in params:
+            return {name: threads}
+    return {}
+
+
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(RunActor)
+    return _ACTOR_CLASS
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("nlbench", "torch", "ray"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def failed_record(spec, error: str, started_at: float | None = None):
+    """The ``runs`` row of a run that never returned a record (its actor kept dying, or
+    ``execute_run`` raised): status ``failed`` with the error, no matrix or curves rows."""
+    from nlbench.results import RunRecord
+
+    now = time.time()
+    started = now if started_at is None else started_at
+    cfg = spec.config
+    run = {
+        "run_id": spec.run_id,
+        "model": spec.model,
+        "stream": spec.stream,
+        "seed": int(spec.seed),
+        "protocol": spec.protocol,
+        "strategy": spec.strategy,
+        "status": "failed",
+        "error": error[-4000:],
+        "config": cfg,
+        "started_at": datetime.fromtimestamp(started, tz=timezone.utc),
+        "finished_at": datetime.fromtimestamp(now, tz=timezone.utc),
+        "wall_s": now - started,
+        "host": socket.gethostname(),
+        "versions": _versions(),
+        "size": (cfg.get("model") or {}).get("size") if isinstance(cfg, dict) else None,
+    }
+    return RunRecord(run=run, matrix=[], curves=[])
+
+
+# ----------------------------------------------------------------------------- Ray runtime
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken CUDA install must not stop a CPU sweep
+        return 0
+
+
+def _check_address(address):
+    if address is None:
+        return
+    if not isinstance(address, str) or not address.strip():
+        raise SweepError(
+            f"address must be None (embedded Ray on this machine), 'auto', 'ray://HOST:PORT' or "
+            f"'HOST:PORT' of a running cluster; got {address!r}."
+        )
+    if address.startswith(("http://", "https://")):
+        raise SweepError(
+            f"address {address!r} is a dashboard (Job Submission) URL; run_sweep joins a cluster with "
+            f"'auto', 'ray://HOST:10001' or 'HOST:6379'. To send a sweep to a cluster's dashboard use "
+            f"`nlbench submit CONFIG --address {address}`."
+        )
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Make sure this process has a Ray runtime; return True when this call started it (and the
+    caller should shut it down).
+
+    ``address=None``: reuse a runtime this process already has, else start an embedded one with
+    ``num_cpus`` (default: all of this machine's) and the local GPUs, dashboard off. Ray ≥ 2.59
+    turns token authentication on for it (a token is made in ``~/.ray/auth_token``).
+    Otherwise join the cluster at ``address`` ("auto", "ray://host:10001", "host:6379").
+    """
+    _check_address(address)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    if address is None:
+        ray.init(
+            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+            num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
+            include_dashboard=False,
+            # the embedded runtime only serves this machine
+            _node_ip_address="127.0.0.1",
+            **common,
+        )
+        return True
+    ray.init(address=address, **common)
+    return True
+
+
+def sweep_capacity(cpus_per_run: float, gpus_per_run: float) -> int:
+    """How many runs the cluster holds at once with these per-run resources (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = []
+    if cpus_per_run > 0:
+        fits.append(math.floor(total.get("CPU", 0) / cpus_per_run + 1e-9))
+    if gpus_per_run > 0:
+        fits.append(math.floor(total.get("GPU", 0) / gpus_per_run + 1e-9))
+    return max(1, min(fits) if fits else 1)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """A rich bar: done / running / failed and an ETA; silent when ``enabled`` is False."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if not enabled or total == 0:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.bar.add_task("sweep", total=total, running=0, failed=0)
+        self.bar.start()
+
+    def update(self, done: int, running: int, failed: int):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, running=running, failed=failed)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    spec: Any = None
+    ref: Any = None
+    started: float = 0.0
+
+
+@dataclass
+class _Tally:
+    completed: list = field(default_factory=list)
+    diverged: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+    restarts: dict = field(default_factory=dict)
+
+
+def _resources_from(resources, cpus_per_run, gpus_per_run, max_failures):
+    """``resources=`` (a dict or the config's ResourcesConfig) overrides the keyword defaults."""
+    if resources is None:
+        return cpus_per_run, gpus_per_run, max_failures
+    if hasattr(resources, "model_dump"):
+        resources = resources.model_dump()
+    if not isinstance(resources, Mapping):
+        raise SweepError(
+            f"resources must be a dict with cpus_per_run, gpus_per_run, max_failures (or the config's "
+            f"`resources` section); got {type(resources).__name__}."
+        )
+    unknown = set(resources) - {"cpus_per_run", "gpus_per_run", "max_failures"}
+    if unknown:
+        raise SweepError(f"resources: unknown key(s) {sorted(unknown)}; allowed: cpus_per_run, gpus_per_run, max_failures.")
+    return (
+        resources.get("cpus_per_run", cpus_per_run),
+        resources.get("gpus_per_run", gpus_per_run),
+        resources.get("max_failures", max_failures),
+    )
+
+
+def _check_args(cpus_per_run, gpus_per_run, max_failures):
+    if not isinstance(cpus_per_run, (int, float)) or isinstance(cpus_per_run, bool) or cpus_per_run < 0:
+        raise SweepError(f"cpus_per_run must be a number >= 0 (fractions allowed, e.g. 0.5); got {cpus_per_run!r}.")
+    if not isinstance(gpus_per_run, (int, float)) or isinstance(gpus_per_run, bool) or gpus_per_run < 0:
+        raise SweepError(f"gpus_per_run must be a number >= 0 (fractions allowed, e.g. 0.25); got {gpus_per_run!r}.")
+    if cpus_per_run == 0 and gpus_per_run == 0:
+        raise SweepError("cpus_per_run and gpus_per_run are both 0; a run needs some CPU or GPU share.")
+    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0:
+        raise SweepError(f"max_failures must be an integer >= 0 (retries per run); got {max_failures!r}.")
+
+
+def run_sweep(
+    specs: Iterable,
+    out_dir: str | os.PathLike,
+    *,
+    address: str | None = None,
+    cpus_per_run: float = 1,
+    gpus_per_run: float = 0,
+    max_failures: int = 2,
+    progress: bool = True,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: Mapping | Any | None = None,
+    max_concurrent: int | None = None,
+    on_record: Callable[[Any], None] | None = None,
+    hooks: Mapping[str, Any] | None = None,
+) -> dict:
+    """Execute ``specs`` (RunSpecs) on Ray actors and write their results into ``out_dir``.
+
+    Returns a summary dict: ``total``, ``skipped`` (already completed in OUT), ``completed``,
+    ``diverged``, ``failed`` (counts), ``failed_runs`` (run_id -> error), ``restarts``
+    (run_id -> actor restarts seen), ``wall_s``, ``concurrency``, ``out``.
+    ``max_concurrent`` caps the number of actors (default: as many as the cluster fits);
+    ``on_record`` is called with each record after it is written; ``hooks`` are extra keyword
+    arguments for ``execute_run`` (testing).
+    """
+    t0 = time.perf_counter()
+    cpus_per_run, gpus_per_run, max_failures = _resources_from(resources, cpus_per_run, gpus_per_run, max_failures)
+    _check_args(cpus_per_run, gpus_per_run, max_failures)
+    _check_address(address)
+    from nlbench.results import ResultStore
+
+    out = Path(out_dir).absolute()
+    store = ResultStore(out)
+    specs = list({s.run_id: s for s in specs}.values())  # a run id twice would be one run
+    done_before = store.completed_run_ids()
+    pending = [s for s in specs if s.run_id not in done_before]
+    tally = _Tally()
+    summary = dict(total=len(specs), skipped=len(specs) - len(pending), out=str(out))
+    if not pending:
+        return _finish(summary, tally, t0, 0)
+
+    import ray
+
+    started_ray = connect(address, num_cpus=num_cpus, num_gpus=num_gpus)
+    ckpt_dir = str(out / "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    width = sweep_capacity(cpus_per_run, gpus_per_run)
+    if max_concurrent is not None:
+        width = max(1, min(width, int(max_concurrent)))
+    width = min(width, len(pending))
+    Actor = _actor_class().options(
+        num_cpus=cpus_per_run, num_gpus=gpus_per_run,
+        max_restarts=max_failures, max_task_retries=max_failures,
+    )
+
+    def new_actor():
+        return Actor.remote(cpus_per_run, gpus_per_run > 0)
+
+    queue = list(reversed(pending))
+    attempts: dict[str, int] = {}
+    slots = [_Slot(new_actor()) for _ in range(width)]
+    bar = _Progress(len(pending), progress)
+
+    def submit(slot: _Slot):
+        slot.spec = queue.pop()
+        slot.started = time.time()
+        slot.ref = slot.actor.run.remote(slot.spec, ckpt_dir, hooks)
+
+    try:
+        for slot in slots:
+            submit(slot)
+        while any(s.ref is not None for s in slots):
+            bar.update(len(tally.completed) + len(tally.diverged), sum(s.ref is not None for s in slots), len(tally.failed))
+            busy = {s.ref: s for s in slots if s.ref is not None}
+            ready, _ = ray.wait(list(busy), num_returns=1)
+            for ref in ready:
+                slot = busy[ref]
+                spec, started = slot.spec, slot.started
+                slot.ref = slot.spec = None
+                replace = False
+                try:
+                    record, info = ray.get(ref)
+                    replace = info["restarted"]
+                    if replace:
+                        tally.restarts[spec.run_id] = tally.restarts.get(spec.run_id, 0) + 1
+                except ray.exceptions.RayActorError as e:
+                    # Ray already restarted the actor max_failures times for this run
+                    record = failed_record(spec, f"actor died {max_failures + 1} time(s) (max_failures={max_failures}): {e}", started)
+                    replace = True
+                except ray.exceptions.RayTaskError as e:
+                    attempts[spec.run_id] = attempts.get(spec.run_id, 0) + 1
+                    if attempts[spec.run_id] <= max_failures:
+                        queue.append(spec)  # retried next, on a fresh actor
+                        record, replace = None, True
+                    else:
+                        cause = e.cause if getattr(e, "cause", None) is not None else e
+                        text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+                        record = failed_record(spec, f"execute_run raised {attempts[spec.run_id]} time(s): {text}\n{e}", started)
+                if record is not None:
+                    store.write_run(record)
+                    status = record.run.get("status")
+                    if status == "completed":
+                        tally.completed.append(spec.run_id)
+                    elif status == "diverged":
+                        tally.diverged.append(spec.run_id)
+                    else:
+                        tally.failed[spec.run_id] = record.run.get("error") or status
+                    if on_record is not None:
+                        on_record(record)
+                if replace:
+                    ray.kill(slot.actor, no_restart=True)
+                    slot.actor = new_actor()
+                if queue:
+                    submit(slot)
+        bar.update(len(tally.completed) + len(tally.diverged), 0, len(tally.failed))
+    finally:
+        bar.close()
+        for s in slots:
+            try:
+                ray.kill(s.actor, no_restart=True)
+            except Exception:  # the runtime may already be gone (Ctrl-C during shutdown)
+                pass
+        if started_ray:
+            ray.shutdown()
+    return _finish(summary, tally, t0, width)
+
+
+def _finish(summary: dict, tally: _Tally, t0: float, width: int) -> dict:
+    summary.update(
+        completed=len(tally.completed),
+        diverged=len(tally.diverged),
+        failed=len(tally.failed),
+        failed_runs=dict(tally.failed),
+        restarts=dict(tally.restarts),
+        concurrency=width,
+        wall_s=time.perf_counter() - t0,
+    )
+    return summary

@@ -1,0 +1,200 @@
+"""Delta-gradient-descent (DGD) update of a self-modifying memory, spec §2–§3 (algorithms.md).
+
+Per head, the memory is either
+    linear  (Eq. 93):  M(z) = W z                       weights [W]
+    MLP     (Eq. 89):  M(z) = z + W1 σ(W2 z), σ = SiLU  weights [W2, W1] (input side first)
+and every token t of a chunk that starts at state M_b is written by (Eq. 86–88, 90–91)
+
+    M_t = M_{t-1} (α_t I − η_t x_t x_tᵀ) − η_t ∇_W L(M_b; k_t, v̂_t),   L = ½‖M(k) − v̂‖²,
+
+applied to each weight matrix W with that matrix's OWN input x_t: k_t for W (linear) and W2,
+σ(W2_b k_t) for W1. The inner loss is halved so that Eq. 93 reads literally
+(∇_W L = (M_b k − v̂) kᵀ); the factor 2 of ‖·‖² is only a rescaling of η. Reads use the
+per-token state inside the chunk: y_t = M_{t-1}(q_t). With `self_target=True` the memory
+makes its own target v̂_t = M_b(v_t) (Eq. 88); otherwise v̂_t = v_t.
+
+Chunked form. Inside a chunk every gradient is taken at M_b, so for one matrix the gradient
+of token i is rank one, g_i x_iᵀ, and the recurrence is linear:
+W_t = W_{t-1}(α_t I − η_t x_t x_tᵀ) + u_t x_tᵀ with u_t = −η_t g_t. With chunk-local
+cumulative decays γ_t = Π_{j≤t} α_j, one shows by induction (a WY representation, as in the
+chunked gated delta rule of Yang et al. 2024)
+
+    W_t = γ_t W_b + Σ_{i≤t} (γ_t/γ_i) d_i x_iᵀ,
+    d_i = u_i − η_i γ_{i-1} W_b x_i − η_i Σ_{j<i} (γ_{i-1}/γ_j)(x_i·x_j) d_j,
+
+a unit-lower-triangular system (I + diag(η)(Γ ⊙ X Xᵀ)) D = U − diag(η γ_prev) X W_bᵀ with
+Γ[i, j] = γ_{i-1}/γ_j (j < i), solved by one triangular solve per chunk. A read then is
+    W_{t-1} r_t = γ_{t-1} W_b r_t + Σ_{i<t} Γ[t, i] (r_t·x_i) d_i,
+attention-like matmuls; no per-token loop inside a chunk. Decay ratios are formed as exp of
+differences of cumulative log α, masked before exp, so every ratio is ≤ 1 and never divides
+by a small α. With C = 1 and a linear memory this is the gated delta rule
+S_t = g S_{t-1}(I − β k kᵀ) + β v kᵀ, g = α_t, β = 2η_t/α_t, v = α_t v̂_t / 2 (spec §3).
+
+`dgd_memory_reference` is the same computation as a per-token loop that reads like the
+equations; tests check both agree, forward and backward.
+
+Shapes: q, k, v [B, H, T, d]; η, α [B, H, T] (α ∈ (0, 1]); weights: list of [B, H, out, in].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "memory_apply", "memory_gradients", "dgd_chunk", "dgd_memory_chunked", "dgd_memory_reference",
+    "dgd_flops_per_token",
+]
+
+
+def _dsilu(x):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _check_weights(weights):
+    if len(weights) not in (1, 2):
+        raise ValueError(
+            f"weights: expected a list of 1 matrix (linear memory, Eq. 93) or 2 matrices [W2, W1] "
+            f"(residual MLP memory, Eq. 89), got {len(weights)}."
+        )
+
+
+def memory_apply(weights, z):
+    """M(z) for per-(batch, head) weights: z [B, H, N, d] -> [B, H, N, d] (Eq. 89 / Eq. 93)."""
+    _check_weights(weights)
+    if len(weights) == 1:
+        return z @ weights[0].transpose(-1, -2)
+    w2, w1 = weights
+    return z + F.silu(z @ w2.transpose(-1, -2)) @ w1.transpose(-1, -2)
+
+
+def memory_gradients(weights, k, v_hat):
+    """Per-token rank-one gradients of L = ½‖M(k) − v̂‖² at `weights`.
+
+    Returns one (g, x) pair per matrix (same order as `weights`) with ∇_W L_t = g_t x_tᵀ; x is
+    the matrix's own input (k for W and W2, σ(W2 k) for W1).
+    """
+    _check_weights(weights)
+    if len(weights) == 1:
+        return [(k @ weights[0].transpose(-1, -2) - v_hat, k)]
+    w2, w1 = weights
+    a = k @ w2.transpose(-1, -2)
+    s = F.silu(a)
+    e = k + s @ w1.transpose(-1, -2) - v_hat
+    g2 = (e @ w1) * _dsilu(a)
+    return [(g2, k), (e, s)]
+
+
+def _decay_terms(alpha):
+    """Chunk-local log-decays: lg_t = log γ_t, lgp_t = log γ_{t-1}, Γ[i, j] = γ_{i-1}/γ_j (j < i)."""
+    log_a = torch.log(alpha)
+    lg = torch.cumsum(log_a, dim=-1)
+    lgp = lg - log_a
+    L = alpha.shape[-1]
+    strict = torch.ones(L, L, dtype=torch.bool, device=alpha.device).tril(-1)
+    gamma = (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()
+    return lg, lgp, gamma
+
+
+def _solve_matrix(w, x, u, eta, lgp, gamma):
+    """D of the WY representation for one matrix (see module docstring)."""
+    L = x.shape[-2]
+    eye = torch.eye(L, dtype=x.dtype, device=x.device)
+    t_mat = eye + eta.unsqueeze(-1) * (gamma * (x @ x.transpose(-1, -2)))
+    rhs = u - (eta * lgp.exp()).unsqueeze(-1) * (x @ w.transpose(-1, -2))
+    return torch.linalg.solve_triangular(t_mat, rhs, upper=False, unitriangular=True)
+
+
+def _read(w, x, d, r, lgp, gamma):
+    """W_{t-1} r_t for every t of the chunk: [.., L, in] -> [.., L, out]."""
+    return lgp.exp().unsqueeze(-1) * (r @ w.transpose(-1, -2)) + (gamma * (r @ x.transpose(-1, -2))) @ d
+
+
+def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True):
+    """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
+
+    All gradients and the decay input of W1 come from the chunk-start `weights` (M_b).
+    `q=None` skips the reads (memories whose outputs only come from the chunk-start state).
+    """
+    v_hat = memory_apply(weights, v) if self_target else v
+    lg, lgp, gamma = _decay_terms(alpha)
+    grads = memory_gradients(weights, k, v_hat)
+    ds = [_solve_matrix(w, x, -eta.unsqueeze(-1) * g, eta, lgp, gamma) for w, (g, x) in zip(weights, grads)]
+    y = None
+    if q is not None:
+        if len(weights) == 1:
+            y = _read(weights[0], grads[0][1], ds[0], q, lgp, gamma)
+        else:
+            (w2, w1), ((_, x2), (_, x1)) = weights, grads
+            hid = F.silu(_read(w2, x2, ds[0], q, lgp, gamma))
+            y = q + _read(w1, x1, ds[1], hid, lgp, gamma)
+    tail = (lg[..., -1:] - lg).exp().unsqueeze(-1)  # γ_L / γ_i
+    new = [
+        lg[..., -1].exp()[..., None, None] * w + (d * tail).transpose(-1, -2) @ x
+        for w, d, (_, x) in zip(weights, ds, grads)
+    ]
+    return y, new
+
+
+def _check_chunk(chunk_size):
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+
+
+def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True):
+    """DGD memory over a sequence, chunk by chunk (matmuls inside a chunk). Returns (y, weights)."""
+    _check_chunk(chunk_size)
+    T, ys = k.shape[-2], []
+    for s in range(0, T, chunk_size):
+        sl = slice(s, min(s + chunk_size, T))
+        y, weights = dgd_chunk(
+            weights, None if q is None else q[..., sl, :], k[..., sl, :], v[..., sl, :],
+            eta[..., sl], alpha[..., sl], self_target,
+        )
+        ys.append(y)
+    return (None if q is None else torch.cat(ys, dim=-2)), weights
+
+
+def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True):
+    """Per-token loop, literally Eq. 86–91: read with M_{t-1}, then
+    W ← W (α_t I − η_t x_t x_tᵀ) − η_t g_t x_tᵀ per matrix, gradients at the chunk-start M_b."""
+    _check_chunk(chunk_size)
+    _check_weights(weights)
+    weights = list(weights)
+    T, ys = k.shape[-2], []
+    n_in = [w.shape[-1] for w in weights]
+    for t in range(T):
+        if t % chunk_size == 0:
+            w_b = list(weights)
+        k_t, v_t = k[..., t : t + 1, :], v[..., t : t + 1, :]
+        v_hat = memory_apply(w_b, v_t) if self_target else v_t
+        grads = memory_gradients(w_b, k_t, v_hat)
+        if q is not None:
+            ys.append(memory_apply(weights, q[..., t : t + 1, :]))
+        e_t, a_t = eta[..., t, None, None], alpha[..., t, None, None]
+        new = []
+        for w, (g, x), n in zip(weights, grads, n_in):
+            eye = torch.eye(n, dtype=w.dtype, device=w.device)
+            decay = a_t * eye - e_t * (x.transpose(-1, -2) @ x)  # α I − η x xᵀ
+            new.append(w @ decay - e_t * (g.transpose(-1, -2) @ x))
+        weights = new
+    return (None if q is None else torch.cat(ys, dim=-2)), weights
+
+
+def dgd_flops_per_token(d: int, hidden: int | None, chunk_size: int, reads: bool = True) -> float:
+    """Matmul FLOPs per token and head of `dgd_chunk` (linear memory when hidden is None)."""
+    mats = [(d, d)] if hidden is None else [(hidden, d), (d, hidden)]
+    C = chunk_size
+    f = 2 * d * d if hidden is None else 2 * 2 * d * hidden  # target v̂ = M_b(v)
+    for m, n in mats:
+        f += 2 * m * n          # gradient forward at M_b
+        f += 2 * C * n          # X Xᵀ (per token: one row)
+        f += 2 * m * n          # X W_bᵀ
+        f += C * m              # triangular solve (≈ C²·m / 2 per chunk, ×2 for mult-add)
+        f += 2 * m * n          # chunk-end state Dᵀ X
+        if reads:
+            f += 2 * m * n + 2 * C * n + 2 * C * m  # R W_bᵀ, R Xᵀ, (Γ⊙RXᵀ) D
+    if hidden is not None:
+        f += 2 * d * hidden  # backprop of e through W1 for W2's gradient
+    return float(f)

@@ -1,0 +1,228 @@
+"""Hope and Hope-Attention, spec §5 (algorithms.md, Eq. 94–97).
+
+Hope block, pre-norm residual (nanoGPT-like):
+    x = x + SelfModifyingTitans(norm(x))        (Eq. 94–95; self_modifying_titans.py)
+    x = CMS(x)                                  (Eq. 96–97; cms.py: each level ℓ adds
+                                                 MLP^(ℓ)(norm_ℓ(x)) to the stream, in a chain)
+Model: token embedding -> n_layers blocks -> RMSNorm -> LM head tied to the embedding.
+Hope-Attention replaces self-modifying Titans by causal softmax attention (RoPE) and keeps CMS.
+
+Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
+    cms_levels      K, number of CMS levels (default 3, or len(cms_periods))
+    cms_periods     strictly increasing positive ints, one per level. Defaults: `optimizer`
+                    mode (1, 4, 16) optimizer steps — the fastest level is an ordinary MLP, the
+                    slow ones consolidate every 4 / 16 steps; `in_context` mode (4, 16, 64)
+                    tokens — with T ≈ 64–256 the slowest level updates a few times per sequence
+                    and carries the rest along a stream. K other than 3 without periods:
+                    4^ℓ (optimizer) or 4^(ℓ+1) (in_context), ℓ = 0..K-1.
+    cms_mode        "optimizer" (default) | "in_context"   (spec §4)
+    cms_variant     "sequential" (default) | "independent"
+    cms_hidden      SwiGLU width of each level (default: sized to match the Transformer)
+    cms_lr          in-context CMS: initial η^(ℓ) = cms_lr / C^(ℓ) (default 0.1)
+    memory          "mlp" (default, Eq. 89) | "linear" (Eq. 93)          [hope only]
+    mem_hidden      hidden width of each residual-MLP memory (default: head dim)   [hope only]
+    chunk_size      chunk of the projection memories k, v, η, α (default 64)      [hope only]
+    mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
+    eta_init, alpha_init  learning rate / retention gates at init (0.1, 0.99)     [hope only]
+
+Parameter matching: the Transformer has 4d² (attention) + 3·d·swiglu_hidden(d) (MLP) per layer;
+unless `cms_hidden` is given, each CMS level gets width
+(transformer layer − mixer − norms) / (3·d·K), rounded to a multiple of 8 (at least 8), so the
+count stays within a few percent of the Transformer at every preset.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nlbench.models import ModelConfigError, check_overrides
+from nlbench.models.base import ModelOutput, NLModel
+from nlbench.models.cms import CMS, CMS_MODES, CMS_VARIANTS
+from nlbench.models.layers import CausalSelfAttention, RMSNorm, attention_flops, init_weights, swiglu_hidden
+from nlbench.models.self_modifying_titans import MEMORY_KINDS, SelfModifyingTitans
+
+__all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
+
+CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
+                    cms_hidden=None, cms_lr=0.1)
+SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=64, mem_chunk_size=16, eta_init=0.1,
+                    alpha_init=0.99)
+
+
+class HopeBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mixer: str, smt_kw: dict, cms_kw: dict):
+        super().__init__()
+        self.mixer_kind = mixer
+        self.norm = RMSNorm(d_model)
+        if mixer == "smt":
+            self.mixer = SelfModifyingTitans(d_model, n_heads, **smt_kw)
+        else:
+            self.mixer = CausalSelfAttention(d_model, n_heads)
+        self.cms = CMS(d_model, **cms_kw)
+
+    def init_state(self, batch_size: int):
+        smt = self.mixer.init_state(batch_size) if self.mixer_kind == "smt" else None
+        return {"smt": smt, "cms": self.cms.init_state(batch_size)}
+
+    def forward(self, x, state):
+        if self.mixer_kind == "smt":
+            m, smt = self.mixer(self.norm(x), state["smt"])
+        else:
+            m, smt = self.mixer(self.norm(x)), None
+        x, cms = self.cms(x + m, state["cms"])
+        return x, {"smt": smt, "cms": cms}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        if self.mixer_kind == "smt":
+            f = self.mixer.flops_per_token()
+        else:
+            d = self.mixer.proj.in_features
+            f = 2 * 4 * d * d + attention_flops(seq_len, d)
+        return f + self.cms.flops_per_token()
+
+
+class Hope(NLModel):
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, mixer: str,
+                 smt_kw: dict, cms_kw: dict):
+        super().__init__()
+        self.family = "hope" if mixer == "smt" else "hope-attention"
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(HopeBlock(d_model, n_heads, mixer, smt_kw, cms_kw) for _ in range(n_layers))
+        self.norm_f = RMSNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        init_weights(self)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+
+    def init_state(self, batch_size: int):
+        states = [b.init_state(batch_size) for b in self.blocks]
+        if all(s["smt"] is None and s["cms"] is None for s in states):
+            return None  # Hope-Attention with optimizer-mode CMS is stateless
+        return states
+
+    def forward(self, tokens, state=None, update_state: bool = True):
+        layer_states = self.init_state(tokens.shape[0]) if state is None else state
+        if layer_states is None:
+            layer_states = [{"smt": None, "cms": None}] * len(self.blocks)
+        if len(layer_states) != len(self.blocks):
+            raise ValueError(f"state has {len(layer_states)} layers, the model has {len(self.blocks)}.")
+        x, new = self.tok_emb(tokens), []
+        for block, s in zip(self.blocks, layer_states):
+            x, s = block(x, s)
+            new.append(s)
+        logits = self.lm_head(self.norm_f(x))
+        if not update_state:
+            return ModelOutput(logits, state)
+        stateless = all(s["smt"] is None and s["cms"] is None for s in new)
+        return ModelOutput(logits, None if stateless else new)
+
+    def set_kernel(self, kernel: str):
+        """"chunked" (default) or "reference" (per-token loops) for every in-context memory."""
+        if kernel not in ("chunked", "reference"):
+            raise ValueError(f"kernel must be 'chunked' or 'reference', got {kernel!r}.")
+        for b in self.blocks:
+            if b.mixer_kind == "smt":
+                b.mixer.kernel = kernel
+            b.cms.reference = kernel == "reference"
+
+    def flops_per_token(self, seq_len: int) -> float:
+        d, V = self.tok_emb.embedding_dim, self.tok_emb.num_embeddings
+        return float(sum(b.flops_per_token(seq_len) for b in self.blocks) + 2 * d * V)
+
+
+# --- factories and validation -------------------------------------------------------------------
+
+def _err(model: str, field: str, allowed: str, got) -> ModelConfigError:
+    return ModelConfigError(f"model '{model}': option '{field}' must be {allowed}; got {got!r}.")
+
+
+def _pos_int(model, field, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _err(model, field, "a positive integer", value)
+    return value
+
+
+def _open_unit(model, field, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+        raise _err(model, field, "a number strictly between 0 and 1", value)
+    return float(value)
+
+
+def _cms_periods(model, opts):
+    mode = opts["cms_mode"]
+    if mode not in CMS_MODES:
+        raise _err(model, "cms_mode", f"one of {', '.join(map(repr, CMS_MODES))}", mode)
+    if opts["cms_variant"] not in CMS_VARIANTS:
+        raise _err(model, "cms_variant", f"one of {', '.join(map(repr, CMS_VARIANTS))}", opts["cms_variant"])
+    K, periods = opts["cms_levels"], opts["cms_periods"]
+    if K is not None:
+        _pos_int(model, "cms_levels", K)
+    if periods is None:
+        K = 3 if K is None else K
+        periods = [4 ** (i + (mode == "in_context")) for i in range(K)]
+    else:
+        if not isinstance(periods, (list, tuple)) or not periods or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in periods
+        ):
+            raise _err(model, "cms_periods", "a non-empty list of positive integers", periods)
+        if any(b <= a for a, b in zip(periods, periods[1:])):
+            raise _err(model, "cms_periods", "strictly increasing (one period per level, fastest first)", periods)
+        if K is not None and len(periods) != K:
+            raise ModelConfigError(
+                f"model '{model}': option 'cms_periods' must have one period per level, i.e. "
+                f"len(cms_periods) == cms_levels = {K}; got {len(periods)} periods {list(periods)!r}."
+            )
+    return list(periods)
+
+
+def _cms_hidden(d_model, n_heads, n_levels, mixer_params):
+    """Per-level SwiGLU width matching the Transformer's layer (see module docstring)."""
+    transformer_layer = 4 * d_model * d_model + 3 * d_model * swiglu_hidden(d_model) + 2 * d_model
+    budget = transformer_layer - mixer_params - d_model * (1 + n_levels)
+    return max(8, 8 * round(budget / (3 * d_model * n_levels) / 8))
+
+
+def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allowed):
+    check_overrides(model, overrides, allowed)
+    opts = {**allowed, **overrides}
+    for field, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
+        _pos_int(model, field, value)
+    if d_model % n_heads:
+        raise _err(model, "n_heads", f"a divisor of d_model={d_model}", n_heads)
+    periods = _cms_periods(model, opts)
+    if not isinstance(opts["cms_lr"], (int, float)) or isinstance(opts["cms_lr"], bool) or opts["cms_lr"] <= 0:
+        raise _err(model, "cms_lr", "a positive number", opts["cms_lr"])
+    smt_kw = {}
+    if mixer == "smt":
+        if opts["memory"] not in MEMORY_KINDS:
+            raise _err(model, "memory", f"one of {', '.join(map(repr, MEMORY_KINDS))}", opts["memory"])
+        for field in ("chunk_size", "mem_chunk_size"):
+            _pos_int(model, field, opts[field])
+        if opts["mem_hidden"] is not None:
+            _pos_int(model, "mem_hidden", opts["mem_hidden"])
+        smt_kw = {k: opts[k] for k in SMT_DEFAULTS}
+        smt_kw["eta_init"] = _open_unit(model, "eta_init", opts["eta_init"])
+        smt_kw["alpha_init"] = _open_unit(model, "alpha_init", opts["alpha_init"])
+        mixer_params = sum(p.numel() for p in SelfModifyingTitans(d_model, n_heads, **smt_kw).parameters())
+    else:
+        mixer_params = 4 * d_model * d_model
+    hidden = opts["cms_hidden"]
+    if hidden is None:
+        hidden = _cms_hidden(d_model, n_heads, len(periods), mixer_params)
+    else:
+        _pos_int(model, "cms_hidden", hidden)
+    cms_kw = dict(hidden=hidden, periods=periods, mode=opts["cms_mode"], variant=opts["cms_variant"],
+                  lr=float(opts["cms_lr"]))
+    return Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
+
+
+def build_hope(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Hope:
+    """Hope: self-modifying Titans + CMS per block (options: module docstring)."""
+    return _build("hope", "smt", vocab_size, d_model, n_layers, n_heads, overrides,
+                  {**CMS_DEFAULTS, **SMT_DEFAULTS})
+
+
+def build_hope_attention(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Hope:
+    """Hope-Attention: causal softmax attention + CMS per block (cms_* options only)."""
+    return _build("hope-attention", "attention", vocab_size, d_model, n_layers, n_heads, overrides,
+                  dict(CMS_DEFAULTS))

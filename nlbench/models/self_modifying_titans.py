@@ -1,0 +1,150 @@
+"""Self-modifying Titans, spec §3 (algorithms.md, Eq. 83–91), the sequence mixer of Hope.
+
+Per head h (head dim d_h = d_model / n_heads), read top to bottom:
+
+    q_t = L2norm(conv4(x W_q))                       the only static projection (Eq. 83)
+    z_t = conv4(x)                                   input of the adaptive projections
+    k_t = L2norm(M_{k,t-1}(z_t)),  v_t = M_{v,t-1}(z_t)                         (Eq. 84)
+    η_t = sigmoid(mean(M_{η,t-1}(z_t)) + b_η),  α_t = sigmoid(mean(M_{α,t-1}(z_t)) + b_α) (Eq. 85)
+    y_t = M_{mem,t-1}(q_t)                                                      (Eq. 86)
+    v̂_{□,t} = M_{□,t-1}(v_t)   for □ ∈ {k, v, η, α, mem}                       (Eq. 88)
+    M_{□,t} = M_{□,t-1}(α_t I − η_t k_t k_tᵀ) − η_t ∇L(M_{□,t-1}; k_t, v̂_{□,t})   (Eq. 87, DGD)
+    out_t = concat_h(y_t) W_o
+
+Every memory is a residual MLP M(z) = z + W1 σ(W2 z) (Eq. 89) or, with `memory="linear"`, one
+matrix (Eq. 93); the DGD rule applies per weight matrix with its own input
+(`nlbench.kernels.dgd_memory`). Initial states M_{□,0} are nn.Parameters (per head), so the
+outer optimizer meta-learns them through the in-context updates.
+
+Chunked training (Eq. 90–91) with two chunk sizes: `chunk_size` for the projection memories
+{k, v, η, α} — inside one such chunk k, v, η, α and their targets come from the chunk-start
+memories — and `mem_chunk_size` for M_mem, whose reads use the per-token state inside its
+chunks. η ∈ (0, 1) and α ∈ (0, 1) are squashed by a sigmoid whose bias sets their value at
+init (`eta_init`, `alpha_init` = 0.99: the memory keeps 99% per token; 0.5 would halve it every
+token, spec §7). The mean over the head's channels is the scalar read-out of the η/α memories.
+
+Init: W2 ~ N(0, 1/h) so σ(W2 k) has norm ≈ ½ for unit k — the DGD step on W1, whose own
+input is σ(W2 k), stays contractive (DGD assumes ‖x‖ ≈ 1, spec §2); W1 ~ N(0, 0.02²) so each
+memory starts near the identity map. Linear memories start at the identity.
+
+State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "conv_x", "conv_q":
+the last 3 inputs of each causal conv [B, 3, d]} so a stream split at chunk boundaries gives
+the same result as one call on the concatenation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlbench.kernels.dgd_memory import (
+    dgd_chunk, dgd_flops_per_token, dgd_memory_chunked, dgd_memory_reference, memory_apply,
+)
+from nlbench.models.layers import ShortConv
+
+__all__ = ["SelfModifyingTitans", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
+
+MEMORY_KINDS = ("mlp", "linear")
+PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class SelfModifyingTitans(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", mem_hidden: int | None = None,
+                 chunk_size: int = 64, mem_chunk_size: int = 16, eta_init: float = 0.1,
+                 alpha_init: float = 0.99, conv_size: int = 4):
+        super().__init__()
+        assert d_model % n_heads == 0
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.memory, self.chunk_size, self.mem_chunk_size = memory, chunk_size, mem_chunk_size
+        self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
+        self.kernel = "chunked"  # "reference": per-token loops (tests)
+        self.w_q = nn.Linear(d_model, d_model, bias=False)
+        self.conv_q = ShortConv(d_model, conv_size)
+        self.conv_x = ShortConv(d_model, conv_size)
+        self.w_o = nn.Linear(d_model, d_model, bias=False)
+        H, dh, h = n_heads, self.head_dim, self.mem_hidden
+        self.mem0 = nn.ParameterDict()
+        for name in (*PROJECTION_MEMORIES, "mem"):
+            if memory == "mlp":
+                self.mem0[f"{name}_w2"] = nn.Parameter(torch.randn(H, h, dh) / math.sqrt(h))
+                self.mem0[f"{name}_w1"] = nn.Parameter(torch.randn(H, dh, h) * 0.02)
+            else:
+                self.mem0[f"{name}_w"] = nn.Parameter(torch.eye(dh).repeat(H, 1, 1))
+        self.b_eta = nn.Parameter(torch.full((H,), _logit(eta_init)))
+        self.b_alpha = nn.Parameter(torch.full((H,), _logit(alpha_init)))
+
+    # --- state -------------------------------------------------------------------------------
+    def _weights0(self, name):
+        keys = [f"{name}_w2", f"{name}_w1"] if self.memory == "mlp" else [f"{name}_w"]
+        return [self.mem0[k] for k in keys]
+
+    def init_state(self, batch_size: int) -> dict:
+        state = {
+            name: [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self._weights0(name)]
+            for name in (*PROJECTION_MEMORIES, "mem")
+        }
+        ref = self.w_q.weight
+        for key, conv in (("conv_x", self.conv_x), ("conv_q", self.conv_q)):
+            state[key] = ref.new_zeros(batch_size, conv.kernel_size - 1, self.d_model)
+        return state
+
+    # --- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def _conv(conv: ShortConv, x, tail):
+        """Causal depthwise conv continuing from the previous call's last inputs."""
+        xx = torch.cat([tail, x], dim=1)
+        return conv.conv(xx.transpose(1, 2)).transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
+
+    def _heads(self, x):  # [B, T, D] -> [B, H, T, dh]
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def projections(self, mems, z):
+        """k, v, η, α of Eq. 84–85 from the (chunk-start) projection memories."""
+        k = F.normalize(memory_apply(mems["k"], z), dim=-1)
+        v = memory_apply(mems["v"], z)
+        eta = torch.sigmoid(memory_apply(mems["eta"], z).mean(-1) + self.b_eta[:, None])
+        alpha = torch.sigmoid(memory_apply(mems["alpha"], z).mean(-1) + self.b_alpha[:, None])
+        return k, v, eta, alpha
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x, state):
+        B, T, D = x.shape
+        z, conv_x = self._conv(self.conv_x, x, state["conv_x"])
+        q, conv_q = self._conv(self.conv_q, self.w_q(x), state["conv_q"])
+        z, q = self._heads(z), F.normalize(self._heads(q), dim=-1)
+
+        # projection memories: chunk by chunk, everything from the chunk-start memories
+        mems = {name: state[name] for name in PROJECTION_MEMORIES}
+        ks, vs, etas, alphas = [], [], [], []
+        for s in range(0, T, self.chunk_size):
+            k, v, eta, alpha = self.projections(mems, z[:, :, s : s + self.chunk_size])
+            for name in PROJECTION_MEMORIES:
+                if self.kernel == "reference":
+                    mems[name] = dgd_memory_reference(mems[name], None, k, v, eta, alpha, k.shape[-2])[1]
+                else:
+                    mems[name] = dgd_chunk(mems[name], None, k, v, eta, alpha)[1]
+            ks.append(k), vs.append(v), etas.append(eta), alphas.append(alpha)
+        k, v, eta, alpha = (torch.cat(t, dim=-2 if t[0].dim() == 4 else -1) for t in (ks, vs, etas, alphas))
+
+        # the memory proper: per-token reads y_t = M_{mem,t-1}(q_t) inside its chunks
+        fn = dgd_memory_reference if self.kernel == "reference" else dgd_memory_chunked
+        y, mem = fn(state["mem"], q, k, v, eta, alpha, self.mem_chunk_size)
+        out = self.w_o(y.transpose(1, 2).reshape(B, T, D))
+        return out, {**mems, "mem": mem, "conv_x": conv_x, "conv_q": conv_q}
+
+    def flops_per_token(self) -> float:
+        d, H, dh, h = self.d_model, self.n_heads, self.head_dim, self.mem_hidden
+        f = 2 * 2 * d * d  # W_q, W_o
+        per_read = 2 * dh * dh if h is None else 2 * 2 * dh * h
+        f += H * 4 * per_read  # projections k, v, η, α
+        f += H * 4 * dgd_flops_per_token(dh, h, self.chunk_size, reads=False)
+        f += H * dgd_flops_per_token(dh, h, self.mem_chunk_size, reads=True)
+        return float(f)

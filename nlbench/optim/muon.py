@@ -1,0 +1,89 @@
+"""Muon: momentum, then orthogonalize the update with Newton–Schulz (spec §6).
+
+Per 2-D weight W (rows × cols) with gradient g, momentum μ, learning rate η, weight decay λ:
+
+    m ← μ m + g
+    u = g + μ m          (Nesterov; u = m without it)
+    W ← (1 − η λ) W − η · √max(1, rows/cols) · NS_T(u)
+
+NS_T(u) has singular values ≈ 1 whatever the gradient scale, so η is a step size in spectral
+norm; the √max(1, rows/cols) factor keeps the per-entry RMS of tall matrices' updates
+comparable to square ones. Muon is only for 2-D hidden weights: embeddings, the LM head,
+biases and norm gains go to AdamW (`nlbench.optim.build_optimizer` routes them).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from nlbench.optim.newton_schulz import newton_schulz
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0):
+        check_range("Muon", "lr", lr, 0.0, math.inf, "a finite float >= 0", hi_open=True)
+        check_range("Muon", "momentum", momentum, 0.0, 1.0, "a float in [0, 1)", hi_open=True)
+        check_int("Muon", "ns_steps", ns_steps, 1)
+        check_range("Muon", "weight_decay", weight_decay, 0.0, math.inf, "a finite float >= 0", hi_open=True)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"Muon: nesterov must be True or False, got {nesterov!r}.")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, weight_decay=weight_decay))
+        require_matrices("Muon", self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                m = state["momentum_buffer"]
+                m.mul_(mu).add_(g)
+                u = g.add(m, alpha=mu) if group["nesterov"] else m
+                update = newton_schulz(u, steps=group["ns_steps"])
+                scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
+        return loss
+
+
+def require_matrices(opt_name: str, param_groups) -> None:
+    """Orthogonalizing optimizers only make sense for 2-D weights; say where the rest belongs."""
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            if p.ndim != 2:
+                raise ValueError(
+                    f"{opt_name}: param_groups[{gi}].params[{pi}] has shape {tuple(p.shape)}; "
+                    f"{opt_name} only updates 2-D weight matrices (allowed: ndim == 2). Route "
+                    f"embeddings, the LM head, biases, norm gains and conv kernels to AdamW — "
+                    f"nlbench.optim.build_optimizer does this routing."
+                )
+
+
+def check_range(owner: str, field: str, value, lo: float, hi: float, allowed: str,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise one clear sentence naming the field and its allowed range (shared with M3/DGD)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{owner}: {field} must be {allowed}, got {value!r}.")
+
+
+def check_int(owner: str, field: str, value, lo: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{owner}: {field} must be an integer >= {lo}, got {value!r}.")

@@ -1,0 +1,54 @@
+"""Everything `nlbench report` writes, from a list of result directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMATS = ("md", "html", "json")
+
+
+def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True) -> dict:
+    """Read ``dirs``, write leaderboard.{md,json,html}, throughput.md and figures/ into ``out_dir``
+    (default: ``dirs[0]/report``). Returns {"files": [...], "warnings": [...], "doc": leaderboard}.
+
+    Raises :class:`ReportError` for inputs that cannot give correct numbers.
+    """
+    from nlbench.report import html as H
+    from nlbench.report import leaderboard as lb
+    from nlbench.report import throughput as tp
+    from nlbench.report.figures import make_figures
+    from nlbench.report.load import ReportError, load_results
+
+    bad = sorted(set(formats) - set(FORMATS))
+    if bad:
+        raise ReportError(f"format(s) {bad} unknown; allowed values are {', '.join(FORMATS)} (or 'all')")
+    res = load_results(list(dirs))
+    out = Path(out_dir) if out_dir else Path(dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = lb.build_leaderboard(res)
+    rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
+    if rep is not None:
+        doc["throughput"] = lb._clean(rep)
+    figs = {}
+    if figures:
+        figs = make_figures(doc, res, out / "figures")
+        if rep is not None and rep["rows"]:
+            figs["throughput"] = tp.bar_chart(rep, out / "figures" / "throughput")
+    rel = {k: str(Path(v[0]).relative_to(out)) for k, v in figs.items()}
+    written = []
+    tp_md = tp.render_markdown(rep) if rep is not None and rep["rows"] else None
+    if "md" in formats:
+        (out / "leaderboard.md").write_text(lb.render_markdown(doc, tp_md, rel))
+        written.append(out / "leaderboard.md")
+        if tp_md:
+            (out / "throughput.md").write_text(tp_md + "\n")
+            written.append(out / "throughput.md")
+    if "json" in formats:
+        (out / "leaderboard.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        written.append(out / "leaderboard.json")
+    if "html" in formats:
+        (out / "leaderboard.html").write_text(H.render_html(doc, rep, figs))
+        written.append(out / "leaderboard.html")
+    written += [Path(p) for v in figs.values() for p in v]
+    return {"files": [str(p) for p in written], "warnings": doc["warnings"], "doc": doc}

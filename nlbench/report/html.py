@@ -1,0 +1,128 @@
+"""One static HTML page: the leaderboard, the throughput table and the figures.
+
+Self-contained (no server, no network, no CDN): figures are embedded as base64 PNG, styles and
+the sorting script are inline. Every table with class ``sortable`` reorders its rows when a
+column header is clicked (again: reverse order); cells carry their raw value in ``data-sort`` so
+numbers sort as numbers and empty cells ("—") always go last.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from html import escape
+from pathlib import Path
+
+from nlbench.report import leaderboard as lb
+from nlbench.report import throughput as tp
+from nlbench.report.figures import slug
+
+SORT_JS = r"""
+(function () {
+  function key(cell) {
+    var v = cell ? cell.getAttribute('data-sort') : '';
+    if (v === null || v === '') return null;
+    var x = Number(v);
+    return isFinite(x) ? x : v.toLowerCase();
+  }
+  function compare(a, b) {
+    if (typeof a === 'number' && typeof b === 'number') return a - b;
+    return String(a) < String(b) ? -1 : String(a) > String(b) ? 1 : 0;
+  }
+  document.querySelectorAll('table.sortable').forEach(function (table) {
+    var heads = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(heads, function (th, col) {
+      th.addEventListener('click', function () {
+        var asc = th.getAttribute('aria-sort') !== 'ascending';
+        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute('aria-sort'); });
+        th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+        var body = table.tBodies[0];
+        var rows = Array.prototype.map.call(body.rows, function (r, i) { return [key(r.cells[col]), i, r]; });
+        rows.sort(function (p, q) {
+          if (p[0] === null || q[0] === null) {   // missing values last, whatever the direction
+            return (p[0] === null) - (q[0] === null) || p[1] - q[1];
+          }
+          var c = compare(p[0], q[0]);
+          return (asc ? c : -c) || p[1] - q[1];
+        });
+        rows.forEach(function (r) { body.appendChild(r[2]); });
+      });
+    });
+  });
+})();
+"""
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+td:nth-child(2), th:nth-child(2) { text-align: left; }
+th { background: #eef; cursor: pointer; user-select: none; }
+th[aria-sort=ascending]::after { content: " ▲"; }
+th[aria-sort=descending]::after { content: " ▼"; }
+tr.dnl td { color: #999; }
+.note { background: #ffd; padding: 0.4em 0.8em; border-left: 4px solid #cc4; }
+.warn { background: #fee; padding: 0.4em 0.8em; border-left: 4px solid #c44; }
+figure { margin: 1em 0; } figure img { max-width: 100%; }
+"""
+
+
+def _sort_value(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, (int, float)):
+        return repr(float(v))
+    return str(v)
+
+
+def table_html(head, rows, table_id: str, row_classes=None) -> str:
+    out = [f'<table class="sortable" id="{escape(table_id)}"><thead><tr>']
+    out += [f'<th data-col="{i}">{escape(h)}</th>' for i, h in enumerate(head)]
+    out.append("</tr></thead><tbody>")
+    for k, r in enumerate(rows):
+        cls = f' class="{row_classes[k]}"' if row_classes and row_classes[k] else ""
+        out.append(f"<tr{cls}>" + "".join(f'<td data-sort="{escape(_sort_value(v))}">{escape(str(t))}</td>' for t, v in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _img(path: str, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{escape(alt)}</figcaption></figure>'
+
+
+def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, list[str]] | None = None) -> str:
+    p = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">', "<title>nlbench leaderboard</title>",
+         f"<style>{CSS}</style></head><body>", "<h1>nlbench leaderboard</h1>"]
+    if doc.get("sources"):
+        p.append(f"<p>Generated {escape(doc['generated_at'])} from {escape(', '.join(doc['sources']))}. "
+                 "Click a column header to sort.</p>")
+        p.append(f"<p>Cells: seed mean [95% CI]. CI method: {escape(doc['ci_method'])}. "
+                 f"{escape(doc['did_not_learn_rule'])}; such entries are greyed out and not ranked.</p>")
+    for n in doc.get("notes", []):
+        p.append(f'<p class="note">{escape(n)}</p>')
+    for w in doc.get("warnings", []):
+        p.append(f'<p class="warn">warning: {escape(w)}</p>')
+    if doc.get("overall"):
+        p += ["<h2>Overall ranking (mean win rate)</h2>", f"<p>{escape(doc['ranking_rule'])}.</p>",
+              table_html(*lb.overall_rows(doc), "overall")]
+    for s in doc.get("streams", []):
+        direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
+        p.append(f"<h2>{escape(s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h2>")
+        head, rows = lb.section_rows(s)
+        p.append(table_html(head, rows, f"stream-{slug(s['stream'])}-{s['score']}", ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
+    if doc.get("metrics"):
+        p.append("<h2>Metrics</h2><ul>")
+        p += [f"<li><b>{escape(k)}</b> = {escape(v['formula'])} — {escape(v['source'])}</li>" for k, v in doc["metrics"].items()]
+        p.append("</ul>")
+    if throughput and throughput["rows"]:
+        p.append("<h2>Throughput</h2>")
+        p.append(f"<p>Speed-up = tokens/s ÷ tokens/s on {escape(throughput['baseline'])} for the same case.</p>")
+        p.append(table_html(*tp.table_rows(throughput), "throughput"))
+    if figures:
+        p.append("<h2>Figures</h2>")
+        p += [_img(paths[0], name) for name, paths in figures.items() if paths and paths[0].endswith(".png")]
+    p.append(f"<script>{SORT_JS}</script></body></html>")
+    return "\n".join(p)

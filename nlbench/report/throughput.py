@@ -1,0 +1,132 @@
+"""Throughput report: per (model, size, seq_len, batch_size, phase), devices side by side.
+
+Rows of the ``throughput`` table (``nlbench bench``) from any number of result directories — e.g.
+one measured on a CPU, one on an H100 — are lined up on the case key ``(model, size, seq_len,
+batch_size, phase)``; a case measured on only one device keeps empty cells for the others (a
+speed-up needs the same case on both). Each device column is ``device (dtype)``; repeated
+measurements of one case on one device are summarised by their median (``n`` says how many).
+Speed-up = tokens/s on the device ÷ tokens/s on the baseline device (the CPU one when there is
+one, else the first in name order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from nlbench.report.load import ReportError
+
+CASE = ("model", "size", "seq_len", "batch_size", "phase")
+REQUIRED = (*CASE, "tokens_per_s", "device", "dtype")
+VALUES = ("tokens_per_s", "step_ms_p50", "step_ms_p95", "peak_mem_bytes", "mfu")
+
+
+def device_label(device: str, dtype: str) -> str:
+    return f"{device} ({dtype})"
+
+
+def throughput_report(df: pd.DataFrame) -> dict:
+    """``{"devices", "baseline", "rows": [{case..., by_device: {label: {...}}, speedup: {label: x}}]}``."""
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ReportError(
+            f"throughput table lacks column(s) {missing}; it needs {list(REQUIRED)} "
+            "(written by `nlbench bench`)"
+        )
+    df = df.copy()
+    df["device_label"] = [device_label(str(d), str(t)) for d, t in zip(df["device"], df["dtype"])]
+    devices = sorted(df["device_label"].unique(), key=lambda d: (not d.lower().startswith("cpu"), d))
+    baseline = devices[0]
+    rows = []
+    for key, g in df.groupby(list(CASE), sort=True, dropna=False):
+        case = dict(zip(CASE, key))
+        by_device = {}
+        for dev, h in g.groupby("device_label"):
+            cell = {v: float(pd.to_numeric(h[v], errors="coerce").median()) if v in h else math.nan for v in VALUES}
+            cell["n"] = int(len(h))
+            by_device[dev] = cell
+        base = by_device.get(baseline, {}).get("tokens_per_s", math.nan)
+        speedup = {
+            dev: (c["tokens_per_s"] / base if base and not math.isnan(base) else math.nan)
+            for dev, c in by_device.items()
+            if dev != baseline
+        }
+        rows.append({**case, "by_device": by_device, "speedup": speedup})
+    return {"devices": devices, "baseline": baseline, "rows": rows}
+
+
+def _num(x, fmt):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def table_rows(rep: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
+    """Header and (display, sort value) cells: per device tokens/s, p50/p95 ms, peak MiB, MFU; then speed-ups."""
+    devs = rep["devices"]
+    others = [d for d in devs if d != rep["baseline"]]
+    head = list(CASE)
+    for d in devs:
+        head += [f"{d} tok/s", f"{d} p50 ms", f"{d} p95 ms", f"{d} peak MiB", f"{d} MFU"]
+    head += [f"speed-up {d} / {rep['baseline']}" for d in others]
+    rows = []
+    for r in rep["rows"]:
+        cells = [(str(r[c]), r[c]) for c in CASE]
+        for d in devs:
+            c = r["by_device"].get(d, {})
+            get = lambda k: c.get(k, math.nan)  # noqa: E731
+            mem = get("peak_mem_bytes")
+            cells += [
+                (_num(get("tokens_per_s"), ",.0f"), get("tokens_per_s")),
+                (_num(get("step_ms_p50"), ".2f"), get("step_ms_p50")),
+                (_num(get("step_ms_p95"), ".2f"), get("step_ms_p95")),
+                (_num(mem / 2**20 if mem == mem else mem, ",.1f"), mem),
+                (_num(100 * get("mfu") if get("mfu") == get("mfu") else math.nan, ".1f") + ("%" if get("mfu") == get("mfu") else ""), get("mfu")),
+            ]
+        for d in others:
+            x = r["speedup"].get(d, math.nan)
+            cells.append((_num(x, ".2f") + ("×" if x == x else ""), x))
+        rows.append(cells)
+    return head, rows
+
+
+def render_markdown(rep: dict) -> str:
+    from nlbench.report.leaderboard import _md_table
+
+    out = ["## Throughput", ""]
+    out.append(
+        f"Devices: {', '.join(rep['devices'])}. Speed-up = tokens/s ÷ tokens/s on {rep['baseline']} for the "
+        "same (model, size, seq_len, batch_size, phase); medians over repeated measurements."
+    )
+    out += ["", _md_table(*table_rows(rep))]
+    return "\n".join(out)
+
+
+def bar_chart(rep: dict, path_stem, formats=("png", "svg")) -> list[str]:
+    """Grouped bars of tokens/s per case, one bar per device, one panel per phase (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    phases = sorted({r["phase"] for r in rep["rows"]})
+    devs = rep["devices"]
+    fig, axes = plt.subplots(len(phases), 1, figsize=(max(6, 0.9 * len(rep["rows"]) + 3), 3.2 * len(phases)), squeeze=False)
+    for ax, phase in zip(axes[:, 0], phases):
+        rows = [r for r in rep["rows"] if r["phase"] == phase]
+        x = np.arange(len(rows))
+        w = 0.8 / max(1, len(devs))
+        for i, d in enumerate(devs):
+            ys = [r["by_device"].get(d, {}).get("tokens_per_s", np.nan) for r in rows]
+            ax.bar(x + (i - (len(devs) - 1) / 2) * w, ys, w, label=d)
+        ax.set_xticks(x, [f"{r['model']}\n{r['size']} T={r['seq_len']}" for r in rows], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{phase} throughput")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    from nlbench.report.figures import save
+
+    paths = save(fig, path_stem, formats)
+    plt.close(fig)
+    return paths

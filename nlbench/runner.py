@@ -1,0 +1,286 @@
+"""One run, start to finish: `execute_run(spec) -> RunRecord`.
+
+    record = execute_run(spec, checkpoint_dir=OUT / "checkpoints", device="cpu")
+    record.run      # the `runs` row: status completed | failed | diverged, timings, versions, …
+    record.matrix   # accuracy / loss matrix rows incl. the init row (after_task = −1)
+    record.curves   # learning-curve rows (train.eval_every)
+
+`execute_run` never raises for a failing run: an exception becomes status `failed` with the
+error and the tail of its traceback, a non-finite loss becomes `diverged` with the step.
+
+Checkpoints: with `checkpoint_dir`, the state after each task (model, optimizer, strategy,
+fast state, RNG states, rows so far, timings) is written atomically to
+checkpoint_dir/<run_id>/last.pt, and a later call for the same run resumes after the last
+finished task. Data iterators are seeded per (seed, task), so a resumed run computes exactly
+what an undisturbed one does. The checkpoint is removed once the run has finished (completed or
+diverged) and kept after a failure, to resume from.
+
+`run_sequential(specs, out_dir)` runs specs one after the other in this process and writes
+each record to the ResultStore under out_dir, skipping run ids already completed there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nlbench.config import RunSpec, run_label
+
+CHECKPOINT_NAME = "last.pt"
+TRACEBACK_CHARS = 4000
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+@lru_cache(maxsize=1)
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("nlbench", "torch", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    """The source checkout's commit, with '+dirty' for uncommitted changes; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_device(requested: str | None, config: dict) -> torch.device:
+    """An explicit `requested` device wins over the config's train.device; 'auto' = cuda if any."""
+    name = requested or config["train"].get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device; use device 'cpu' or 'auto'.")
+    return dev
+
+
+def device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return f"cpu:{torch.get_num_threads()}threads"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def build_run_stream(config: dict):
+    from nlbench.tasks import build_stream
+
+    s = config["stream"]
+    kw = {k: s[k] for k in ("num_tasks", "seq_len") if s.get(k) is not None}
+    return build_stream(s["name"], seed=int(config["seed"]), **kw, **s.get("options", {}))
+
+
+def build_run_model(config: dict, vocab_size: int):
+    from nlbench.models import build_model
+
+    m = config["model"]
+    return build_model(m["name"], size=m["size"], vocab_size=vocab_size, **m.get("options", {}))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(checkpoint_dir) / run_id / CHECKPOINT_NAME
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a hidden temp file in the same directory, fsync, os.replace: a crash leaves
+    the previous checkpoint or the new one, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path, run_id: str) -> dict | None:
+    if not path.is_file():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("run_id") != run_id:
+        raise RuntimeError(f"checkpoint {path} belongs to run {payload.get('run_id')!r}, not {run_id!r}; delete it.")
+    return payload
+
+
+def clear_checkpoint(checkpoint_dir: str | os.PathLike | None, run_id: str) -> None:
+    if checkpoint_dir is not None:
+        shutil.rmtree(Path(checkpoint_dir) / run_id, ignore_errors=True)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def _error_text(e: BaseException) -> str:
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    head = f"{type(e).__name__}: {e}"
+    tail = tb[-TRACEBACK_CHARS:]
+    return f"{head}\n--- traceback (tail) ---\n{tail}"
+
+
+def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, device: str | None = None,
+                progress: Callable | None = None, threads: int | None = None,
+                stop_after_task: int | None = None) -> "RunRecord":  # noqa: F821
+    """Run one spec; never raises for a failing run (see module docstring).
+
+    device: 'cpu', 'cuda', 'cuda:1', 'auto' or None (= the config's train.device).
+    threads: torch CPU threads for this run (None leaves torch's setting).
+    progress: called with nlbench.protocol.Progress(done, total, message) after every step.
+    stop_after_task: test hook; stop (status failed, checkpoint kept) after that task.
+    """
+    from nlbench.results import RunRecord
+
+    config = spec.config
+    t_wall = time.perf_counter()
+    started_at = _now()
+    prior_wall = 0.0
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    run = dict(
+        run_id=spec.run_id, model=run_label(config), stream=config["stream"]["name"], seed=int(config["seed"]),
+        protocol=config["protocol"], strategy=config["strategy"], status="failed", error=None,
+        config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
+        train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
+        versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
+        chance=None, train_tokens_per_s=None,
+    )
+    matrix, curves = [], []
+    ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
+    try:
+        from nlbench.protocol import build_protocol
+
+        dev = resolve_device(device, config)
+        run["device"] = device_label(dev)
+        seed_everything(int(config["seed"]))
+        stream = build_run_stream(config)
+        run["chance"] = json.dumps([float(t.chance) for t in stream.tasks])
+        model = build_run_model(config, stream.vocab_size).to(dev)
+        run["params"] = int(model.num_params())
+        protocol = build_protocol(config, model, stream, dev, progress=progress)
+
+        resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
+        if resume is not None:
+            prior_wall = float(resume["wall_s"])
+            run["started_at"] = resume["started_at"]
+
+        def on_task_end(task_index: int, state: dict) -> None:
+            if ckpt is not None:
+                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"],
+                                           wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index))
+
+        result = protocol.run(resume=None if resume is None else resume["protocol_state"],
+                              on_task_end=on_task_end, stop_after_task=stop_after_task)
+        matrix, curves = result.matrix, result.curves
+        run["train_s"], run["eval_s"] = result.train_s, result.eval_s
+        if result.train_s > 0:
+            run["train_tokens_per_s"] = result.tokens_seen / result.train_s
+        if result.status == "completed":
+            run["status"] = "completed"
+        elif result.status == "diverged":
+            run["status"] = "diverged"
+            run["error"] = f"diverged at step {result.diverged_step}: {result.error}"
+        else:
+            run["error"] = (f"stopped after task {result.tasks_done - 1} by stop_after_task; "
+                            f"the checkpoint in {ckpt.parent if ckpt else '(none)'} resumes it")
+    except Exception as e:  # noqa: BLE001 - a failing run is a result, not a crash of the sweep
+        run["status"], run["error"] = "failed", _error_text(e)
+    run["finished_at"] = _now()
+    run["wall_s"] = prior_wall + time.perf_counter() - t_wall
+    if run["status"] in ("completed", "diverged"):
+        clear_checkpoint(checkpoint_dir, spec.run_id)
+    keys = dict(run_id=spec.run_id, model=run["model"], stream=run["stream"], seed=run["seed"])
+    return RunRecord(run=run, matrix=[{**keys, **r} for r in matrix], curves=[{**keys, **r} for r in curves])
+
+
+# ------------------------------------------------------------------------------ many runs
+
+
+def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str | None = None,
+                   threads: int | None = None, progress: Callable | None = None,
+                   on_record: Callable | None = None) -> list:
+    """Execute specs in this process, writing each record to ResultStore(out_dir).
+
+    Run ids already completed in the store are skipped (idempotent re-runs); a failed or
+    diverged run is run again. Checkpoints go to out_dir/checkpoints. `progress(spec, Progress)`
+    sees every step, `on_record(spec, record)` every finished run. Returns the new records.
+    """
+    from nlbench.results import ResultStore
+
+    store = ResultStore(out_dir)
+    done = store.completed_run_ids()
+    records = []
+    for spec in specs:
+        if spec.run_id in done:
+            continue
+        cb = None if progress is None else (lambda p, spec=spec: progress(spec, p))
+        record = execute_run(spec, checkpoint_dir=Path(out_dir) / "checkpoints", device=device, progress=cb,
+                             threads=threads)
+        store.write_run(record)
+        if record.run["status"] == "completed":
+            done.add(spec.run_id)  # a spec listed twice runs once
+        records.append(record)
+        if on_record is not None:
+            on_record(spec, record)
+    return records
+
+
+__all__ = ["execute_run", "run_sequential", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]

@@ -1,0 +1,56 @@
+"""Shared pytest fixtures.
+
+``ray_session``: ONE Ray runtime for the whole test session (Ray starts take seconds on a small
+machine), with an explicit ``num_cpus=2`` so the sweep tests see the same capacity everywhere,
+the dashboard off, and shut down when the session ends. Tests that need Ray take this fixture
+instead of calling ``ray.init`` themselves; they may join it from a subprocess with
+``ray_session["address"]`` (the GCS address; the token-auth settings are in os.environ).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # workers inherit the driver's environment: one torch thread unless an actor asks for more
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING", _node_ip_address="127.0.0.1")
+        started = True
+    ctx = ray.get_runtime_context()
+    yield {"address": ctx.gcs_address, "num_cpus": int(ray.cluster_resources().get("CPU", 0))}
+    if started:
+        ray.shutdown()
+
+
+def tiny_config(seeds=(0, 1), num_tasks=2, tokens_per_task=4096, seq_len=32, models=("transformer",), **extra) -> dict:
+    """A sweep config whose runs take about half a second each (tiny Transformer, short tasks)."""
+    cfg = {
+        "name": "tiny",
+        "models": [{"name": m, "size": "tiny"} for m in models],
+        "streams": [{"name": "markov-languages", "num_tasks": num_tasks, "seq_len": seq_len}],
+        "seeds": list(seeds),
+        "train": {"tokens_per_task": tokens_per_task, "batch_size": 8, "device": "cpu"},
+        "eval": {"max_sequences": 32, "batch_size": 32},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture
+def tiny_specs():
+    """``tiny_specs(**knobs)`` -> the RunSpecs of :func:`tiny_config` (validated, expanded)."""
+    from nlbench.config import expand_runs, validate_config
+
+    def make(**knobs):
+        return expand_runs(validate_config(tiny_config(**knobs)))
+
+    return make

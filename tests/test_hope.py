@@ -1,0 +1,152 @@
+"""Hope / Hope-Attention (spec §3, §5): causality, state contract, meta-gradients, options."""
+
+import pytest
+import torch
+
+from nlbench.models import ModelConfigError, build_model
+from nlbench.models.base import PRESETS, clone_state
+from nlbench.models.layers import swiglu_hidden
+from nlbench.models.hope import build_hope
+
+torch.set_num_threads(1)
+V = 32
+SMALL = dict(d_model=16, n_layers=2, n_heads=2)
+
+
+def _model(name, mode, **kw):
+    torch.manual_seed(0)
+    opts = dict(cms_mode=mode, cms_periods=[1, 2, 4] if mode == "in_context" else [1, 4, 16])
+    opts.update(kw)
+    if name == "hope":
+        opts.setdefault("chunk_size", 4)
+        opts.setdefault("mem_chunk_size", 2)
+        return build_hope(vocab_size=V, **SMALL, **opts)
+    return build_model(name, size="tiny", vocab_size=V, **opts)
+
+
+def _leaves(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _leaves(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _leaves(v)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["hope", "hope-attention"])
+@pytest.mark.parametrize("mode", ["optimizer", "in_context"])
+def test_causal(name, mode):
+    m = _model(name, mode).eval()
+    tok = torch.randint(0, V, (2, 12))
+    t = 7
+    tok2 = tok.clone()
+    tok2[:, t] = (tok2[:, t] + 1) % V
+    with torch.no_grad():
+        a, b = m(tok).logits, m(tok2).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t])
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-6  # the perturbation is seen from t on
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "in_context"])
+def test_update_state_false_and_stream_continuation(mode):
+    m = _model("hope", mode).eval()
+    tok = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        s0 = m.init_state(2)
+        ref = clone_state(s0)
+        out = m(tok[:, :8], state=s0, update_state=False)
+        assert out.state is s0
+        for a, b in zip(_leaves(s0), _leaves(ref)):
+            torch.testing.assert_close(a, b)
+        assert m(tok, update_state=False).state is None
+        full = m(tok)
+        first = m(tok[:, :8])  # 8 = multiple of both chunk sizes and of the CMS periods
+        second = m(tok[:, 8:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full.logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(_leaves(second.state), _leaves(full.state)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    changed = [(a - b).abs().max() > 0 for a, b in zip(_leaves(full.state), _leaves(m.init_state(2)))]
+    assert any(changed)  # the memories were written
+
+
+def test_chunked_equals_reference_model():
+    m = _model("hope", "in_context", cms_periods=[2, 3, 5])
+    tok = torch.randint(0, V, (2, 11))
+    res = []
+    for kernel in ("reference", "chunked"):
+        m.set_kernel(kernel)
+        m.zero_grad()
+        out = m(tok)
+        out.logits.square().mean().backward()
+        res.append((out.logits.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(res[1][0], res[0][0], atol=1e-4, rtol=1e-4)
+    for a, b in zip(res[1][1], res[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory", ["mlp", "linear"])
+def test_initial_memories_and_gates_get_meta_gradients(memory):
+    m = _model("hope", "in_context", memory=memory)
+    tok = torch.randint(0, V, (2, 12))
+    torch.nn.functional.cross_entropy(m(tok).logits[:, :-1].reshape(-1, V), tok[:, 1:].reshape(-1)).backward()
+    for i, block in enumerate(m.blocks):
+        smt = block.mixer
+        for name, p in [*smt.mem0.items(), ("b_eta", smt.b_eta), ("b_alpha", smt.b_alpha)]:
+            assert p.grad is not None and p.grad.abs().max() > 0, (i, name)
+        for lvl in block.cms.levels:
+            assert lvl.lr_param.grad.abs() > 0
+            assert lvl.mlp.w_up.weight.grad.abs().max() > 0
+
+
+def test_alpha_near_one_and_eta_small_at_init():
+    m = build_model("hope", size="tiny", vocab_size=V)
+    smt = m.blocks[0].mixer
+    x = torch.randn(2, 32, smt.d_model)
+    z = smt._heads(smt._conv(smt.conv_x, m.blocks[0].norm(x), smt.init_state(2)["conv_x"])[0])
+    state = smt.init_state(2)
+    with torch.no_grad():
+        _, _, eta, alpha = smt.projections({n: state[n] for n in ("k", "v", "eta", "alpha")}, z)
+    assert alpha.min() > 0.95 and alpha.max() < 1
+    assert eta.max() < 0.3
+
+
+def test_param_counts_match_transformer():
+    for size, p in PRESETS.items():
+        d, L = p["d_model"], p["n_layers"]
+        transformer = V * d + L * (4 * d * d + 3 * d * swiglu_hidden(d) + 2 * d) + d
+        for name in ("hope", "hope-attention"):
+            n = build_model(name, size=size, vocab_size=V).num_params()
+            assert abs(n / transformer - 1) < 0.15, (size, name, n, transformer)
+            if size == "tiny":
+                m = build_model(name, size=size, vocab_size=V)
+                assert m.lm_head.weight is m.tok_emb.weight
+                assert m.flops_per_token(64) > 2 * m.num_params(non_embedding=True)
+
+
+@pytest.mark.parametrize("opts, field", [
+    (dict(bogus=1), "bogus"),
+    (dict(cms_periods=[4, 4, 16]), "cms_periods"),
+    (dict(cms_periods=[1, 4], cms_levels=3), "cms_periods"),
+    (dict(cms_periods=[1, 0]), "cms_periods"),
+    (dict(cms_levels=0), "cms_levels"),
+    (dict(cms_mode="tokens"), "cms_mode"),
+    (dict(cms_variant="nested"), "cms_variant"),
+    (dict(memory="deep"), "memory"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(mem_chunk_size=2.5), "mem_chunk_size"),
+    (dict(alpha_init=1.0), "alpha_init"),
+    (dict(cms_lr=-1), "cms_lr"),
+    (dict(n_heads=3), "n_heads"),
+])
+def test_bad_options_raise_clear_errors(opts, field):
+    with pytest.raises(ModelConfigError, match=field):
+        build_model("hope", size="tiny", vocab_size=V, **opts)
+
+
+def test_hope_attention_rejects_memory_options():
+    with pytest.raises(ModelConfigError, match="chunk_size"):
+        build_model("hope-attention", size="tiny", vocab_size=V, chunk_size=8)
+    m = build_model("hope-attention", size="tiny", vocab_size=V)
+    assert m.init_state(2) is None and m(torch.randint(0, V, (1, 5))).state is None
+    assert [lvl.nlbench_update_period for lvl in m.blocks[0].cms.levels] == [1, 4, 16]

@@ -1,0 +1,267 @@
+"""Protocols: finetune matrix (incl. the b row) and curves cadence, in_context frozen outer
+parameters with a carried fast state, strategies, divergence, scoring."""
+
+import math
+
+import pytest
+import torch
+
+from nlbench.config import expand_runs, validate_config
+from nlbench.models.base import ModelOutput
+from nlbench.protocol import EWC, Replay, build_protocol, evaluate, evaluate_with_state
+from nlbench.runner import build_run_model, build_run_stream, seed_everything
+
+torch.set_num_threads(1)
+DEV = torch.device("cpu")
+
+
+def run_config(model="transformer", protocol="finetune", strategy="naive", num_tasks=2, seq_len=16,
+               tokens_per_task=16 * 4 * 3, eval_every=None, **extra):
+    raw = dict(
+        models=[model] if isinstance(model, str) else [model],
+        streams=[dict(name="markov-languages", num_tasks=num_tasks, seq_len=seq_len,
+                      options=dict(vocab_size=16, order=1, branching=2, eval_size=8))],
+        protocol=protocol, strategy=strategy,
+        train=dict(tokens_per_task=tokens_per_task, batch_size=4, eval_every=eval_every,
+                   optimizer=dict(name="adamw", lr=3e-3)),
+        eval=dict(max_sequences=8, batch_size=4),
+        **extra,
+    )
+    return expand_runs(validate_config(raw))[0].config
+
+
+def make(config):
+    seed_everything(config["seed"])
+    stream = build_run_stream(config)
+    model = build_run_model(config, stream.vocab_size)
+    return build_protocol(config, model, stream, DEV), model, stream
+
+
+def cells(rows, metric="accuracy"):
+    return {(r["after_task"], r["eval_task"]): r["value"] for r in rows if r["metric"] == metric}
+
+
+def test_finetune_full_matrix_with_b_row_and_token_budget():
+    cfg = run_config(num_tasks=3, tokens_per_task=16 * 4 * 3 + 5)  # 3 steps per task (floor)
+    proto, model, _ = make(cfg)
+    res = proto.run()
+    assert res.status == "completed" and res.tasks_done == 3
+    for metric in ("accuracy", "loss"):
+        c = cells(res.matrix, metric)
+        assert set(c) == {(a, j) for a in (-1, 0, 1, 2) for j in (0, 1, 2)}
+        assert all(math.isfinite(v) for v in c.values())
+    assert proto.optimizer.step_count == 9
+    assert res.tokens_seen == 9 * 4 * 16
+    seen = {r["after_task"]: r["tokens_seen"] for r in res.matrix}
+    assert seen == {-1: 0, 0: 192, 1: 384, 2: 576}
+    assert res.train_s > 0 and res.eval_s > 0
+
+
+def test_finetune_learns_and_changes_params():
+    cfg = run_config(num_tasks=1, tokens_per_task=16 * 4 * 20)
+    proto, model, stream = make(cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    res = proto.run()
+    loss, acc = cells(res.matrix, "loss"), cells(res.matrix)
+    assert loss[(0, 0)] < loss[(-1, 0)] - 1.0  # the outer loop learned the task
+    assert acc[(0, 0)] > stream.tasks[0].chance + 0.2
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_curves_cadence_start_point_and_end_point():
+    # 4 steps per task of 64 tokens, eval_every 128 -> points after steps 2 and 4 (the latter
+    # from the end-of-task evaluation), plus the pre-task point Z_0
+    cfg = run_config(num_tasks=2, tokens_per_task=4 * 64, eval_every=128)
+    proto, _, _ = make(cfg)
+    res = proto.run()
+    acc = [r for r in res.curves if r["metric"] == "accuracy"]
+    for k in (0, 1):
+        own = sorted((r["tokens_seen"], r["value"]) for r in acc if r["train_task"] == k and r["eval_task"] == k)
+        start = 256 * k
+        assert [t for t, _ in own] == [start, start + 128, start + 256]
+        m = cells(res.matrix)
+        assert own[0][1] == m[(k - 1, k)]    # Z_0 = score before the task's first step
+        assert own[-1][1] == m[(k, k)]       # last point = end-of-task evaluation
+    # "all" curve tasks: every task is scored at every point
+    assert len(acc) == 2 * 3 * 2
+
+
+def test_in_context_freezes_outer_params_and_carries_state():
+    cfg = run_config(model="titans-lmm", protocol="in_context", num_tasks=2, tokens_per_task=16 * 4 * 2)
+    proto, model, stream = make(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = proto.run()
+    assert res.status == "completed"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"outer parameter {k} changed"
+    assert proto.state is not None
+    flat = lambda s: torch.cat([t.reshape(-1) for t in _tensors(s)])  # noqa: E731
+    fresh = flat(model.init_state(4))
+    assert not torch.allclose(flat(proto.state), fresh), "carried state equals the fresh state"
+    # carried, not reset per sequence: the final state is not what the last sequence alone writes
+    it = stream.tasks[1].train_batches(4, seed=cfg["seed"])
+    for _ in range(proto.steps_per_task):
+        last = next(it)
+    with torch.no_grad():
+        alone = model(last.tokens, state=None).state
+    assert not torch.allclose(flat(proto.state), flat(alone)), "state was reset between sequences"
+    # probes read, never write: scoring twice gives the same result and leaves the state alone
+    carried = flat(proto.state).clone()
+    ev = stream.tasks[0].eval_set()
+    a = evaluate_with_state(model, ev, proto.state, streams=4, max_sequences=6, device=DEV)
+    b = evaluate_with_state(model, ev, proto.state, streams=4, max_sequences=6, device=DEV)
+    assert a == b and torch.equal(flat(proto.state), carried)
+    # the carried memory changes what the model predicts compared with the initial state
+    fresh_scores = evaluate_with_state(model, ev, None, streams=4, max_sequences=6, device=DEV)
+    assert fresh_scores["loss"] != a["loss"]
+    assert set(cells(res.matrix)) == {(a_, j) for a_ in (-1, 0, 1) for j in (0, 1)}
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+class FixedPredictor(torch.nn.Module):
+    """Predicts token (t mod V) at position t: accuracy is countable by hand."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.V, self.w = V, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens, state=None, update_state=True):
+        B, T = tokens.shape
+        pred = torch.arange(T) % self.V
+        return ModelOutput(torch.nn.functional.one_hot(pred, self.V).float().expand(B, T, self.V) * 5 + self.w, state)
+
+
+def test_evaluate_hand_computed_and_batch_size_invariant():
+    V = 4
+    tokens = torch.zeros(3, 4, dtype=torch.long)
+    targets = torch.tensor([[0, 1, -100, 0], [0, 0, 0, 0], [-100, -100, 2, 3]])
+    # predictions 0 1 2 3 per row: hits (0,0),(0,1),(1,0),(2,2),(2,3) of 9 scored
+    model = FixedPredictor(V)
+    for bs in (1, 2, 3):
+        out = evaluate(model, (tokens, targets), batch_size=bs, max_sequences=None, device=DEV)
+        assert out["accuracy"] == pytest.approx(5 / 9)
+    p_hit = math.exp(5) / (math.exp(5) + 3)
+    p_miss = 1 / (math.exp(5) + 3)
+    expected = -(5 * math.log(p_hit) + 4 * math.log(p_miss)) / 9
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)
+    assert evaluate(model, (tokens, targets), batch_size=2, max_sequences=1, device=DEV)["accuracy"] == pytest.approx(2 / 3)
+    padded = evaluate_with_state(model, (tokens, targets), None, streams=2, max_sequences=None, device=DEV)
+    assert padded["accuracy"] == pytest.approx(5 / 9)  # padding rows are not scored
+
+
+def test_replay_reservoir_buffer_and_mixing():
+    cfg = run_config(strategy="replay", replay=dict(buffer_size=5, ratio=0.5))
+    r = Replay(cfg, model=None, device=DEV)
+    x0 = torch.zeros(4, 3, dtype=torch.long)
+    assert r.mix(x0, x0)[0].shape[0] == 4  # empty buffer: nothing to replay
+    for i in range(10):
+        r.observe(torch.full((4, 3), i), torch.full((4, 3), i))
+    assert r.n_seen == 40 and r.n_stored == 5
+    assert torch.equal(r.tokens, r.targets)   # pairs stay together
+    x, y = r.mix(torch.full((4, 3), -1), torch.full((4, 3), -1))
+    assert x.shape == (6, 3) and torch.equal(x[4:], y[4:]) and (x[4:] >= 0).all()
+    # reservoir keeps every sequence with probability size/n: late batches are not favoured
+    counts = torch.zeros(10)
+    for trial in range(200):
+        r = Replay({**cfg, "seed": trial}, model=None, device=DEV)
+        for i in range(10):
+            r.observe(torch.full((4, 3), i), torch.full((4, 3), i))
+        counts += torch.bincount(r.tokens[:, 0], minlength=10)
+    expected = 200 * 5 / 10
+    assert (counts - expected).abs().max() < 0.45 * expected
+    assert counts[:5].sum() > 0.35 * counts.sum()
+
+
+def test_ewc_penalty_hand_computed():
+    cfg = run_config(strategy="ewc", ewc=dict(lam=4.0, fisher_samples=2))
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 3.0]]))
+    e = EWC(cfg, lin, DEV)
+    assert e.penalty() is None
+    e.tasks = [({"weight": torch.tensor([[2.0, 0.5]])}, {"weight": torch.tensor([[0.0, 1.0]])}),
+               ({"weight": torch.tensor([[1.0, 1.0]])}, {"weight": torch.tensor([[1.0, 2.0]])})]
+    # λ/2 Σ_k Σ F (θ−θ*)² = 2 · [(2·1 + 0.5·4) + (0 + 1)] = 10
+    assert e.penalty().item() == pytest.approx(10.0)
+
+
+def test_ewc_fisher_is_mean_squared_per_sequence_gradient():
+    cfg = run_config(strategy="ewc", ewc=dict(lam=1.0, fisher_samples=3))
+    _, model, stream = make(cfg)
+    e = EWC(cfg, model, DEV)
+    F = e.fisher(stream.tasks[0])
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+    # reference: three explicit backward passes on the same sequences
+    from nlbench.protocol.strategies import derive_seed
+    from nlbench.protocol.evaluate import lm_loss
+    it = stream.tasks[0].train_batches(1, seed=derive_seed(cfg["seed"], "ewc-fisher", 0))
+    ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for _ in range(3):
+        x, y = next(it)
+        model.zero_grad()
+        lm_loss(model(x).logits, y).backward()
+        for n, p in model.named_parameters():
+            ref[n] += p.grad ** 2 / 3
+    for n in ref:
+        torch.testing.assert_close(F[n], ref[n])
+
+
+def test_strategies_run_and_change_training_vs_naive():
+    results = {}
+    for strategy in ("naive", "replay", "ewc"):
+        cfg = run_config(strategy=strategy, num_tasks=2, tokens_per_task=16 * 4 * 3,
+                         replay=dict(buffer_size=8, ratio=1.0), ewc=dict(lam=1e4, fisher_samples=4))
+        proto, _, _ = make(cfg)
+        res = proto.run()
+        assert res.status == "completed"
+        results[strategy] = cells(res.matrix, "loss")
+    naive, replay, ewc = results["naive"], results["replay"], results["ewc"]
+    assert replay[(-1, 0)] == naive[(-1, 0)]
+    assert replay[(1, 0)] != naive[(1, 0)]
+    # EWC acts only from the second task on; its Fisher pass must not perturb task 0
+    assert ewc[(0, 0)] == naive[(0, 0)] and ewc[(0, 1)] == naive[(0, 1)]
+    assert ewc[(1, 0)] != naive[(1, 0)]
+
+
+def _poison_after(model, calls):
+    """Make the LM head emit inf from its `calls`-th training forward on."""
+    count = {"n": 0}
+
+    def hook(module, inp, out):
+        if torch.is_grad_enabled():
+            count["n"] += 1
+            if count["n"] >= calls:
+                return out * float("inf")
+        return out
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_divergence_ends_run_with_step_and_reason():
+    cfg = run_config(num_tasks=2, tokens_per_task=16 * 4 * 3)
+    proto, model, _ = make(cfg)
+    _poison_after(model, 5)   # task 1, its 2nd step
+    res = proto.run()
+    assert res.status == "diverged" and res.diverged_step == 5
+    assert "non-finite" in res.error and "task 1" in res.error
+    assert {r["after_task"] for r in res.matrix} == {-1, 0}   # rows up to the last finished task
+
+
+def test_divergence_from_huge_lr():
+    raw = dict(models=["transformer"], streams=[dict(name="markov-languages", num_tasks=2, seq_len=16,
+                                                     options=dict(vocab_size=16, order=1, branching=2, eval_size=8))],
+               train=dict(tokens_per_task=16 * 4 * 6, batch_size=4, grad_clip=None,
+                          optimizer=dict(name="muon", lr=1e6, adamw_lr=1e6)),
+               eval=dict(max_sequences=8, batch_size=4))
+    cfg = expand_runs(validate_config(raw))[0].config
+    proto, _, _ = make(cfg)
+    res = proto.run()
+    assert res.status == "diverged" and res.diverged_step >= 1 and "non-finite" in res.error

@@ -1,0 +1,338 @@
+"""`nlbench report`: leaderboard numbers, ranking, dedupe, bad inputs, throughput, CLI outputs.
+
+The result directories are written with the real ResultStore from hand-made accuracy matrices
+whose metrics are worked out below (shared/metrics.md formulas), so every number the report
+prints can be checked by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from nlbench.commands.report import report
+from nlbench.report import ReportError, build_report, load_results
+from nlbench.report.leaderboard import build_leaderboard
+from nlbench.report.throughput import throughput_report
+from nlbench.results import ResultStore, RunRecord
+
+T975_2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2), for the 3-seed CI
+
+# split-digits, T = 3, chance 0.2 per task, b = 0.2 everywhere.
+# hope: acc_final 0.8, bwt −0.15, forgetting (0.2 + 0.1)/2 = 0.15, fwt 0, plasticity 0.9,
+#       acc_avg_incremental (0.9 + 0.85 + 0.8)/3 = 0.85
+HOPE = [[0.9, 0.2, 0.2], [0.8, 0.9, 0.2], [0.7, 0.8, 0.9]]
+# transformer: acc_final 0.5, bwt −0.6, forgetting 0.6, fwt 0, plasticity 0.9, acc_avg (0.9+0.6+0.5)/3
+TRANSFORMER = [[0.9, 0.2, 0.2], [0.3, 0.9, 0.2], [0.3, 0.3, 0.9]]
+# titans: never leaves chance: plasticity 0.21 < 0.2 + 0.08 -> "did not learn"
+TITANS = [[0.21] * 3] * 3
+SHIFT = {0: 0.0, 1: 0.02, 2: -0.02}  # per-seed offset: acc_final 0.80/0.82/0.78, bwt unchanged
+
+
+def _run_row(model, stream, seed, status="completed", chance=(0.2, 0.2, 0.2), tps=1000.0, lr=1e-3, **extra):
+    config = {"model": {"name": model, "size": "tiny", "label": model}, "stream": {"name": stream}, "seed": seed,
+              "protocol": "finetune", "strategy": "naive", "train": {"optimizer": {"name": "adamw", "lr": lr}, "device": "cpu"}}
+    from nlbench.results import run_id_for
+
+    return dict(run_id=run_id_for(config), model=model, stream=stream, seed=seed, protocol="finetune", strategy="naive",
+                status=status, error=None if status == "completed" else "loss went NaN at step 3", config=config,
+                device="cpu", host="testhost", versions={"nlbench": "0.1.0", "torch": "2.x"}, git_sha="abc123",
+                size="tiny", chance=list(chance), train_tokens_per_s=tps, **extra)
+
+
+def _matrix_rows(R, b, metric="accuracy", tokens_per_task=100):
+    T = len(R)
+    rows = [dict(after_task=-1, eval_task=j, metric=metric, value=float(b[j]), tokens_seen=0) for j in range(T)]
+    rows += [dict(after_task=i, eval_task=j, metric=metric, value=float(R[i][j]), tokens_seen=(i + 1) * tokens_per_task)
+             for i in range(T) for j in range(T)]
+    return rows
+
+
+def _curve_rows(R, b, metric="accuracy", tokens_per_task=100):
+    """Two points per task: before its first step (previous row of R, or b) and after it."""
+    T = len(R)
+    rows = []
+    for i in range(T):
+        before = b if i == 0 else R[i - 1]
+        for pt, vals in ((i * tokens_per_task, before), ((i + 1) * tokens_per_task, R[i])):
+            rows += [dict(train_task=i, tokens_seen=pt, eval_task=j, metric=metric, value=float(vals[j])) for j in range(T)]
+    return rows
+
+
+def write_run(store, model, stream, seed, R, b=None, *, status="completed", lm_loss=None, **kw):
+    b = b if b is not None else [0.2] * len(R)
+    run = _run_row(model, stream, seed, status=status, chance=kw.pop("chance", [0.2] * len(R)), **kw)
+    matrix, curves = [], []
+    if status == "completed":
+        matrix, curves = _matrix_rows(R, b), _curve_rows(R, b)
+        if lm_loss is not None:
+            Rl, bl = lm_loss
+            matrix += _matrix_rows(Rl, bl, "loss")
+    store.write_run(RunRecord(run=run, matrix=matrix, curves=curves))
+    return run["run_id"]
+
+
+def make_results(out: Path) -> Path:
+    """split-digits: hope/transformer/titans × 3 seeds + one failed transformer run;
+    markov-lm (accuracy + loss, 1 seed): hope and transformer."""
+    store = ResultStore(out)
+    for seed, d in SHIFT.items():
+        write_run(store, "hope", "split-digits", seed, (np.array(HOPE) + d).tolist(), tps=1000 + 100 * seed)
+        write_run(store, "transformer", "split-digits", seed, (np.array(TRANSFORMER) + d).tolist(), tps=4000.0)
+        write_run(store, "titans", "split-digits", seed, TITANS, tps=2000.0)
+    write_run(store, "transformer", "split-digits", 3, TRANSFORMER, status="failed")
+    ch = [0.01, 0.01]
+    write_run(store, "hope", "markov-lm", 0, [[0.5, 0.1], [0.4, 0.5]], [0.0, 0.0], chance=ch,
+              lm_loss=([[2.0, 3.0], [2.5, 1.5]], [4.0, 4.0]))
+    write_run(store, "transformer", "markov-lm", 0, [[0.5, 0.15], [0.2, 0.5]], [0.0, 0.0], chance=ch,
+              lm_loss=([[2.0, 3.0], [3.5, 1.5]], [4.0, 4.0]))
+    return out
+
+
+def write_throughput(out: Path, device: str, dtype: str, rows: list[tuple], key: str):
+    """rows: (model, size, seq_len, phase, tokens_per_s)."""
+    recs = [dict(run_id=f"{key}:{m}:{s}:{t}:{ph}", model=m, size=s, seq_len=t, batch_size=8, phase=ph, tokens_per_s=tps,
+                 step_ms_p50=8 * t / tps * 1e3, step_ms_p95=1.1 * 8 * t / tps * 1e3, peak_mem_bytes=2**20 * 100, mfu=0.1,
+                 device=device, dtype=dtype) for m, s, t, ph, tps in rows]
+    ResultStore(out).write_rows("throughput", recs, key=key)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return make_results(tmp_path_factory.mktemp("res") / "OUT")
+
+
+@pytest.fixture(scope="module")
+def doc(results_dir):
+    return build_leaderboard(load_results([results_dir]))
+
+
+def _section(doc, stream, score="accuracy"):
+    return next(s for s in doc["streams"] if s["stream"] == stream and s["score"] == score)
+
+
+def _entry(section, model):
+    return next(e for e in section["entries"] if e["model"] == model)
+
+
+# ----------------------------------------------------------------------------- leaderboard numbers
+
+
+def test_leaderboard_metrics_match_hand_computed_values(doc):
+    s = _section(doc, "split-digits")
+    hope, tr = _entry(s, "hope"), _entry(s, "transformer")
+    m = hope["metrics"]
+    assert m["acc_final"]["mean"] == pytest.approx(0.8)
+    half = T975_2 * 0.02 / math.sqrt(3)  # seeds 0.80 / 0.82 / 0.78: sample std 0.02
+    assert (m["acc_final"]["ci_low"], m["acc_final"]["ci_high"]) == pytest.approx((0.8 - half, 0.8 + half))
+    assert m["acc_final"]["n"] == 3 and hope["n_seeds"] == 3 and hope["seeds"] == [0, 1, 2]
+    assert m["bwt"]["mean"] == pytest.approx(-0.15)
+    assert m["forgetting"]["mean"] == pytest.approx(0.15)
+    assert m["fwt"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert m["plasticity"]["mean"] == pytest.approx(0.9)
+    assert m["acc_avg_incremental"]["mean"] == pytest.approx(0.85)
+    assert hope["train_tokens_per_s"]["mean"] == pytest.approx(1100.0)
+    assert tr["metrics"]["acc_final"]["mean"] == pytest.approx(0.5)
+    assert tr["metrics"]["forgetting"]["mean"] == pytest.approx(0.6)
+    assert tr["metrics"]["acc_avg_incremental"]["mean"] == pytest.approx((0.9 + 0.6 + 0.5) / 3)
+    # the failed 4th transformer run is reported, never counted as a seed
+    assert tr["n_seeds"] == 3 and tr["n_failed"] == 1 and tr["failed"][0]["status"] == "failed"
+    assert hope["config"]["train"]["optimizer"]["lr"] == 1e-3 and "seed" not in hope["config"]
+    assert hope["environment"]["device"] == ["cpu"] and hope["environment"]["git_sha"] == ["abc123"]
+
+
+def test_did_not_learn_is_flagged_and_not_ranked(doc):
+    s = _section(doc, "split-digits")
+    assert [(e["model"], e["rank"]) for e in s["entries"]] == [("hope", 1), ("transformer", 2), ("titans", None)]
+    titans = _entry(s, "titans")
+    assert titans["did_not_learn"] and titans["n_did_not_learn"] == 3
+    assert all(o["entry"] != titans["entry"] for o in doc["overall"])
+
+
+def test_overall_ranking_is_mean_win_rate(doc):
+    # split-digits: hope beats transformer on acc_final, bwt, forgetting, acc_avg; ties fwt, plasticity
+    #   -> hope (1+1+1+.5+.5+1)/6 = 5/6.  markov-lm (accuracy): transformer wins fwt (0.15 > 0.1)
+    #   -> hope (1+1+1+0+.5+1)/6 = 0.75.  overall hope (5/6 + 3/4)/2, transformer the complement.
+    o = {r["model"]: r for r in doc["overall"]}
+    assert o["hope"]["per_stream"]["split-digits"] == pytest.approx(5 / 6)
+    assert o["hope"]["per_stream"]["markov-lm"] == pytest.approx(0.75)
+    assert o["hope"]["win_rate"] == pytest.approx((5 / 6 + 0.75) / 2)
+    assert o["transformer"]["win_rate"] == pytest.approx(1 - (5 / 6 + 0.75) / 2)
+    assert [r["model"] for r in doc["overall"]] == ["hope", "transformer"] and doc["overall"][0]["rank"] == 1
+
+
+def test_loss_section_flips_signs_and_ranks_lower_first(doc):
+    s = _section(doc, "markov-lm", "loss")
+    assert s["higher_is_better"] is False
+    hope, tr = _entry(s, "hope"), _entry(s, "transformer")
+    # loss of task 0 rose 2.0 -> 2.5: on −R that is bwt −0.5 and forgetting +0.5
+    assert hope["metrics"]["bwt"]["mean"] == pytest.approx(-0.5)
+    assert hope["metrics"]["forgetting"]["mean"] == pytest.approx(0.5)
+    assert hope["metrics"]["acc_final"]["mean"] == pytest.approx(2.0)
+    assert tr["metrics"]["acc_final"]["mean"] == pytest.approx(2.5)
+    assert (hope["rank"], tr["rank"]) == (1, 2)
+    assert hope["metrics"]["acc_final"]["ci_low"] is None  # one seed: no interval, not a fake one
+    assert any("signs flip" in n for n in doc["notes"])
+
+
+def test_same_label_different_config_is_not_pooled_as_seeds(tmp_path):
+    store = ResultStore(tmp_path / "o")
+    write_run(store, "hope", "s", 0, HOPE, lr=1e-3)
+    write_run(store, "hope", "s", 0, TRANSFORMER, lr=3e-3)
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    entries = doc["streams"][0]["entries"]
+    assert len(entries) == 2 and all(e["n_seeds"] == 1 for e in entries)
+    assert sorted(e["metrics"]["acc_final"]["mean"] for e in entries) == pytest.approx([0.5, 0.8])
+    assert all("#" in e["entry"] for e in entries)
+
+
+# ----------------------------------------------------------------------------- bad or mixed inputs
+
+
+def test_two_directories_with_the_same_runs_are_counted_once(results_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(results_dir, copy, ignore=shutil.ignore_patterns("report"))
+    res = load_results([results_dir, copy])
+    assert any("counted once" in w for w in res.warnings)
+    doc = build_leaderboard(res)
+    hope = _entry(_section(doc, "split-digits"), "hope")
+    assert hope["n_seeds"] == 3 and hope["metrics"]["acc_final"]["n"] == 3
+
+
+def test_rerun_in_another_directory_with_other_timings_is_counted_once(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(ResultStore(a), "hope", "s", 0, HOPE, tps=1000.0)
+    write_run(ResultStore(b), "hope", "s", 0, HOPE, tps=1234.0)  # same run, same numbers, other speed
+    res = load_results([a, b])
+    assert len(res.runs) == 1 and len(res.matrix) == 12 and any("counted once" in w for w in res.warnings)
+    e = build_leaderboard(res)["streams"][0]["entries"][0]
+    assert e["n_seeds"] == 1 and e["train_tokens_per_s"]["mean"] == 1000.0  # the first directory wins
+
+
+def test_same_run_id_with_different_numbers_is_an_error(results_dir, tmp_path):
+    other = tmp_path / "other"
+    write_run(ResultStore(other), "hope", "split-digits", 0, TRANSFORMER)  # same config -> same run id
+    with pytest.raises(ReportError, match="different 'matrix' rows"):
+        load_results([results_dir, other])
+
+
+def _cli(*args):
+    return CliRunner().invoke(report, [str(a) for a in args])
+
+
+def test_future_schema_version_is_a_clear_error(results_dir, tmp_path):
+    out = tmp_path / "future"
+    shutil.copytree(results_dir, out, ignore=shutil.ignore_patterns("report"))
+    f = next((out / "runs").glob("*.parquet"))
+    t = pq.read_table(f)
+    meta = dict(t.schema.metadata)
+    meta[b"nlbench.schema_version"] = b"99"
+    pq.write_table(t.replace_schema_metadata(meta), f)
+    r = _cli(out, "--format", "json", "--no-figures")
+    assert r.exit_code != 0
+    assert "schema version 99" in r.output and f.name in r.output
+    assert not (out / "report" / "leaderboard.json").exists()
+
+
+def test_corrupt_file_is_a_clear_error(results_dir, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(results_dir, out, ignore=shutil.ignore_patterns("report"))
+    f = next((out / "matrix").glob("*.parquet"))
+    f.write_bytes(b"PAR1 this is not parquet")
+    r = _cli(out, "--format", "md", "--no-figures")
+    assert r.exit_code != 0 and "corrupt" in r.output and f.name in r.output
+
+
+def test_missing_tables(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli(empty, "--no-figures")
+    assert r.exit_code != 0 and "holds none of the tables" in r.output
+    r = _cli(tmp_path / "nope", "--no-figures")
+    assert r.exit_code != 0 and "does not exist" in r.output
+    # runs without curves: a warning, the leaderboard still comes out
+    out = tmp_path / "nocurves"
+    write_run(ResultStore(out), "hope", "s", 0, HOPE)
+    shutil.rmtree(out / "curves")
+    r = _cli(out, "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "no 'curves' table" in r.output
+    doc = json.loads((out / "report" / "leaderboard.json").read_text())
+    assert doc["streams"][0]["entries"][0]["metrics"]["acc_final"]["mean"] == pytest.approx(0.8)
+    # runs without a matrix cannot be scored
+    shutil.rmtree(out / "matrix")
+    r = _cli(out, "--no-figures")
+    assert r.exit_code != 0 and "no 'matrix' table" in r.output
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def test_throughput_devices_side_by_side_with_speedup(tmp_path):
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    write_throughput(cpu, "cpu:x86_64:2threads", "float32", [("hope", "tiny", 64, "train", 1000.0),
+                                                           ("hope", "tiny", 64, "infer", 3000.0),
+                                                           ("transformer", "tiny", 64, "train", 2000.0)], "a")
+    write_throughput(cpu, "cpu:x86_64:2threads", "float32", [("hope", "tiny", 64, "train", 1400.0)], "b")  # repeat
+    write_throughput(gpu, "NVIDIA H100 80GB HBM3", "bfloat16", [("hope", "tiny", 64, "train", 60000.0),
+                                                              ("hope", "tiny", 64, "infer", 300000.0)], "c")
+    res = load_results([cpu, gpu])
+    rep = throughput_report(res.throughput)
+    cpu_l, gpu_l = "cpu:x86_64:2threads (float32)", "NVIDIA H100 80GB HBM3 (bfloat16)"
+    assert rep["devices"] == [cpu_l, gpu_l] and rep["baseline"] == cpu_l
+    rows = {(r["model"], r["phase"]): r for r in rep["rows"]}
+    hope_train = rows[("hope", "train")]
+    assert hope_train["by_device"][cpu_l]["tokens_per_s"] == pytest.approx(1200.0)  # median of 1000, 1400
+    assert hope_train["by_device"][cpu_l]["n"] == 2
+    assert hope_train["speedup"][gpu_l] == pytest.approx(60000 / 1200)
+    assert rows[("hope", "infer")]["speedup"][gpu_l] == pytest.approx(100.0)
+    assert gpu_l not in rows[("transformer", "train")]["by_device"]  # measured on CPU only: no speed-up
+    assert math.isnan(rows[("transformer", "train")]["speedup"].get(gpu_l, math.nan))
+    got = build_report([cpu, gpu], out_dir=tmp_path / "rep", formats=("md",))
+    md = (tmp_path / "rep" / "throughput.md").read_text()
+    assert "50.00×" in md and "100.00×" in md
+    assert any(p.endswith("throughput.png") for p in got["files"])
+
+
+# ----------------------------------------------------------------------------- the command end to end
+
+
+def test_cli_writes_every_format_and_figure(results_dir, tmp_path):
+    src = tmp_path / "OUT"
+    shutil.copytree(results_dir, src, ignore=shutil.ignore_patterns("report"))
+    write_throughput(src, "cpu:x86_64:2threads", "float32", [("hope", "tiny", 64, "train", 1000.0)], "cpu1")
+    out = tmp_path / "rep"
+    r = _cli(src, "--out-dir", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "leaderboard.json").read_text())  # strict JSON: NaN written as null
+    assert doc["schema_version"] == 1 and "Student t" in doc["ci_method"]
+    assert doc["throughput"]["rows"][0]["by_device"]["cpu:x86_64:2threads (float32)"]["tokens_per_s"] == 1000.0
+    md = (out / "leaderboard.md").read_text()
+    assert "Chaudhry et al. 2018" in md and "Rebuffi et al. 2017" in md and "Student t" in md
+    assert "did not learn (3/3 seeds)" in md and "signs flip" in md
+    hope_line = next(line for line in md.splitlines() if line.startswith("| 1 | hope/tiny/finetune/naive | 3 |"))
+    assert "0.800 [0.750, 0.850]" in hope_line
+    figs = out / "figures"
+    for stem in ("curves_split-digits", "matrix_split-digits", "acc_vs_forgetting", "acc_vs_throughput", "throughput"):
+        png, svg = figs / f"{stem}.png", figs / f"{stem}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000, stem
+        assert "<svg" in svg.read_text(), stem
+    # one panel per entry, titled by the entry; the did-not-learn one says so
+    curves_svg = (figs / "curves_split-digits.svg").read_text()
+    assert all(name in curves_svg for name in ("hope/tiny/finetune/naive", "transformer/tiny", "(did not learn)"))
+    assert (out / "leaderboard.html").stat().st_size > 10_000
+
+
+def test_readme_documents_every_json_key(doc):
+    readme = (Path(__file__).resolve().parents[1] / "reports" / "README.md").read_text()
+    keys = set(doc) | {"throughput"} | set(doc["streams"][0]) | set(doc["streams"][0]["entries"][0]) | set(doc["overall"][0])
+    missing = sorted(k for k in keys if f"`{k}`" not in readme)
+    assert not missing, f"reports/README.md does not document {missing}"
