@@ -131,14 +131,17 @@ def failed_record(spec, error: str, started_at: float | None = None):
 
     now = time.time()
     started = now if started_at is None else started_at
-    cfg = spec.config
+    cfg = spec.config if isinstance(spec.config, dict) else {}
+    model = cfg.get("model") or {}
+    label = model.get("label") or model.get("name") or "?"
     run = {
         "run_id": spec.run_id,
-        "model": spec.model,
-        "stream": spec.stream,
-        "seed": int(spec.seed),
-        "protocol": spec.protocol,
-        "strategy": spec.strategy,
+        # read the config defensively: the run may have failed because the config is broken
+        "model": f"{label}@{cfg['variant']}" if cfg.get("variant") else label,
+        "stream": (cfg.get("stream") or {}).get("name") or "?",
+        "seed": int(cfg.get("seed", -1)),
+        "protocol": cfg.get("protocol") or "?",
+        "strategy": cfg.get("strategy") or "?",
         "status": "failed",
         "error": error[-4000:],
         "config": cfg,
@@ -147,7 +150,7 @@ def failed_record(spec, error: str, started_at: float | None = None):
         "wall_s": now - started,
         "host": socket.gethostname(),
         "versions": _versions(),
-        "size": (cfg.get("model") or {}).get("size") if isinstance(cfg, dict) else None,
+        "size": model.get("size"),
     }
     return RunRecord(run=run, matrix=[], curves=[])
 

@@ -143,8 +143,9 @@ def test_params_and_flops_positive_and_growing(name):
     assert params[0] > 0 and flops[0] > 0
     assert all(a < b for a, b in zip(params, params[1:])), f"{name}: params {params}"
     assert all(a < b for a, b in zip(flops, flops[1:])), f"{name}: flops {flops}"
-    # a forward pass costs at least 2 FLOPs per non-embedding weight
-    assert flops[0] >= 2 * build(name, vocab_size=256).num_params(non_embedding=True) * 0.5
+    # every matmul weight costs 2 FLOPs per token; allow norm gains / biases (no matmul) to
+    # make up to half the non-embedding parameters
+    assert flops[0] >= build(name, vocab_size=256).num_params(non_embedding=True)
 
 
 def test_bad_name_and_size_list_valid_values():

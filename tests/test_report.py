@@ -298,7 +298,7 @@ def test_throughput_devices_side_by_side_with_speedup(tmp_path):
     assert math.isnan(rows[("transformer", "train")]["speedup"].get(gpu_l, math.nan))
     got = build_report([cpu, gpu], out_dir=tmp_path / "rep", formats=("md",))
     md = (tmp_path / "rep" / "throughput.md").read_text()
-    assert "50.00×" in md and "100.00×" in md
+    assert "50.00×" in md and "100.00×" in md and "speed-up H100 bf16 / cpu fp32" in md
     assert any(p.endswith("throughput.png") for p in got["files"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
@@ -76,7 +77,8 @@ def bench(config, out, only, device):
                     )
                 rows.extend(got)
     store = ResultStore(Path(out))
-    store.write_rows("throughput", rows, key=f"{cfg.name}-{stamp.replace(':', '')}")
+    key = re.sub(r"[^A-Za-z0-9._+@-]", "_", f"{cfg.name}-{stamp}")
+    store.write_rows("throughput", rows, key=key)
 
     table = Table(title=f"throughput — {device_name(dev)} ({cfg.dtype})")
     for col in ["model", "size", "T", "phase", "tokens/s", "p50 ms", "p95 ms", "peak MiB", "MFU %"]:

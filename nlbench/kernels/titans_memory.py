@@ -19,11 +19,13 @@ P_t = Π_{j≤t} η_j and Q_t = Π_{j≤t} (1 − α_j) (chunk-local, t = 1..C),
     M_t = Q_t M_b + (Σ_{r≤t} (Q_t/Q_r) P_r) S_b − Σ_{s≤t} D[t, s] θ_s G_s,
     D   = L_Q @ L_P,   L_Q[t, r] = Q_t/Q_r (r ≤ t),   L_P[r, s] = P_r/P_s (s ≤ r).
 
-A read M_{t-1}(z) never materialises M_{t-1}: per layer,
+A read M_{t-1}(z) never materialises M_{t-1}: per layer, with a_t = Q_t and b_t the
+coefficient of S_b above (a_0 = 1, b_0 = 0),
     W_{t-1} z = a_{t-1} W_b z + b_{t-1} S_b z − Σ_{s<t} D[t-1, s] θ_s δ_s (u_s · z),
-attention-like matmuls over the chunk (z · u_s is a C × C score matrix). Ratios of cumulative products are
-formed as exp of differences of cumulative log-gates, masked before exp, so long chunks
-with small gates cannot underflow/overflow. With C = 1 this is exact per-token Titans.
+attention-like matmuls over the chunk (z · u_s is a C × C score matrix). Ratios of
+cumulative products are exp of differences of cumulative log-gates, masked before exp, so
+long chunks with small gates cannot underflow or overflow. No per-token loop runs inside a
+chunk; with C = 1 this is exact per-token Titans.
 
 `titans_memory_reference` is the same computation as a per-token loop that reads like the
 equations (gradients by autograd); tests check the two agree, forward and backward.

@@ -41,7 +41,7 @@ class InContext(Protocol):
             tokens, targets = next(batches)
             x, y = tokens.to(self.device), targets.to(self.device)
             with autocast_for(self.device, self.dtype):
-                out = self.model(x, state=None, update_state=True)
+                out = self.model(x, state=self.state, update_state=True)
             check_finite(lm_loss(out.logits, y), "in-context loss", self.step + 1, i)
             self.state = detach_state(out.state)
             self.after_step(i, s)

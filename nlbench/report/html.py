@@ -56,6 +56,8 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+td { white-space: nowrap; }
+.scroll { overflow-x: auto; }
 td:nth-child(2), th:nth-child(2) { text-align: left; }
 th { background: #eef; cursor: pointer; user-select: none; }
 th[aria-sort=ascending]::after { content: " ▲"; }
@@ -78,13 +80,13 @@ def _sort_value(v) -> str:
 
 
 def table_html(head, rows, table_id: str, row_classes=None) -> str:
-    out = [f'<table class="sortable" id="{escape(table_id)}"><thead><tr>']
+    out = [f'<div class="scroll"><table class="sortable" id="{escape(table_id)}"><thead><tr>']
     out += [f'<th data-col="{i}">{escape(h)}</th>' for i, h in enumerate(head)]
     out.append("</tr></thead><tbody>")
     for k, r in enumerate(rows):
         cls = f' class="{row_classes[k]}"' if row_classes and row_classes[k] else ""
         out.append(f"<tr{cls}>" + "".join(f'<td data-sort="{escape(_sort_value(v))}">{escape(str(t))}</td>' for t, v in r) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -119,7 +121,7 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append("</ul>")
     if throughput and throughput["rows"]:
         p.append("<h2>Throughput</h2>")
-        p.append(f"<p>Speed-up = tokens/s ÷ tokens/s on {escape(throughput['baseline'])} for the same case.</p>")
+        p.append(f"<p>{escape(tp.legend(throughput))}</p>")
         p.append(table_html(*tp.table_rows(throughput), "throughput"))
     if figures:
         p.append("<h2>Figures</h2>")

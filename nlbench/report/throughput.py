@@ -26,6 +26,31 @@ def device_label(device: str, dtype: str) -> str:
     return f"{device} ({dtype})"
 
 
+_DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def short_names(devices: list[str]) -> dict[str, str]:
+    """Column-header names: 'cpu fp32', 'H100 bf16' (vendor words dropped), numbered on collision."""
+    out = {}
+    for d in devices:
+        name, _, dtype = d.rpartition(" (")
+        dtype = dtype.rstrip(")")
+        words = [w for w in name.replace(":", " ").split() if w.upper() not in ("NVIDIA", "GEFORCE", "AMD", "TESLA")]
+        threads = [w[: -len("threads")] for w in words if w.endswith("threads")]
+        if name.lower().startswith("cpu"):  # cpu:<arch>:<N>threads from nlbench bench
+            head = f"cpu {threads[0]}t" if threads else "cpu"
+        else:
+            head = words[0] if words else name
+        out[d] = f"{head} {_DTYPE_SHORT.get(dtype, dtype)}"
+    counts = pd.Series(list(out.values())).value_counts()
+    seen: dict[str, int] = {}
+    for d, s in out.items():
+        if counts[s] > 1:
+            seen[s] = seen.get(s, 0) + 1
+            out[d] = f"{s} #{seen[s]}"
+    return out
+
+
 def throughput_report(df: pd.DataFrame) -> dict:
     """``{"devices", "baseline", "rows": [{case..., by_device: {label: {...}}, speedup: {label: x}}]}``."""
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -53,7 +78,7 @@ def throughput_report(df: pd.DataFrame) -> dict:
             if dev != baseline
         }
         rows.append({**case, "by_device": by_device, "speedup": speedup})
-    return {"devices": devices, "baseline": baseline, "rows": rows}
+    return {"devices": devices, "short": short_names(devices), "baseline": baseline, "rows": rows}
 
 
 def _num(x, fmt):
@@ -63,11 +88,12 @@ def _num(x, fmt):
 def table_rows(rep: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
     """Header and (display, sort value) cells: per device tokens/s, p50/p95 ms, peak MiB, MFU; then speed-ups."""
     devs = rep["devices"]
+    sh = rep["short"]
     others = [d for d in devs if d != rep["baseline"]]
     head = list(CASE)
     for d in devs:
-        head += [f"{d} tok/s", f"{d} p50 ms", f"{d} p95 ms", f"{d} peak MiB", f"{d} MFU"]
-    head += [f"speed-up {d} / {rep['baseline']}" for d in others]
+        head += [f"{sh[d]} tok/s", f"{sh[d]} p50 ms", f"{sh[d]} p95 ms", f"{sh[d]} peak MiB", f"{sh[d]} MFU"]
+    head += [f"speed-up {sh[d]} / {sh[rep['baseline']]}" for d in others]
     rows = []
     for r in rep["rows"]:
         cells = [(str(r[c]), r[c]) for c in CASE]
@@ -89,16 +115,19 @@ def table_rows(rep: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
     return head, rows
 
 
+def legend(rep: dict) -> str:
+    """One sentence naming each device column and the speed-up's baseline."""
+    names = "; ".join(f"{rep['short'][d]} = {d}" for d in rep["devices"])
+    return (
+        f"Devices: {names}. Speed-up = tokens/s ÷ tokens/s on {rep['short'][rep['baseline']]} for the same "
+        "(model, size, seq_len, batch_size, phase); medians over repeated measurements."
+    )
+
+
 def render_markdown(rep: dict) -> str:
     from nlbench.report.leaderboard import _md_table
 
-    out = ["## Throughput", ""]
-    out.append(
-        f"Devices: {', '.join(rep['devices'])}. Speed-up = tokens/s ÷ tokens/s on {rep['baseline']} for the "
-        "same (model, size, seq_len, batch_size, phase); medians over repeated measurements."
-    )
-    out += ["", _md_table(*table_rows(rep))]
-    return "\n".join(out)
+    return "\n".join(["## Throughput", "", legend(rep), "", _md_table(*table_rows(rep))])
 
 
 def bar_chart(rep: dict, path_stem, formats=("png", "svg")) -> list[str]:
@@ -118,7 +147,7 @@ def bar_chart(rep: dict, path_stem, formats=("png", "svg")) -> list[str]:
         w = 0.8 / max(1, len(devs))
         for i, d in enumerate(devs):
             ys = [r["by_device"].get(d, {}).get("tokens_per_s", np.nan) for r in rows]
-            ax.bar(x + (i - (len(devs) - 1) / 2) * w, ys, w, label=d)
+            ax.bar(x + (i - (len(devs) - 1) / 2) * w, ys, w, label=d)  # full device name in the legend
         ax.set_xticks(x, [f"{r['model']}\n{r['size']} T={r['seq_len']}" for r in rows], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("tokens/s")
