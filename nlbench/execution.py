@@ -334,7 +334,7 @@ def run_sweep(
     cpus_per_run, gpus_per_run, max_failures = _resources_from(resources, cpus_per_run, gpus_per_run, max_failures)
     _check_args(cpus_per_run, gpus_per_run, max_failures)
     _check_address(address)
-    from nlbench.results import ResultStore
+    from nlbench.results import ResultsError, ResultStore
 
     out = Path(out_dir).absolute()
     store = ResultStore(out)
@@ -403,8 +403,19 @@ def run_sweep(
                         cause = e.cause if getattr(e, "cause", None) is not None else e
                         text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
                         record = failed_record(spec, f"execute_run raised {attempts[spec.run_id]} time(s): {text}\n{e}", started)
+                # hand the actor its next run before writing this one's results, so the
+                # driver's Parquet writes overlap the actors' work
+                if replace:
+                    ray.kill(slot.actor, no_restart=True)
+                    slot.actor = new_actor()
+                if queue:
+                    submit(slot)
                 if record is not None:
-                    store.write_run(record)
+                    try:
+                        store.write_run(record)
+                    except ResultsError as e:  # a malformed record must not end the sweep
+                        record = failed_record(spec, f"results of this run could not be stored: {e}", started)
+                        store.write_run(record)
                     status = record.run.get("status")
                     if status == "completed":
                         tally.completed.append(spec.run_id)
@@ -414,11 +425,6 @@ def run_sweep(
                         tally.failed[spec.run_id] = record.run.get("error") or status
                     if on_record is not None:
                         on_record(record)
-                if replace:
-                    ray.kill(slot.actor, no_restart=True)
-                    slot.actor = new_actor()
-                if queue:
-                    submit(slot)
         bar.update(len(tally.completed) + len(tally.diverged), 0, len(tally.failed))
     finally:
         bar.close()

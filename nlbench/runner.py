@@ -280,6 +280,8 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
         records.append(record)
         if on_record is not None:
             on_record(spec, record)
+    with _suppress():
+        (Path(out_dir) / "checkpoints").rmdir()  # only when empty: every run finished
     return records
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 import torch
 
@@ -33,13 +32,19 @@ from nlbench.runner import execute_run
 KEY = ["run_id", "after_task", "eval_task", "metric"]
 
 
-def actor_processes() -> list[psutil.Process]:
-    """Ray names a worker process after the actor it hosts (``ray::RunActor...``)."""
+def actor_processes() -> list[int]:
+    """Pids of processes Ray named after the actor they host (``ray::RunActor...``)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended while we looked
+            continue
         if cmd.startswith("ray::RunActor"):
-            found.append(p)
+            found.append(int(entry))
     return found
 
 
@@ -75,8 +80,8 @@ def kill_actor_after_first_checkpoint(spec, out: Path):
              120, "the first per-task checkpoint")
     procs = wait_for(actor_processes, 10, "the actor process")
     assert len(procs) == 1, procs
-    procs[0].send_signal(signal.SIGKILL)
-    return procs[0].pid
+    os.kill(procs[0], signal.SIGKILL)
+    return procs[0]
 
 
 def matrix_of(records_or_out) -> pd.DataFrame:
@@ -102,7 +107,7 @@ def test_killed_actor_restarts_and_resumes_to_the_same_matrix(ray_session, long_
     summary = box["summary"]
     assert summary["completed"] == 1 and summary["failed"] == 0
     assert summary["restarts"] == {long_spec.run_id: 1}  # the run came back on a restarted actor
-    assert killed not in {p.pid for p in actor_processes()}
+    assert killed not in actor_processes()
 
     threads = torch.get_num_threads()
     try:

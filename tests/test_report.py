@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -194,6 +193,20 @@ def test_same_label_different_config_is_not_pooled_as_seeds(tmp_path):
     assert all("#" in e["entry"] for e in entries)
 
 
+def test_single_task_stream_gives_undefined_transfer_not_zero(tmp_path):
+    store = ResultStore(tmp_path / "o")
+    write_run(store, "hope", "one", 0, [[0.9]], [0.2])
+    write_run(store, "transformer", "one", 0, [[0.7]], [0.2])
+    build_report([tmp_path / "o"], formats=("json", "md"), figures=False)
+    doc = json.loads((tmp_path / "o" / "report" / "leaderboard.json").read_text())
+    e = doc["streams"][0]["entries"][0]
+    assert e["metrics"]["acc_final"]["mean"] == pytest.approx(0.9)
+    assert all(e["metrics"][m]["mean"] is None and e["metrics"][m]["n"] == 0 for m in ("bwt", "fwt", "forgetting"))
+    # win rate over the defined metrics only: hope wins acc_final and acc_avg_incremental, plasticity too
+    assert doc["overall"][0]["model"] == "hope" and doc["overall"][0]["win_rate"] == pytest.approx(1.0)
+    assert "| 1 | hope/tiny/finetune/naive | 1 | 0.900 | — | — | — |" in (tmp_path / "o" / "report" / "leaderboard.md").read_text()
+
+
 # ----------------------------------------------------------------------------- bad or mixed inputs
 
 
@@ -298,7 +311,7 @@ def test_throughput_devices_side_by_side_with_speedup(tmp_path):
     assert math.isnan(rows[("transformer", "train")]["speedup"].get(gpu_l, math.nan))
     got = build_report([cpu, gpu], out_dir=tmp_path / "rep", formats=("md",))
     md = (tmp_path / "rep" / "throughput.md").read_text()
-    assert "50.00×" in md and "100.00×" in md and "speed-up H100 bf16 / cpu fp32" in md
+    assert "50.00×" in md and "100.00×" in md and "speed-up H100 bf16 / cpu 2t fp32" in md
     assert any(p.endswith("throughput.png") for p in got["files"])
 
 

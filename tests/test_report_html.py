@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 from html import unescape
-from pathlib import Path
 
 import pytest
 

@@ -28,6 +28,8 @@ def bench(config, out, only, device):
     from nlbench.results import ResultStore
 
     console = Console()
+    if not console.is_terminal:  # logs and CI: don't wrap rows at 80 columns
+        console = Console(width=160)
     try:
         cfg = load_bench_config(config)
     except BenchConfigError as e:

@@ -24,7 +24,9 @@ Two meanings of "step" (spec §4), chosen with `mode`:
   token t; x_{-1} is the previous call's last input (carried in the state) or 0 at the start of
   a sequence, which gives an exactly zero gradient (SwiGLU(0) = 0 and every weight gradient
   has the input as a factor). η^(ℓ) = softplus(ρ_ℓ) is learnable, initialized to
-  `lr / C^(ℓ)` so that at init a block moves the weights by `lr` times the mean gradient.
+  `lr / (C^(ℓ) · d)`: the level input is RMS-normalized, so ‖x‖² ≈ d and this is the
+  normalized-LMS step (stable for lr < 2 on a linear map) applied to the mean gradient of the
+  block. Without the 1/d the d = 128 levels diverge within a few blocks.
   The update is differentiable: the outer loop meta-learns the initial weights and η.
 
   Level state: {"w": [W_gate, W_up, W_down] ([B, h, d], [B, h, d], [B, d, h]), "acc": the
@@ -143,7 +145,7 @@ class CMSLevel(nn.Module):
         if mode == "optimizer":
             self.nlbench_update_period = period
         else:
-            eta0 = lr / period
+            eta0 = lr / (period * dim)
             self.lr_param = nn.Parameter(torch.tensor(math.log(math.expm1(eta0))))
 
     def init_state(self, batch_size: int):
@@ -174,7 +176,7 @@ class CMS(nn.Module):
     residuals itself (see module docstring for the wiring of each variant)."""
 
     def __init__(self, dim: int, hidden: int | list[int], periods, mode: str = "optimizer",
-                 variant: str = "sequential", lr: float = 0.1):
+                 variant: str = "sequential", lr: float = 0.5):
         super().__init__()
         if mode not in CMS_MODES:
             raise ValueError(f"cms_mode must be one of {', '.join(CMS_MODES)}; got {mode!r}.")

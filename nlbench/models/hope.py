@@ -18,7 +18,8 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     cms_mode        "optimizer" (default) | "in_context"   (spec §4)
     cms_variant     "sequential" (default) | "independent"
     cms_hidden      SwiGLU width of each level (default: sized to match the Transformer)
-    cms_lr          in-context CMS: initial η^(ℓ) = cms_lr / C^(ℓ) (default 0.1)
+    cms_lr          in-context CMS: initial η^(ℓ) = cms_lr / (C^(ℓ)·d_model), a normalized-LMS
+                    step on the block's summed gradients (default 0.5; cms.py)
     memory          "mlp" (default, Eq. 89) | "linear" (Eq. 93)          [hope only]
     mem_hidden      hidden width of each residual-MLP memory (default: head dim)   [hope only]
     chunk_size      chunk of the projection memories k, v, η, α (default 64)      [hope only]
@@ -45,7 +46,7 @@ from nlbench.models.self_modifying_titans import MEMORY_KINDS, SelfModifyingTita
 __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
-                    cms_hidden=None, cms_lr=0.1)
+                    cms_hidden=None, cms_lr=0.5)
 SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=64, mem_chunk_size=16, eta_init=0.1,
                     alpha_init=0.99)
 

@@ -46,10 +46,10 @@ def primary_sections(doc: dict) -> list[dict]:
     return [by[k] for k in sorted(by)]
 
 
-def _grid(n: int):
+def _grid(n: int, sharey: bool = False):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, sharey=sharey)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     return fig, axes.ravel()
@@ -61,7 +61,7 @@ def forgetting_curves(section: dict, curves: pd.DataFrame, stem) -> list[str] | 
     entries = [e for e in section["entries"] if c["run_id"].isin(e["run_ids"]).any()]
     if not entries:
         return None
-    fig, axes = _grid(len(entries))
+    fig, axes = _grid(len(entries), sharey=True)  # one y scale: panels compare models
     for ax, e in zip(axes, entries):
         g = c[c["run_id"].isin(e["run_ids"])]
         for task, h in g.groupby("eval_task"):
@@ -115,7 +115,8 @@ def heatmaps(section: dict, matrix: pd.DataFrame, stem) -> list[str] | None:
     return paths
 
 
-def _errbar(ax, entries, xkey, ykey, xget, yget):
+def _errbar(ax, entries, xget, yget):
+    """Seed means with 95% CI bars; × marks an entry that did not learn."""
     for e in entries:
         x, y = xget(e), yget(e)
         if x["mean"] is None or y["mean"] is None:
@@ -132,7 +133,7 @@ def scatter_acc_forgetting(doc: dict, stem) -> list[str] | None:
         return None
     fig, axes = _grid(len(secs))
     for ax, s in zip(axes, secs):
-        _errbar(ax, s["entries"], "forgetting", "acc_final", lambda e: e["metrics"]["forgetting"], lambda e: e["metrics"]["acc_final"])
+        _errbar(ax, s["entries"], lambda e: e["metrics"]["forgetting"], lambda e: e["metrics"]["acc_final"])
         ax.set_xlabel("forgetting (lower is better)")
         ax.set_ylabel(f"acc_final ({s['score']})")
         ax.set_title(s["stream"], fontsize=9)
@@ -150,7 +151,7 @@ def scatter_acc_throughput(doc: dict, stem) -> list[str] | None:
         return None
     fig, axes = _grid(len(secs))
     for ax, s in zip(axes, secs):
-        _errbar(ax, s["entries"], "tps", "acc_final", lambda e: e["train_tokens_per_s"], lambda e: e["metrics"]["acc_final"])
+        _errbar(ax, s["entries"], lambda e: e["train_tokens_per_s"], lambda e: e["metrics"]["acc_final"])
         ax.set_xscale("log")
         ax.set_xlabel("train tokens/s")
         ax.set_ylabel(f"acc_final ({s['score']})")

@@ -110,12 +110,14 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
     if doc.get("overall"):
         p += ["<h2>Overall ranking (mean win rate)</h2>", f"<p>{escape(doc['ranking_rule'])}.</p>",
               table_html(*lb.overall_rows(doc), "overall")]
+    elif doc.get("streams"):
+        p += ["<h2>Overall ranking</h2>", f"<p>{escape(lb.NO_OVERALL)}</p>"]
     for s in doc.get("streams", []):
         direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
         p.append(f"<h2>{escape(s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h2>")
         head, rows = lb.section_rows(s)
         p.append(table_html(head, rows, f"stream-{slug(s['stream'])}-{s['score']}", ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
-    if doc.get("metrics"):
+    if doc.get("streams"):
         p.append("<h2>Metrics</h2><ul>")
         p += [f"<li><b>{escape(k)}</b> = {escape(v['formula'])} — {escape(v['source'])}</li>" for k, v in doc["metrics"].items()]
         p.append("</ul>")

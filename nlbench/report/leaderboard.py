@@ -41,6 +41,7 @@ LOSS_NOTE = (
     "'helped' and positive forgetting 'got worse'."
 )
 _ENTRY_KEYS = ("model", "size", "protocol", "strategy")
+NO_OVERALL = "None: no stream has two or more entries that learned, so there is nobody to beat."
 LOWER_IS_BETTER = ("loss", "perplexity")  # matrix scores where lower is better
 
 
@@ -161,7 +162,7 @@ def win_rates(entries: list[dict], score: str, metrics=RANKED_METRICS) -> dict[s
     return {k: float(np.mean(v)) for k, v in per_entry.items() if v}
 
 
-def build_leaderboard(res: Results, *, tables_warnings: list[str] | None = None) -> dict:
+def build_leaderboard(res: Results) -> dict:
     """The leaderboard document (the JSON of ``reports/README.md``, schema_version 1)."""
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -183,7 +184,7 @@ def build_leaderboard(res: Results, *, tables_warnings: list[str] | None = None)
             "win rate = share of the other ranked entries beaten on the seed mean, ties count half"
         ),
         "notes": [],
-        "warnings": list(res.warnings) + list(tables_warnings or []),
+        "warnings": list(res.warnings),
         "streams": [],
         "overall": [],
     }
@@ -356,13 +357,16 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
     if doc["overall"]:
         out += ["## Overall ranking (mean win rate)", "", doc["ranking_rule"] + ".", ""]
         out += [_md_table(*overall_rows(doc)), ""]
+    elif doc["streams"]:
+        out += ["## Overall ranking", "", NO_OVERALL, ""]
     for s in doc["streams"]:
         direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
         out += [f"## {s['stream']} — {s['score']} ({direction}, T = {s['num_tasks']})", ""]
         out += [_md_table(*section_rows(s)), ""]
-    if not doc["streams"]:
+    if doc["streams"]:
+        out += ["## Metrics", ""] + metric_notes(doc) + [""]
+    else:
         out += ["No completed runs to rank.", ""]
-    out += ["## Metrics", ""] + metric_notes(doc) + [""]
     if figures:
         out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     if throughput_md:
