@@ -30,9 +30,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,6 +60,20 @@ def _stream_names() -> list[str]:
     return sorted(STREAMS)
 
 
+# PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string; such values are floats to every user.
+_SCI_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml_floats(value):
+    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_yaml_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml_floats(v) for k, v in value.items()}
+    return value
+
+
 def _allowed(values) -> str:
     return ", ".join(repr(v) for v in values)
 
@@ -74,6 +89,11 @@ class ModelEntry(_Strict):
     size: str = "tiny"
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options_floats(cls, v):
+        return _yaml_floats(v)
 
     @field_validator("name")
     @classmethod
@@ -112,6 +132,11 @@ class StreamEntry(_Strict):
             raise ValueError(f"unknown stream {v!r}; allowed streams: {_allowed(names)}")
         return v
 
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options_floats(cls, v):
+        return _yaml_floats(v)
+
     @field_validator("num_tasks")
     @classmethod
     def _task_count(cls, v, info):
@@ -144,6 +169,11 @@ class OptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: Literal["adamw", "muon", "m3", "dgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hparam_floats(cls, data):
+        return _yaml_floats(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _scalar_hparams(self):

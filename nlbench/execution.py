@@ -77,24 +77,13 @@ class RunActor:
             "restarted": bool(ray.get_runtime_context().was_current_actor_reconstructed),
         }
         kwargs = dict(checkpoint_dir=checkpoint_dir, device=self.device)
-        if hooks:  # test hooks of execute_run (e.g. a pause after each task), passed through
+        if hooks:  # extra execute_run arguments (e.g. its stop_after_task test hook)
             kwargs.update(hooks)
-        record = execute_run(spec, **kwargs, **_thread_kwarg(execute_run, self.threads))
+        record = execute_run(spec, threads=self.threads, **kwargs)
         return record, info
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def _thread_kwarg(fn, threads: int) -> dict:
-    """execute_run sets torch threads itself when it takes a thread-count argument."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    for name in ("num_threads", "threads", "torch_threads"):
-        if name in params:
-            return {name: threads}
-    return {}
 
 
 _ACTOR_CLASS = None
@@ -213,7 +202,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
 
 def sweep_capacity(cpus_per_run: float, gpus_per_run: float) -> int:
-    """How many runs the cluster holds at once with these per-run resources (at least 1)."""
+    """How many runs the cluster holds at once with these per-run resources (0: not even one)."""
     import ray
 
     total = ray.cluster_resources()
@@ -222,7 +211,7 @@ def sweep_capacity(cpus_per_run: float, gpus_per_run: float) -> int:
         fits.append(math.floor(total.get("CPU", 0) / cpus_per_run + 1e-9))
     if gpus_per_run > 0:
         fits.append(math.floor(total.get("GPU", 0) / gpus_per_run + 1e-9))
-    return max(1, min(fits) if fits else 1)
+    return max(0, min(fits) if fits else 1)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -352,6 +341,15 @@ def run_sweep(
     ckpt_dir = str(out / "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     width = sweep_capacity(cpus_per_run, gpus_per_run)
+    if width == 0:
+        total = ray.cluster_resources()
+        if started_ray:
+            ray.shutdown()
+        raise SweepError(
+            f"no node can hold one run: cpus_per_run={cpus_per_run}, gpus_per_run={gpus_per_run}, but the "
+            f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; lower the per-run "
+            f"resources (config `resources:` section) or add nodes."
+        )
     if max_concurrent is not None:
         width = max(1, min(width, int(max_concurrent)))
     width = min(width, len(pending))

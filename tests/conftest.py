@@ -4,7 +4,8 @@
 machine), with an explicit ``num_cpus=2`` so the sweep tests see the same capacity everywhere,
 the dashboard off, and shut down when the session ends. Tests that need Ray take this fixture
 instead of calling ``ray.init`` themselves; they may join it from a subprocess with
-``ray_session["address"]`` (the GCS address; the token-auth settings are in os.environ).
+``ray_session["address"]`` (the GCS address; the token-auth settings are in os.environ);
+``ray_session["raylet_pid"]`` is the parent of its worker processes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ def ray_session():
                  logging_level="WARNING", _node_ip_address="127.0.0.1")
         started = True
     ctx = ray.get_runtime_context()
-    yield {"address": ctx.gcs_address, "num_cpus": int(ray.cluster_resources().get("CPU", 0))}
+    # the raylet is the parent of this runtime's worker processes: tests that kill an actor's
+    # process pick it among the raylet's children, never another Ray on the machine
+    node = ray._private.worker._global_node
+    raylet = node.all_processes.get("raylet") if node is not None else None
+    yield {
+        "address": ctx.gcs_address,
+        "num_cpus": int(ray.cluster_resources().get("CPU", 0)),
+        "raylet_pid": raylet[0].process.pid if raylet else None,
+    }
     if started:
         ray.shutdown()
 

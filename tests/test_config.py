@@ -177,3 +177,13 @@ def test_in_context_run_rejects_training_strategies():
 def test_every_registered_model_name_is_accepted():
     raw = cfg_with(models=sorted(MODELS))
     assert len(expand_runs(validate_config(raw))) == len(MODELS)
+
+
+def test_yaml_scientific_notation_reads_as_float(tmp_path):
+    # PyYAML reads 1e-3 (no dot) as the string '1e-3'
+    p = tmp_path / "c.yaml"
+    p.write_text("models: [{name: titans-lmm, options: {max_lr: 5e-2}}]\nstreams: [markov-languages]\n"
+                 "train: {tokens_per_task: 100, optimizer: {name: m3, lr: 1e-3, eps: 1e-8, variant: paper}}\n")
+    run = expand_runs(load_config(p))[0].config
+    assert run["model"]["options"]["max_lr"] == 0.05
+    assert run["train"]["optimizer"] == {"name": "m3", "lr": 1e-3, "eps": 1e-8, "variant": "paper"}

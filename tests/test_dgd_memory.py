@@ -92,8 +92,9 @@ def test_mlp_decay_uses_each_matrix_own_input(fn):
     s = F.silu(W2 @ kt).detach()
     eye = torch.eye(d)
     want2 = W2.detach() @ (a_ * eye - e_ * torch.outer(kt, kt)) - e_ * g2
-    want1 = W1.detach() @ (a_ * eye - e_ * torch.outer(s, s)) - e_ * g1
-    wrong1 = W1.detach() @ (a_ * eye - e_ * torch.outer(kt, kt)) - e_ * g1
+    e1 = e_ / max(1.0, float(s @ s))  # step bounded for non-unit inputs (module docstring)
+    want1 = W1.detach() @ (a_ * eye - e1 * torch.outer(s, s)) - e1 * g1
+    wrong1 = W1.detach() @ (a_ * eye - e1 * torch.outer(kt, kt)) - e1 * g1
     _, (n2, n1) = fn(ws, None, k, v, eta, alpha, 1)
     torch.testing.assert_close(n2[0, 0], want2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(n1[0, 0], want1, atol=1e-6, rtol=1e-5)

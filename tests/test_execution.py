@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nlbench.execution import SweepError, run_sweep
+from nlbench.execution import SweepError, run_sweep, sweep_capacity
 from nlbench.results import ResultStore
 from nlbench.runner import execute_run
 
@@ -37,7 +37,7 @@ def test_two_run_sweep_equals_sequential_and_rerun_is_idempotent(ray_session, ti
     assert len(specs) == 2
     out = tmp_path / "out"
     seen = []
-    summary = run_sweep(specs, out, cpus_per_run=1, progress=False, on_record=lambda r: seen.append(r.run["run_id"]))
+    summary = run_sweep(specs, out, cpus_per_run=1, progress=True, on_record=lambda r: seen.append(r.run["run_id"]))
     assert summary["completed"] == 2 and summary["failed"] == 0 and summary["skipped"] == 0
     assert summary["concurrency"] == 2  # two actors on the two CPUs of the session runtime
     assert sorted(seen) == sorted(s.run_id for s in specs)
@@ -72,8 +72,12 @@ def test_resources_section_and_concurrency_cap(ray_session, tiny_specs, tmp_path
     summary = run_sweep(specs, tmp_path, resources={"cpus_per_run": 2, "gpus_per_run": 0, "max_failures": 1},
                         progress=False)
     assert summary["completed"] == 2 and summary["concurrency"] == 1
-    summary = run_sweep(tiny_specs(seeds=(5,)), tmp_path, cpus_per_run=0.5, max_concurrent=1, progress=False)
-    assert summary["completed"] == 1 and summary["concurrency"] == 1
+    # fractional shares pack several actors per CPU; GPUs count when asked for
+    assert sweep_capacity(0.5, 0) == 2 * ray_session["num_cpus"]
+    assert sweep_capacity(1, 0) == ray_session["num_cpus"]
+    assert sweep_capacity(1, 0.5) == 0  # the session runtime has no GPU
+    with pytest.raises(SweepError, match="gpus_per_run=0.5"):
+        run_sweep(tiny_specs(seeds=(5,)), tmp_path / "gpu", gpus_per_run=0.5, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,9 @@ from nlbench.runner import execute_run
 KEY = ["run_id", "after_task", "eval_task", "metric"]
 
 
-def actor_processes() -> list[int]:
-    """Pids of processes Ray named after the actor they host (``ray::RunActor...``)."""
+def actor_processes(raylet_pid: int | None) -> list[int]:
+    """Pids of the session runtime's processes that Ray named after the actor they host
+    (``ray::RunActor...``); other Ray runtimes on the machine have other raylets."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -43,9 +44,18 @@ def actor_processes() -> list[int]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # the process ended while we looked
             continue
-        if cmd.startswith("ray::RunActor"):
+        # an actor inside a call is titled ray::RunActor.run (an idle or dying one is not)
+        if cmd.startswith("ray::RunActor.run") and (raylet_pid is None or parent_pid(int(entry)) == raylet_pid):
             found.append(int(entry))
     return found
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.01):
@@ -73,12 +83,12 @@ def sweep_in_thread(specs, out, **kwargs):
     return t, box
 
 
-def kill_actor_after_first_checkpoint(spec, out: Path):
+def kill_actor_after_first_checkpoint(spec, out: Path, raylet_pid: int | None):
     """SIGKILL the actor's process once the run has checkpointed its first task (mid-run)."""
     ckpt = out / "checkpoints" / spec.run_id
     wait_for(lambda: ckpt.is_dir() and any(not p.name.startswith(".") for p in ckpt.iterdir()),
              120, "the first per-task checkpoint")
-    procs = wait_for(actor_processes, 10, "the actor process")
+    procs = wait_for(lambda: actor_processes(raylet_pid), 10, "the actor process")
     assert len(procs) == 1, procs
     os.kill(procs[0], signal.SIGKILL)
     return procs[0]
@@ -101,13 +111,13 @@ def long_spec(tiny_specs):
 def test_killed_actor_restarts_and_resumes_to_the_same_matrix(ray_session, long_spec, tmp_path):
     out = tmp_path / "out"
     thread, box = sweep_in_thread([long_spec], out, max_failures=2, max_concurrent=1)
-    killed = kill_actor_after_first_checkpoint(long_spec, out)
+    killed = kill_actor_after_first_checkpoint(long_spec, out, ray_session["raylet_pid"])
     thread.join(180)
     assert not thread.is_alive() and "error" not in box, box
     summary = box["summary"]
     assert summary["completed"] == 1 and summary["failed"] == 0
     assert summary["restarts"] == {long_spec.run_id: 1}  # the run came back on a restarted actor
-    assert killed not in actor_processes()
+    assert killed not in actor_processes(ray_session["raylet_pid"])
 
     threads = torch.get_num_threads()
     try:
@@ -122,7 +132,7 @@ def test_actor_death_beyond_max_failures_is_recorded_failed(ray_session, long_sp
     out = tmp_path / "out"
     other = tiny_specs(seeds=(8,))[0]
     thread, box = sweep_in_thread([long_spec, other], out, max_failures=0, max_concurrent=1)
-    kill_actor_after_first_checkpoint(long_spec, out)
+    kill_actor_after_first_checkpoint(long_spec, out, ray_session["raylet_pid"])
     thread.join(180)
     summary = box["summary"]
     assert summary["failed"] == 1 and summary["completed"] == 1

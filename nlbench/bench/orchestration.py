@@ -15,7 +15,8 @@ count in ``--width`` (each into a fresh OUT, so nothing is skipped), and prints 
   spent training or evaluating (goal ≤ 2 %),
 * ``ray_overhead``: 1 − run_s / (width · wall_s), the same with each run's own set-up (model
   build, data generation, checkpoints) counted as work: what Ray and the driver alone cost,
-* ``speedup``: wall_s(1 actor) / wall_s(this width) (goal ≥ 1.7× for 2 actors on 2 cores).
+* ``speedup``: wall_s(1 actor) / wall_s(this width) (goal ≥ 1.7× for 2 actors on 2 cores);
+  ``--ceiling`` also prints what plain processes without Ray get on the same machine.
 
 Speed goals are measured here, never asserted in unit tests.
 """
@@ -63,6 +64,29 @@ def measure(specs, width: int, out_dir: str) -> dict:
     }
 
 
+def _inside_one(spec) -> float:
+    import torch
+
+    from nlbench.runner import execute_run
+
+    torch.set_num_threads(1)
+    run = execute_run(spec, device="cpu", threads=1).run
+    return run["train_s"] + run["eval_s"]
+
+
+def hardware_ceiling(specs, width: int) -> float:
+    """The speed-up ``width`` plain processes (no Ray) get on this machine: ``width`` runs at
+    once versus one alone, from their own train+eval times (imports excluded). On CPUs shared
+    with other work, or SMT siblings, it is below ``width`` whatever the orchestrator does."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=width, mp_context=mp.get_context("spawn")) as pool:
+        solo = list(pool.map(_inside_one, specs[:1]))[0]
+        together = list(pool.map(_inside_one, specs[:width]))
+    return width * solo / (sum(together) / len(together))
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m nlbench.bench.orchestration", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=8, help="runs in the sweep (>= 8 for the report)")
@@ -71,6 +95,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--width", type=int, nargs="+", default=[1, 2], help="actor counts to compare")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded runtime (default: all)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also measure the speed-up plain processes (no Ray) get on this machine")
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error(f"--runs must be >= 1, got {args.runs}")
@@ -98,6 +124,9 @@ def main(argv=None) -> list[dict]:
         if started:
             ray.shutdown()
     base = next((r["wall_s"] for r in rows if r["width"] == 1), None)
+    if args.ceiling:
+        for w in sorted(set(args.width) - {1}):
+            print(f"hardware ceiling without Ray, {w} processes: {hardware_ceiling(specs, w):.2f}x")
     print(f"{'actors':>6} {'wall_s':>8} {'inside_s':>9} {'run_s':>8} {'overhead':>9} {'ray_ovh':>8} {'speedup':>8}")
     for r in rows:
         r["speedup"] = base / r["wall_s"] if base else float("nan")

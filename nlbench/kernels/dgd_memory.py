@@ -8,7 +8,10 @@ and every token t of a chunk that starts at state M_b is written by (Eq. 86–88
     M_t = M_{t-1} (α_t I − η_t x_t x_tᵀ) − η_t ∇_W L(M_b; k_t, v̂_t),   L = ½‖M(k) − v̂‖²,
 
 applied to each weight matrix W with that matrix's OWN input x_t: k_t for W (linear) and W2,
-σ(W2_b k_t) for W1. The inner loss is halved so that Eq. 93 reads literally
+σ(W2_b k_t) for W1. DGD assumes ‖x_t‖ = 1 (spec §2); k is L2-normalized but σ(W2 k) is not,
+and with ‖x‖² ≫ 1 the factor α − η‖x‖² leaves (−1, 1) and the memory explodes (seen in long
+streams). So each matrix uses the step η_t / max(1, ‖x_t‖²): the literal η for unit inputs,
+a normalized-LMS step otherwise. The inner loss is halved so that Eq. 93 reads literally
 (∇_W L = (M_b k − v̂) kᵀ); the factor 2 of ‖·‖² is only a rescaling of η. Reads use the
 per-token state inside the chunk: y_t = M_{t-1}(q_t). With `self_target=True` the memory
 makes its own target v̂_t = M_b(v_t) (Eq. 88); otherwise v̂_t = v_t.
@@ -145,7 +148,10 @@ def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True):
     v_hat = memory_apply(weights, v) if self_target else v
     lg, lgp, gamma = _decay_terms(alpha)
     grads = memory_gradients(weights, k, v_hat)
-    ds = [_solve_matrix(w, x, -eta.unsqueeze(-1) * g, eta, lgp, gamma) for w, (g, x) in zip(weights, grads)]
+    ds = []
+    for w, (g, x) in zip(weights, grads):
+        eta_w = _step(eta, x)
+        ds.append(_solve_matrix(w, x, -eta_w.unsqueeze(-1) * g, eta_w, lgp, gamma))
     y = None
     if q is not None:
         if len(weights) == 1:
@@ -160,6 +166,11 @@ def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True):
         for w, d, (_, x) in zip(weights, ds, grads)
     ]
     return y, new
+
+
+def _step(eta, x):
+    """η_t / max(1, ‖x_t‖²): the literal η for unit inputs (k), a bounded step otherwise."""
+    return eta / x.pow(2).sum(-1).clamp_min(1.0)
 
 
 def _check_chunk(chunk_size):
@@ -197,9 +208,10 @@ def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_tar
         grads = memory_gradients(w_b, k_t, v_hat)
         if q is not None:
             ys.append(memory_apply(weights, q[..., t : t + 1, :]))
-        e_t, a_t = eta[..., t, None, None], alpha[..., t, None, None]
+        a_t = alpha[..., t, None, None]
         new = []
         for w, (g, x), n in zip(weights, grads, n_in):
+            e_t = _step(eta[..., t : t + 1], x)[..., None]
             eye = torch.eye(n, dtype=w.dtype, device=w.device)
             decay = a_t * eye - e_t * (x.transpose(-1, -2) @ x)  # α I − η x xᵀ
             new.append(w @ decay - e_t * (g.transpose(-1, -2) @ x))

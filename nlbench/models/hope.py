@@ -34,7 +34,6 @@ count stays within a few percent of the Transformer at every preset.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from nlbench.models import ModelConfigError, check_overrides

@@ -4,7 +4,7 @@ Per head h (head dim d_h = d_model / n_heads), read top to bottom:
 
     q_t = L2norm(conv4(x W_q))                       the only static projection (Eq. 83)
     z_t = conv4(x)                                   input of the adaptive projections
-    k_t = L2norm(M_{k,t-1}(z_t)),  v_t = M_{v,t-1}(z_t)                         (Eq. 84)
+    k_t = L2norm(M_{k,t-1}(z_t)),  v_t = L2norm(M_{v,t-1}(z_t))                 (Eq. 84)
     η_t = sigmoid(mean(M_{η,t-1}(z_t)) + b_η),  α_t = sigmoid(mean(M_{α,t-1}(z_t)) + b_α) (Eq. 85)
     y_t = M_{mem,t-1}(q_t)                                                      (Eq. 86)
     v̂_{□,t} = M_{□,t-1}(v_t)   for □ ∈ {k, v, η, α, mem}                       (Eq. 88)
@@ -22,6 +22,11 @@ memories — and `mem_chunk_size` for M_mem, whose reads use the per-token state
 chunks. η ∈ (0, 1) and α ∈ (0, 1) are squashed by a sigmoid whose bias sets their value at
 init (`eta_init`, `alpha_init` = 0.99: the memory keeps 99% per token; 0.5 would halve it every
 token, spec §7). The mean over the head's channels is the scalar read-out of the η/α memories.
+
+v is L2-normalized as well (our choice; the paper normalizes q, k): the targets v̂ = M(v) then
+stay at the scale of k, and the DGD steps of an MLP memory — whose W2 curvature grows with the
+error — stay in the stable range; unnormalized v (|v| ≈ 40 after a few thousand tokens) made
+M_mem explode in long streams.
 
 Init: W2 ~ N(0, 1/h) so σ(W2 k) has norm ≈ ½ for unit k — the DGD step on W1, whose own
 input is σ(W2 k), stays contractive (DGD assumes ‖x‖ ≈ 1, spec §2); W1 ~ N(0, 0.02²) so each
@@ -109,7 +114,7 @@ class SelfModifyingTitans(nn.Module):
     def projections(self, mems, z):
         """k, v, η, α of Eq. 84–85 from the (chunk-start) projection memories."""
         k = F.normalize(memory_apply(mems["k"], z), dim=-1)
-        v = memory_apply(mems["v"], z)
+        v = F.normalize(memory_apply(mems["v"], z), dim=-1)
         eta = torch.sigmoid(memory_apply(mems["eta"], z).mean(-1) + self.b_eta[:, None])
         alpha = torch.sigmoid(memory_apply(mems["alpha"], z).mean(-1) + self.b_alpha[:, None])
         return k, v, eta, alpha

@@ -12,7 +12,7 @@ before its first step (A-GEM's Z_0, metrics.md), then one point every `eval_ever
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

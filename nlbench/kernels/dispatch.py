@@ -1,0 +1,76 @@
+"""Backend selection for the DGD memory update (spec §2–§3): one entry point, three implementations.
+
+    reference   per-token loop, literally Eq. 86–91 (`dgd_memory_reference`): the ground truth
+    chunked     matmuls per chunk, WY form (`dgd_memory_chunked`): any device, any dtype
+    triton      fused Triton forward, one program per (batch, head) (`nlbench.kernels.dgd_triton`):
+                CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
+                set before triton is first imported — tests only, ~1000× slower)
+    auto        triton when the tensors are on CUDA and triton imports, else chunked
+
+All three compute the same function (tests check them against each other, values and gradients).
+"""
+
+from __future__ import annotations
+
+import os
+
+from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
+
+__all__ = ["BACKENDS", "dgd_memory", "resolve_backend", "triton_status"]
+
+BACKENDS = ("reference", "chunked", "triton", "auto")
+
+
+def triton_status() -> tuple[bool, bool, str]:
+    """(importable, interpreted, reason): whether the Triton kernels load, whether they were
+    built for the CPU interpreter, and why not when they don't load."""
+    try:
+        from nlbench.kernels import dgd_triton
+    except Exception as e:  # ImportError, or a triton install without a backend
+        return False, False, f"{type(e).__name__}: {e}"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return True, isinstance(dgd_triton._dgd_linear_fwd_kernel, InterpretedFunction), ""
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The concrete backend ("reference" | "chunked" | "triton") for `backend` on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}: 'reference' is "
+            f"the per-token loop, 'chunked' the PyTorch chunked kernel, 'triton' the fused GPU kernel, "
+            f"'auto' picks triton on CUDA when it imports and chunked otherwise.")
+    dev_type = getattr(device, "type", str(device).split(":")[0])
+    if backend == "auto":
+        return "triton" if dev_type == "cuda" and triton_status()[0] else "chunked"
+    if backend == "triton":
+        ok, interpreted, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"backend 'triton': triton kernels failed to import ({why}); use backend 'chunked'.")
+        if dev_type == "cuda" and interpreted:
+            raise RuntimeError(
+                "backend 'triton': the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 was set "
+                "when triton was imported) but the tensors are on CUDA; unset TRITON_INTERPRET.")
+        if dev_type != "cuda" and not interpreted:
+            env = os.environ.get("TRITON_INTERPRET")
+            raise RuntimeError(
+                f"backend 'triton' needs CUDA tensors, got tensors on {dev_type!r}; on CPU the kernels only run "
+                f"under the Triton interpreter, which needs TRITON_INTERPRET=1 in the environment BEFORE triton "
+                f"is first imported (now TRITON_INTERPRET={env!r}). Use backend 'chunked' or 'auto' on CPU.")
+    return backend
+
+
+def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto"):
+    """DGD memory over a sequence (Eq. 86–93) with the chosen backend. Returns (y or None, weights).
+
+    Shapes: q (or None: no reads), k, v [B, H, T, d]; η, α [B, H, T]; weights: [W] (linear, Eq. 93)
+    or [W2, W1] (residual MLP, Eq. 89), each [B, H, out, in]. Differentiable on every backend.
+    """
+    name = resolve_backend(backend, k.device)
+    if name == "reference":
+        return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target)
+    if name == "chunked":
+        return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target)
+    from nlbench.kernels.dgd_triton import dgd_memory_triton
+
+    return dgd_memory_triton(weights, q, k, v, eta, alpha, chunk_size, self_target)
