@@ -307,9 +307,9 @@ def _dgd_linear_bwd_kernel(
             dV = -dG
         dK += _dot(dKW, W, PREC)
         dW += _dot(tl.trans(dKW), K, PREC)
-        # --- step = η / max(1, ‖k‖²) ---
+        # --- step = η / max(1, ‖k‖²); like torch.clamp_min, the gradient passes at ‖k‖² = 1 ---
         deta = dstep / den
-        dnk = tl.where(nk > 1.0, -dstep * eta / (den * den), 0.0)
+        dnk = tl.where(nk >= 1.0, -dstep * eta / (den * den), 0.0)
         dK += 2.0 * dnk[:, None] * K
         # --- decays: P = γ_{t-1}, Γ[i, j] = γ_{i-1}/γ_j, tail = γ_L/γ_t, gL = γ_L ---
         gg = dgam * gam
