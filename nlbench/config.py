@@ -235,7 +235,7 @@ class EWCConfig(_Strict):
 class ResourcesConfig(_Strict):
     cpus_per_run: float = Field(1.0, gt=0)
     gpus_per_run: float = Field(0.0, ge=0)
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(2, ge=0)
 
 
 class Variant(_Strict):
