@@ -32,17 +32,16 @@ from nlbench.models.layers import (
 
 # Gate initialisation (sigmoid of a bias): forgetting α ≈ 0.007 so memory decays slowly
 # (not the 0.5-per-token halving of spec §7), momentum η ≈ 0.5, inner learning rate
-# θ = max_lr · sigmoid(0) = max_lr / 2. θ is capped at max_lr because inside a chunk all C
-# gradients are taken at the same state and summed: with correlated keys the chunk's step is
-# up to C times one token's, and an MLP memory then diverges (seen with max_lr = 1, C = 16).
+# θ = (max_lr / C) · (1 − η) · sigmoid(0) (see NeuralMemory.gate_values for why).
 ALPHA_BIAS, ETA_BIAS, THETA_BIAS = -5.0, 0.0, 0.0
 
 
 class NeuralMemory(nn.Module):
     """Titans LMM over multi-head keys/values (spec §1): projections, conv, gates, memory, output.
 
-    q, k, v = SiLU(conv4(x W)); q, k L2-normalised per head. Gates η, θ, α = sigmoid(x W_g + b),
-    one per token and head. The initial memory weights are parameters (meta-learned).
+    q, k, v = SiLU(conv4(x W)); q, k L2-normalised per head. Gates η, α = sigmoid(x W_g + b) and
+    θ = (max_lr / C) · (1 − η) · sigmoid(x W_θ + b_θ), one per token and head (gate_values says
+    why θ is bounded this way). The initial memory weights are parameters (meta-learned).
     """
 
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
@@ -88,11 +87,39 @@ class NeuralMemory(nn.Module):
         q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, z[:, -(self.conv.kernel_size - 1):]
 
+    def gate_values(self, x):
+        """Momentum η_t, inner learning rate θ_t, forgetting α_t of spec §1, each [B, H, T] in (0, 1).
+
+        θ_t = (max_lr / C) · (1 − η_t) · sigmoid(x_t W_θ + b_θ). Guard, and why: the largest
+        total step the memory can take on one gradient must stay bounded whatever gates the
+        outer loop learns. Two things multiply a token's step θ_s ∇ℓ_s and neither is bounded
+        by capping θ alone (what this layer did before, with max_lr = 0.1):
+          - momentum: S carries ∇ℓ_s into every later update with weight η^j, a total of up
+            to θ_s / (1 − η) -- 100× at η = 0.99. Even per-token Titans (C = 1) with θ = 0.1
+            and η ≥ 0.9 overshoots, and an MLP memory's gradient grows like ‖W‖³ once W grows,
+            so the overshoot runs away to inf;
+          - chunking: inside a chunk all C gradients are taken at the chunk-start state M_b
+            (spec §1, parallel form) and none sees the others' updates. SiLU-then-normalised
+            keys of one sequence are strongly correlated (cosine ~0.9 measured on
+            split-digits after training), so the C frozen gradients add up to ~C times one
+            token's step along the shared key direction.
+        Titans-MAC on split-digits (quick.yaml, Muon 0.02) learned η → 0.86, θ → 0.085 of the
+        0.1 cap: the chunk step grew ~C/(1 − η) ≈ 100× one token's, the memory weights went
+        0.8 → 24 → 2.6e3 → 1e31 in a few segments and the loss turned NaN. The factor (1 − η_t)
+        makes the total momentum-integrated weight of a gradient θ_s / (1 − η) ≤ max_lr / C
+        (for steady η), and 1 / C makes a whole chunk of C gradients at one state move the
+        memory at most as far as max_lr times one gradient. The update itself is exactly spec
+        §1 (S_t = η_t S_{t−1} − θ_t ∇ℓ, M_t = (1 − α_t) M_{t−1} + S_t); only the range of the
+        data-dependent gate θ_t is chosen so that it cannot leave the stable region. With
+        C = 1 this is exact per-token Titans with θ_t ≤ max_lr (1 − η_t).
+        """
+        eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
+        return eta, (self.max_lr / self.chunk_size) * (1 - eta) * theta, alpha
+
     def memorize(self, x, state, conv_key="conv"):
         """Run the memory over x: reads y_t = M_{t-1}(q_t) while learning (k_t, v_t). Returns (out, state)."""
         q, k, v, tail = self.project(x, state[conv_key])
-        eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
-        theta = self.max_lr * theta
+        eta, theta, alpha = self.gate_values(x)
         y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size)
         return self.output(y), {**state, "W": W, "S": S, conv_key: tail}
 
@@ -259,7 +286,7 @@ MEMORY_OPTIONS = {
     "memory": "'mlp' (default) or 'linear'",
     "memory_layers": "layers of the MLP memory, >= 2 (default 2)",
     "memory_hidden": "hidden width of the MLP memory per head (default 2 * head_dim)",
-    "max_lr": "upper bound of the inner learning rate θ in (0, 1] (default 0.1)",
+    "max_lr": "in (0, 1] (default 0.1): θ_t ≤ (max_lr / chunk_size) · (1 − η_t), the bound on one chunk's total step",
 }
 
 

@@ -32,7 +32,8 @@ Design (issue 5):
 * **Storage.** Default: an Optuna JournalStorage file `OUT/study.journal` (JournalFileBackend;
   `optuna-dashboard OUT/study.journal` opens it; safe for several processes on one file system).
   `--storage URL` takes an RDB URL (`sqlite:///…`, `postgresql://…`) for clusters, or a path to
-  another journal file.
+  another journal file. On a multi-node cluster OUT must be on storage every node sees (trials
+  write their per-task checkpoints there, and journal reports when no RDB URL is given).
 
 Search space (`space:` mapping of dotted run-config path → parameter), checked before any trial:
   {type: float, low, high, log, step}, {type: int, low, high, log, step}, {type: categorical,
@@ -326,7 +327,7 @@ def apply_sample(experiment: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
-def _representative(path: str, p) -> dict[str, Any]:
+def _representative(path: str, p) -> list[dict[str, Any]]:
     """Overrides at the corners of a parameter's range (checked before any trial runs)."""
     if isinstance(p, CmsPeriodsParam):
         out = []
@@ -617,13 +618,13 @@ def _trial_rows(study_name: str, t, objectives, experiment: dict) -> list[dict]:
         duration_s=(end - start).total_seconds() if start and end else None,
         timestamp=datetime.now(timezone.utc), **params, **attrs,
     )
+    if t.intermediate_values:
+        # a pruned trial's last report is measured on fewer tasks: kept apart from `value`
+        last = max(t.intermediate_values)
+        base.update(attr_last_report_task=int(last), attr_last_report_value=float(t.intermediate_values[last]))
     rows = []
     for i, o in enumerate(objectives):
-        value = None
-        if t.values is not None:
-            value = t.values[i]
-        elif i == 0 and t.intermediate_values:  # pruned: its last report
-            value = t.intermediate_values[max(t.intermediate_values)]
+        value = t.values[i] if t.values is not None and t.state.name == "COMPLETE" else None
         rows.append(dict(base, objective=o.label, direction=o.direction, value=value))
     return rows
 
@@ -852,5 +853,9 @@ def _finish(study, tc, experiment, out, store, storage_url, counts, lost, t0) ->
     summary["importances"] = importances
     if importances:
         (out / "importances.yaml").write_text(yaml.safe_dump(importances, sort_keys=False))
+    try:
+        (out / "checkpoints").rmdir()  # only when empty: no trial left a run to resume
+    except OSError:
+        pass
     summary["wall_s"] = time.perf_counter() - t0
     return summary

@@ -54,6 +54,8 @@ __all__ = ["SelfModifyingTitans", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
 
 MEMORY_KINDS = ("mlp", "linear")
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
+W2_STD = 1.0
+W1_GAIN = 0.1
 
 
 def _logit(p: float) -> float:
@@ -72,14 +74,15 @@ class SelfModifyingTitans(nn.Module):
         self.kernel = "chunked"  # "reference": per-token loops (tests)
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
-        self.conv_x = ShortConv(d_model, conv_size)
+        # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3)
+        self.conv_x = nn.Conv1d(d_model, len(PROJECTION_MEMORIES) * d_model, conv_size, groups=d_model, bias=False)
         self.w_o = nn.Linear(d_model, d_model, bias=False)
         H, dh, h = n_heads, self.head_dim, self.mem_hidden
         self.mem0 = nn.ParameterDict()
         for name in (*PROJECTION_MEMORIES, "mem"):
             if memory == "mlp":
-                self.mem0[f"{name}_w2"] = nn.Parameter(torch.randn(H, h, dh) / math.sqrt(h))
-                self.mem0[f"{name}_w1"] = nn.Parameter(torch.randn(H, dh, h) * 0.02)
+                self.mem0[f"{name}_w2"] = nn.Parameter(torch.randn(H, h, dh) * W2_STD)
+                self.mem0[f"{name}_w1"] = nn.Parameter(torch.randn(H, dh, h) * (W1_GAIN / math.sqrt(h * dh)))
             else:
                 self.mem0[f"{name}_w"] = nn.Parameter(torch.eye(dh).repeat(H, 1, 1))
         self.b_eta = nn.Parameter(torch.full((H,), _logit(eta_init)))
@@ -95,42 +98,49 @@ class SelfModifyingTitans(nn.Module):
             name: [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self._weights0(name)]
             for name in (*PROJECTION_MEMORIES, "mem")
         }
-        ref = self.w_q.weight
-        for key, conv in (("conv_x", self.conv_x), ("conv_q", self.conv_q)):
-            state[key] = ref.new_zeros(batch_size, conv.kernel_size - 1, self.d_model)
+        ref, tail = self.w_q.weight, self.conv_q.kernel_size - 1
+        state["conv_x"] = ref.new_zeros(batch_size, tail, self.d_model)
+        state["conv_q"] = ref.new_zeros(batch_size, tail, self.d_model)
         return state
 
     # --- helpers -----------------------------------------------------------------------------
     @staticmethod
-    def _conv(conv: ShortConv, x, tail):
+    def _conv(conv: nn.Conv1d, x, tail):
         """Causal depthwise conv continuing from the previous call's last inputs."""
         xx = torch.cat([tail, x], dim=1)
-        return conv.conv(xx.transpose(1, 2)).transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
+        return conv(xx.transpose(1, 2)).transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
+
+    def memory_inputs(self, x, tail):
+        """z_□ = L2norm(conv_□(x)) per head for □ ∈ {k, v, η, α}: {name: [B, H, T, dh]}, new tail."""
+        z, tail = self._conv(self.conv_x, x, tail)
+        B, T, _ = x.shape
+        z = z.view(B, T, self.d_model, len(PROJECTION_MEMORIES))
+        return {name: F.normalize(self._heads(z[..., i]), dim=-1) for i, name in enumerate(PROJECTION_MEMORIES)}, tail
 
     def _heads(self, x):  # [B, T, D] -> [B, H, T, dh]
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
     def projections(self, mems, z):
-        """k, v, η, α of Eq. 84–85 from the (chunk-start) projection memories."""
-        k = F.normalize(memory_apply(mems["k"], z), dim=-1)
-        v = F.normalize(memory_apply(mems["v"], z), dim=-1)
-        eta = torch.sigmoid(memory_apply(mems["eta"], z).mean(-1) + self.b_eta[:, None])
-        alpha = torch.sigmoid(memory_apply(mems["alpha"], z).mean(-1) + self.b_alpha[:, None])
+        """k, v, η, α of Eq. 84–85 from the (chunk-start) projection memories and their inputs z."""
+        k = F.normalize(memory_apply(mems["k"], z["k"]), dim=-1)
+        v = F.normalize(memory_apply(mems["v"], z["v"]), dim=-1)
+        eta = torch.sigmoid(memory_apply(mems["eta"], z["eta"]).mean(-1) + self.b_eta[:, None])
+        alpha = torch.sigmoid(memory_apply(mems["alpha"], z["alpha"]).mean(-1) + self.b_alpha[:, None])
         return k, v, eta, alpha
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x, state):
         B, T, D = x.shape
-        z, conv_x = self._conv(self.conv_x, x, state["conv_x"])
-        q, conv_q = self._conv(self.conv_q, self.w_q(x), state["conv_q"])
-        z, q = self._heads(z), F.normalize(self._heads(q), dim=-1)
+        z, conv_x = self.memory_inputs(x, state["conv_x"])
+        q, conv_q = self._conv(self.conv_q.conv, self.w_q(x), state["conv_q"])
+        q = F.normalize(self._heads(q), dim=-1)
 
         # projection memories: chunk by chunk, everything from the chunk-start memories
         mems = {name: state[name] for name in PROJECTION_MEMORIES}
         ks, vs, etas, alphas = [], [], [], []
         for s in range(0, T, self.chunk_size):
-            k, v, eta, alpha = self.projections(mems, z[:, :, s : s + self.chunk_size])
+            k, v, eta, alpha = self.projections(mems, {n: zz[:, :, s : s + self.chunk_size] for n, zz in z.items()})
             for name in PROJECTION_MEMORIES:
                 if self.kernel == "reference":
                     mems[name] = dgd_memory_reference(mems[name], None, k, v, eta, alpha, k.shape[-2])[1]
