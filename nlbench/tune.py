@@ -676,15 +676,19 @@ def write_plots(study, objectives, out: Path) -> tuple[list[Path], dict]:
             p = out / f"history{suffix}.png"
             _savefig(vis.plot_optimization_history(study, target=target, target_name=tname), p)
             written.append(p)
-            varied = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
-            if len(complete) >= 2 and varied:
+            # conditional parameters (the increment of a level only some trials have) would restrict
+            # the evaluation to the few trials that have them: assess those every trial has
+            common = set.intersection(*(set(t.params) for t in complete))
+            varied = sorted(k for k in common if len({str(t.params[k]) for t in complete}) > 1)
+            values = {t.values[i] for t in complete}
+            if len(complete) >= 2 and varied and len(values) > 1:
                 try:
-                    imp = optuna.importance.get_param_importances(study, target=target)
+                    imp = optuna.importance.get_param_importances(study, target=target, params=varied)
                 except (RuntimeError, ValueError):
                     continue  # e.g. every complete trial has the same value
                 importances[tname] = {k: float(v) for k, v in imp.items()}
                 p = out / f"importances{suffix}.png"
-                _savefig(vis.plot_param_importances(study, target=target, target_name=tname), p)
+                _savefig(vis.plot_param_importances(study, target=target, target_name=tname, params=varied), p)
                 written.append(p)
         if multi:
             p = out / "pareto.png"

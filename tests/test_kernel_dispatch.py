@@ -82,3 +82,13 @@ def test_bench_memory_kernels_reports_speedups():
         assert re.search(rf"{kind} +chunked C=4 +[0-9.]+ ms +[0-9.]+x vs reference", text), text
     assert text.count("x vs reference (goal >= 20x") == 2
     assert "triton: skipped" in text or "vs chunked" in text
+
+
+def test_auto_keeps_chunked_for_inputs_the_fused_kernel_does_not_take():
+    from nlbench.kernels.dispatch import _triton_fits
+
+    ws, q, k, v, eta, alpha = _inputs()
+    assert _triton_fits(ws, k) and _triton_fits(ws, k.bfloat16())
+    assert not _triton_fits(ws, k.double())  # the kernel accumulates in fp32
+    big = [torch.zeros(1, 2, 4, 129)]  # state must stay on chip: dims ≤ 128
+    assert not _triton_fits(big, k)

@@ -73,8 +73,9 @@ SCRIPT = textwrap.dedent(r'''
     for mlp in (False, True):
         kind = "mlp" if mlp else "linear"
         for C in (1, 16):  # one token per chunk; one chunk longer than the sequence
-            out[f"{kind}-C{C}"] = compare(run(dgd_memory_triton, mlp, C, True, T=9, d=16, h=8),
-                                          run(dgd_memory_reference, mlp, C, True, T=9, d=16, h=8))
+            shape = dict(B=2, T=9, d=16, h=8)
+            out[f"{kind}-C{C}"] = compare(run(dgd_memory_triton, mlp, C, True, **shape),
+                                          run(dgd_memory_reference, mlp, C, True, **shape))
         out[f"{kind}-noreads"] = compare(run(dgd_memory_triton, mlp, 4, True, reads=False),
                                          run(dgd_memory_reference, mlp, 4, True, reads=False))
 
@@ -146,6 +147,43 @@ def test_dispatch_runs_triton_under_the_interpreter(interpreted):
 
 def test_interpreter_flag_did_not_leak_into_this_process(interpreted):
     assert os.environ.get("TRITON_INTERPRET") == _ENV_AT_IMPORT  # set in the child's env only
+
+
+COMPILE_SCRIPT = textwrap.dedent(r"""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from nlbench.kernels import dgd_triton as m
+
+    base = dict(C=16, BC=16, BD=16, HAS_Q=True, SELF_TARGET=True, PREC="ieee")
+    specs = [
+        (m._dgd_linear_fwd_kernel, 9, ("T", "D", "NT"), dict(base, SAVE_STATES=True)),
+        (m._dgd_mlp_fwd_kernel, 12, ("T", "D", "HID", "NT"), dict(base, BH=16, SAVE_STATES=True)),
+        (m._dgd_linear_bwd_kernel, 14, ("T", "D", "NT"), base),
+        (m._dgd_mlp_bwd_kernel, 17, ("T", "D", "HID", "NT"), dict(base, BH=16)),
+    ]
+    for fn, n_ptr, ints, consts in specs:
+        sig = {a: "*fp32" for a in fn.arg_names[:n_ptr]}
+        sig.update({a: "i32" for a in ints})
+        sig.update({a: "constexpr" for a in consts})
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm.get("cubin"), fn.__name__
+        print("COMPILED", fn.__name__)
+""")
+
+
+def test_kernels_compile_for_an_h100_without_a_gpu():
+    # the interpreter runs the kernels as numpy and misses what only the compiler checks (tl.dot
+    # tile shapes, loop-carried types, shared memory): lower all four to sm_90 cubin, ptxas included
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # a triton build without the NVIDIA backend
+        pytest.skip(f"triton has no NVIDIA backend: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("COMPILED") == 4, proc.stdout
 
 
 # --- CUDA (skipped without a GPU) ---------------------------------------------------------

@@ -23,13 +23,15 @@ read and the chunk-end state are `tl.dot`s. Two kernels:
 Accumulation is fp32 whatever the input dtype (bf16 inputs are upcast on load); fp32 inputs use
 IEEE fp32 `tl.dot` (no TF32), so results match the PyTorch paths to ~1e-5.
 
-Backward. `DGDMemoryTriton.backward` is NOT a fused Triton kernel: the forward kernel saves the
-chunk-start state of every chunk (as flash-linear-attention's chunk_fwd_h does), and the backward
-walks the chunks in reverse, recomputing each chunk with the PyTorch chunked path
-(`dgd_chunk`) under autograd and pulling (dy_chunk, dW_end) back to the chunk's inputs and to
-dW_b, which becomes the dW_end of the previous chunk. This is exact (same math as the forward),
-needs only O(T/L · d²) saved state instead of the whole autograd graph, but runs at PyTorch
-chunked speed. A fused backward kernel is future work.
+Backward (fused, both memories): the forward saves the chunk-start state of every chunk (as
+flash-linear-attention's chunk_fwd_h does, O(T/L · d²) memory instead of an autograd graph) and
+`_dgd_linear_bwd_kernel` / `_dgd_mlp_bwd_kernel` walk the chunks in reverse, one program per
+(batch, head): recompute the chunk from its saved state, pull (dy, dW_end) back through the reads,
+the chunk-end state, the WY solve (back substitution with (I + A)ᵀ), the steps, the gradient
+factors and the decays (reverse cumulative sum for d log α), and carry dW_b on chip as the next
+(earlier) chunk's dW_end. Every input gets its gradient: q, k, v, η, α and the initial weights.
+The step's max(1, ‖x‖²) passes its gradient at ‖x‖² = 1 like torch.clamp_min; for L2-normalized
+k this radial term is annihilated by the normalization's Jacobian upstream.
 
 Shapes as in dgd_memory: q, k, v [B, H, T, d]; η, α [B, H, T]; weights list of [B, H, out, in].
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before triton
@@ -41,8 +43,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from nlbench.kernels.dgd_memory import dgd_chunk
 
 __all__ = ["DGDMemoryTriton", "dgd_memory_triton", "dgd_forward_triton", "MAX_DIM"]
 
@@ -222,6 +222,35 @@ def _back_substitution(A, G, rows, C: tl.constexpr):
 
 
 @triton.jit
+def _solve_bwd(dD, Dm, A, step, gam, XX, Z, rows, C: tl.constexpr, PREC: tl.constexpr):
+    """Backward of D = (I + A)⁻¹ R with A = diag(step)(Γ ∘ X Xᵀ), R = −diag(step) Z.
+    Returns dZ, dstep, dΓ and d(X Xᵀ) symmetrized (so dX += it @ X)."""
+    dR = _back_substitution(A, dD, rows, C)
+    dA = tl.where(rows[:, None] > rows[None, :], -_dot(dR, tl.trans(Dm), PREC), 0.0)
+    dstep = tl.sum(dA * gam * XX, axis=1) - tl.sum(dR * Z, axis=1)
+    dXX = dA * step[:, None] * gam
+    return -step[:, None] * dR, dstep, dA * step[:, None] * XX, dXX + tl.trans(dXX)
+
+
+@triton.jit
+def _decay_bwd(dP, dgam, dtail, dgL, P, gam, tail, gL, alpha):
+    """dα from the cotangents of P = γ_{t-1}, Γ[i, j] = γ_{i-1}/γ_j, tail = γ_L/γ_t, gL = γ_L,
+    through lgp = lg − log α, lg = cumsum(log α), lgL = Σ log α."""
+    gg = dgam * gam
+    dlgp = dP * P + tl.sum(gg, axis=1)
+    dlg = -tl.sum(gg, axis=0) - dtail * tail + dlgp
+    dlgL = tl.sum(dtail * tail, axis=0) + dgL * gL
+    dla = -dlgp + (tl.sum(dlg, axis=0) - tl.cumsum(dlg, axis=0) + dlg) + dlgL
+    return dla / alpha
+
+
+@triton.jit
+def _d2silu(x):
+    s = tl.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+@triton.jit
 def _dgd_linear_bwd_kernel(
     states_ptr, q_ptr, k_ptr, v_ptr, eta_ptr, alpha_ptr, dy_ptr, dw_end_ptr,
     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dalpha_ptr, dw0_ptr,
@@ -234,7 +263,6 @@ def _dgd_linear_bwd_kernel(
     bh = tl.program_id(0)
     r = tl.arange(0, BC)
     c = tl.arange(0, BD)
-    strict = r[:, None] > r[None, :]
     dWn = _load_tile(dw_end_ptr + bh * D * D, D, D, D, c, c)  # cotangent of the chunk-end state
     for nn in range(NT):
         n = NT - 1 - nn
@@ -288,43 +316,179 @@ def _dgd_linear_bwd_kernel(
             dQ += _dot(dQK, K, PREC)
             dK += _dot(tl.trans(dQK), Q, PREC)
             _store_tile(dq_ptr + seq_off, dQ, n_valid, D, D, r, c)
-        # --- solve D = (I + A)⁻¹ Rhs ---
-        dRhs = _back_substitution(A, dD, r, C)
-        dA = tl.where(strict, -_dot(dRhs, tl.trans(Dm), PREC), 0.0)
-        dstep = tl.sum(dA * gam * KK, axis=1)
-        dgam += dA * step[:, None] * KK
-        dKK = dA * step[:, None] * gam
-        dK += _dot(dKK + tl.trans(dKK), K, PREC)
-        # --- Rhs = −step ⊙ (G + P ⊙ K Wᵀ) ---
-        dstep -= tl.sum(dRhs * Z, axis=1)
-        dG = -step[:, None] * dRhs
-        dP -= step * tl.sum(dRhs * KW, axis=1)
-        dKW = dG - (step * P)[:, None] * dRhs
-        if SELF_TARGET:
-            dV = -_dot(dG, W, PREC)
-            dW -= _dot(tl.trans(dG), V, PREC)
+        # --- solve D = (I + A)⁻¹ Rhs, Rhs = −step ⊙ Z, Z = G + P ⊙ K Wᵀ ---
+        dZ, dstep, dgam_s, dKK = _solve_bwd(dD, Dm, A, step, gam, KK, Z, r, C, PREC)
+        dgam += dgam_s
+        dK += _dot(dKK, K, PREC)
+        dP += tl.sum(dZ * KW, axis=1)
+        dKW = dZ + P[:, None] * dZ  # G = K Wᵀ − v̂ and the P ⊙ K Wᵀ term
+        if SELF_TARGET:  # v̂ = V Wᵀ
+            dV = -_dot(dZ, W, PREC)
+            dW -= _dot(tl.trans(dZ), V, PREC)
         else:
-            dV = -dG
+            dV = -dZ
         dK += _dot(dKW, W, PREC)
         dW += _dot(tl.trans(dKW), K, PREC)
         # --- step = η / max(1, ‖k‖²); like torch.clamp_min, the gradient passes at ‖k‖² = 1 ---
         deta = dstep / den
-        dnk = tl.where(nk >= 1.0, -dstep * eta / (den * den), 0.0)
-        dK += 2.0 * dnk[:, None] * K
-        # --- decays: P = γ_{t-1}, Γ[i, j] = γ_{i-1}/γ_j, tail = γ_L/γ_t, gL = γ_L ---
-        gg = dgam * gam
-        dlgp = dP * P + tl.sum(gg, axis=1)
-        dlg = -tl.sum(gg, axis=0) - dtail * tail + dlgp
-        dlgL = tl.sum(dtail * tail, axis=0) + dgL * gL
-        # lgp = lg − la, lg = cumsum(la), lgL = Σ la
-        dla = -dlgp + (tl.sum(dlg, axis=0) - tl.cumsum(dlg, axis=0) + dlg) + dlgL
-        dalpha = dla / alpha
+        dK += 2.0 * tl.where(nk >= 1.0, -dstep * eta / (den * den), 0.0)[:, None] * K
+        dalpha = _decay_bwd(dP, dgam, dtail, dgL, P, gam, tail, gL, alpha)
         _store_tile(dk_ptr + seq_off, dK, n_valid, D, D, r, c)
         _store_tile(dv_ptr + seq_off, dV, n_valid, D, D, r, c)
         tl.store(deta_ptr + bh * T + t0 + r, deta.to(deta_ptr.dtype.element_ty), mask=r < n_valid)
         tl.store(dalpha_ptr + bh * T + t0 + r, dalpha.to(dalpha_ptr.dtype.element_ty), mask=r < n_valid)
         dWn = dW
     _store_tile(dw0_ptr + bh * D * D, dWn, D, D, D, c, c)
+
+
+@triton.jit
+def _dgd_mlp_bwd_kernel(
+    s2_ptr, s1_ptr, q_ptr, k_ptr, v_ptr, eta_ptr, alpha_ptr, dy_ptr, dw2_end_ptr, dw1_end_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dalpha_ptr, dw2_ptr, dw1_ptr,
+    T, D, HID, NT,
+    C: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    HAS_Q: tl.constexpr, SELF_TARGET: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward of `_dgd_mlp_fwd_kernel`: chunks in reverse, each recomputed from its saved
+    chunk-start [W2, W1]; their cotangents carried on chip."""
+    bh = tl.program_id(0)
+    r = tl.arange(0, BC)
+    c = tl.arange(0, BD)
+    h = tl.arange(0, BH)
+    dW2n = _load_tile(dw2_end_ptr + bh * HID * D, HID, D, D, h, c)
+    dW1n = _load_tile(dw1_end_ptr + bh * D * HID, D, HID, HID, c, h)
+    for nn in range(NT):
+        n = NT - 1 - nn
+        t0 = n * C
+        n_valid = tl.minimum(T - t0, C)
+        seq_off = bh * T * D + t0 * D
+        W2 = _load_tile(s2_ptr + (bh * NT + n) * HID * D, HID, D, D, h, c)
+        W1 = _load_tile(s1_ptr + (bh * NT + n) * D * HID, D, HID, HID, c, h)
+        K = _load_tile(k_ptr + seq_off, n_valid, D, D, r, c)
+        V = _load_tile(v_ptr + seq_off, n_valid, D, D, r, c)
+        eta = tl.load(eta_ptr + bh * T + t0 + r, mask=r < n_valid, other=0.0).to(tl.float32)
+        alpha = tl.load(alpha_ptr + bh * T + t0 + r, mask=r < n_valid, other=1.0).to(tl.float32)
+        # --- recompute the chunk (as in the forward) ---
+        lgp, gam, tail, gL = _chunk_decays(alpha, r)
+        P = tl.exp(lgp)
+        A2 = _dot(K, tl.trans(W2), PREC)
+        S = _silu(A2)
+        if SELF_TARGET:
+            VA = _dot(V, tl.trans(W2), PREC)
+            VS = _silu(VA)
+            Vh = V + _dot(VS, tl.trans(W1), PREC)
+        else:
+            Vh = V
+        SW1 = _dot(S, tl.trans(W1), PREC)
+        E = K + SW1 - Vh
+        EW = _dot(E, W1, PREC)
+        ds_a2 = _dsilu(A2)
+        G2 = EW * ds_a2
+        nk = tl.sum(K * K, axis=1)
+        ns = tl.sum(S * S, axis=1)
+        den2 = tl.maximum(nk, 1.0)
+        den1 = tl.maximum(ns, 1.0)
+        step2 = eta / den2
+        step1 = eta / den1
+        KK = _dot(K, tl.trans(K), PREC)
+        SS = _dot(S, tl.trans(S), PREC)
+        Z2 = G2 + P[:, None] * A2
+        Z1 = E + P[:, None] * SW1
+        AA2 = step2[:, None] * gam * KK
+        AA1 = step1[:, None] * gam * SS
+        D2 = _forward_substitution(AA2, -step2[:, None] * Z2, r, C)
+        D1 = _forward_substitution(AA1, -step1[:, None] * Z1, r, C)
+
+        # --- chunk-end states W' = γ_L W + (tail ⊙ D)ᵀ X ---
+        dW2 = gL * dW2n
+        dW1 = gL * dW1n
+        dgL = tl.sum(tl.sum(dW2n * W2, axis=1), axis=0) + tl.sum(tl.sum(dW1n * W1, axis=1), axis=0)
+        dDt2 = _dot(K, tl.trans(dW2n), PREC)
+        dDt1 = _dot(S, tl.trans(dW1n), PREC)
+        dD2 = tail[:, None] * dDt2
+        dD1 = tail[:, None] * dDt1
+        dtail = tl.sum(dDt2 * D2, axis=1) + tl.sum(dDt1 * D1, axis=1)
+        dK = _dot(D2 * tail[:, None], dW2n, PREC)
+        dS = _dot(D1 * tail[:, None], dW1n, PREC)
+        dP = tl.zeros([BC], dtype=tl.float32)
+        dgam = tl.zeros([BC, BC], dtype=tl.float32)
+        # --- reads y = q + P ⊙ σ(Hpre) W1ᵀ + (Γ ∘ σ(Hpre) Sᵀ) D1, Hpre = P ⊙ Q W2ᵀ + (Γ ∘ Q Kᵀ) D2 ---
+        if HAS_Q:
+            Q = _load_tile(q_ptr + seq_off, n_valid, D, D, r, c)
+            dY = _load_tile(dy_ptr + seq_off, n_valid, D, D, r, c)
+            QW2 = _dot(Q, tl.trans(W2), PREC)
+            QK = _dot(Q, tl.trans(K), PREC)
+            Hpre = P[:, None] * QW2 + _dot(gam * QK, D2, PREC)
+            Hh = _silu(Hpre)
+            HS = _dot(Hh, tl.trans(S), PREC)
+            dP += tl.sum(dY * _dot(Hh, tl.trans(W1), PREC), axis=1)
+            dHW1 = P[:, None] * dY
+            dHh = _dot(dHW1, W1, PREC)
+            dW1 += _dot(tl.trans(dHW1), Hh, PREC)
+            dM1 = _dot(dY, tl.trans(D1), PREC)
+            dD1 += _dot(tl.trans(gam * HS), dY, PREC)
+            dgam += dM1 * HS
+            dHS = dM1 * gam
+            dHh += _dot(dHS, S, PREC)
+            dS += _dot(tl.trans(dHS), Hh, PREC)
+            dHpre = dHh * _dsilu(Hpre)
+            dP += tl.sum(dHpre * QW2, axis=1)
+            dQW2 = P[:, None] * dHpre
+            dQ = dY + _dot(dQW2, W2, PREC)
+            dW2 += _dot(tl.trans(dQW2), Q, PREC)
+            dM2 = _dot(dHpre, tl.trans(D2), PREC)
+            dD2 += _dot(tl.trans(gam * QK), dHpre, PREC)
+            dgam += dM2 * QK
+            dQK = dM2 * gam
+            dQ += _dot(dQK, K, PREC)
+            dK += _dot(tl.trans(dQK), Q, PREC)
+            _store_tile(dq_ptr + seq_off, dQ, n_valid, D, D, r, c)
+        # --- the two WY solves ---
+        dZ1, dstep1, dgam1, dSS = _solve_bwd(dD1, D1, AA1, step1, gam, SS, Z1, r, C, PREC)
+        dZ2, dstep2, dgam2, dKK = _solve_bwd(dD2, D2, AA2, step2, gam, KK, Z2, r, C, PREC)
+        dgam += dgam1 + dgam2
+        dS += _dot(dSS, S, PREC)
+        dK += _dot(dKK, K, PREC)
+        # Z1 = E + P ⊙ S W1ᵀ, Z2 = G2 + P ⊙ K W2ᵀ
+        dE = dZ1
+        dP += tl.sum(dZ1 * SW1, axis=1) + tl.sum(dZ2 * A2, axis=1)
+        dSW1 = P[:, None] * dZ1
+        dA2 = P[:, None] * dZ2
+        # steps η / max(1, ‖x‖²); like torch.clamp_min, the gradient passes at ‖x‖² = 1
+        deta = dstep1 / den1 + dstep2 / den2
+        dS += 2.0 * tl.where(ns >= 1.0, -dstep1 * eta / (den1 * den1), 0.0)[:, None] * S
+        dK += 2.0 * tl.where(nk >= 1.0, -dstep2 * eta / (den2 * den2), 0.0)[:, None] * K
+        # G2 = (E W1) ⊙ σ'(A2)
+        dEW = dZ2 * ds_a2
+        dA2 += dZ2 * EW * _d2silu(A2)
+        dE += _dot(dEW, tl.trans(W1), PREC)
+        dW1 += _dot(tl.trans(E), dEW, PREC)
+        # E = K + S W1ᵀ − v̂
+        dK += dE
+        dSW1 += dE
+        dS += _dot(dSW1, W1, PREC)
+        dW1 += _dot(tl.trans(dSW1), S, PREC)
+        if SELF_TARGET:  # v̂ = V + σ(V W2ᵀ) W1ᵀ
+            dVS = -_dot(dE, W1, PREC)
+            dW1 -= _dot(tl.trans(dE), VS, PREC)
+            dVA = dVS * _dsilu(VA)
+            dV = -dE + _dot(dVA, W2, PREC)
+            dW2 += _dot(tl.trans(dVA), V, PREC)
+        else:
+            dV = -dE
+        # S = σ(A2), A2 = K W2ᵀ
+        dA2 += dS * ds_a2
+        dK += _dot(dA2, W2, PREC)
+        dW2 += _dot(tl.trans(dA2), K, PREC)
+        dalpha = _decay_bwd(dP, dgam, dtail, dgL, P, gam, tail, gL, alpha)
+        _store_tile(dk_ptr + seq_off, dK, n_valid, D, D, r, c)
+        _store_tile(dv_ptr + seq_off, dV, n_valid, D, D, r, c)
+        tl.store(deta_ptr + bh * T + t0 + r, deta.to(deta_ptr.dtype.element_ty), mask=r < n_valid)
+        tl.store(dalpha_ptr + bh * T + t0 + r, dalpha.to(dalpha_ptr.dtype.element_ty), mask=r < n_valid)
+        dW2n = dW2
+        dW1n = dW1
+    _store_tile(dw2_ptr + bh * HID * D, dW2n, HID, D, D, h, c)
+    _store_tile(dw1_ptr + bh * D * HID, dW1n, D, HID, HID, c, h)
 
 
 def _block(n: int) -> int:
@@ -392,8 +556,8 @@ def dgd_forward_triton(weights, q, k, v, eta, alpha, chunk_size: int, self_targe
 
 
 class DGDMemoryTriton(torch.autograd.Function):
-    """Fused Triton forward; backward by chunk-wise recomputation through the PyTorch chunked
-    path from the saved chunk-start states (see the module docstring: not a fused kernel)."""
+    """Fused Triton forward and backward (the backward recomputes each chunk from the chunk-start
+    states the forward saved)."""
 
     @staticmethod
     def forward(ctx, chunk_size, self_target, n_weights, q, k, v, eta, alpha, *weights):
@@ -411,68 +575,39 @@ class DGDMemoryTriton(torch.autograd.Function):
         q, k, v, eta, alpha, *states = ctx.saved_tensors
         dy = grads[0] if ctx.has_q else None
         dws = list(grads[1:] if ctx.has_q else grads)
-        if len(states) == 1:
-            dq, dk, dv, deta, dalpha, dw = _linear_backward_triton(
-                states[0], q if ctx.has_q else None, k, v, eta, alpha, dy, dws[0], ctx.chunk_size, ctx.self_target)
-            return None, None, None, dq, dk, dv, deta, dalpha, dw.to(ctx.w_dtypes[0])
-        return (None, None, None, *_backward_by_recompute(ctx, states, q, k, v, eta, alpha, dy, dws))
+        dq, dk, dv, deta, dalpha, *dw = _backward_triton(
+            states, q if ctx.has_q else None, k, v, eta, alpha, dy, dws, ctx.chunk_size, ctx.self_target)
+        return (None, None, None, dq, dk, dv, deta, dalpha, *(g.to(dt) for g, dt in zip(dw, ctx.w_dtypes)))
 
 
-def _linear_backward_triton(states, q, k, v, eta, alpha, dy, dw_end, chunk_size, self_target):
-    """Fused backward of the linear memory: one program per (batch, head), chunks in reverse."""
+def _backward_triton(states, q, k, v, eta, alpha, dy, dw_end, chunk_size, self_target):
+    """Fused backward: one program per (batch, head), chunks in reverse from the saved states."""
     B, H, T, d = k.shape
-    NT = states.shape[2]
-    f32 = torch.float32
-    dw_end = torch.zeros(B, H, d, d, dtype=f32, device=k.device) if dw_end is None else dw_end.to(f32).contiguous()
+    NT = states[0].shape[2]
+    f32, dev = torch.float32, k.device
+    dw_end = [torch.zeros(s.shape[:2] + s.shape[3:], dtype=f32, device=dev) if g is None
+              else g.to(f32).contiguous() for g, s in zip(dw_end, states)]
     has_q = q is not None
     k_ = k.contiguous()
     q_ = q.contiguous() if has_q else k_
     dy_ = (dy.contiguous() if dy is not None else torch.zeros_like(k_)) if has_q else k_
-    dq = torch.empty(k.shape, dtype=f32, device=k.device) if has_q else k_.new_empty(1, dtype=f32)
-    dk, dv = (torch.empty(k.shape, dtype=f32, device=k.device) for _ in range(2))
-    deta, dalpha = (torch.empty(eta.shape, dtype=f32, device=k.device) for _ in range(2))
-    dw0 = torch.empty(B, H, d, d, dtype=f32, device=k.device)
-    _dgd_linear_bwd_kernel[(B * H,)](
-        states, q_, k_, v.contiguous(), eta.contiguous(), alpha.contiguous(), dy_, dw_end,
-        dq, dk, dv, deta, dalpha, dw0, T, d, NT,
-        C=chunk_size, BC=_block(chunk_size), BD=_block(d), HAS_Q=has_q, SELF_TARGET=bool(self_target),
-        PREC="ieee" if k.dtype == torch.float32 else "tf32",
-    )
+    dq = torch.empty(k.shape, dtype=f32, device=dev) if has_q else k_.new_empty(1, dtype=f32)
+    dk, dv = (torch.empty(k.shape, dtype=f32, device=dev) for _ in range(2))
+    deta, dalpha = (torch.empty(eta.shape, dtype=f32, device=dev) for _ in range(2))
+    dw0 = [torch.empty(g.shape, dtype=f32, device=dev) for g in dw_end]
+    meta = dict(C=chunk_size, BC=_block(chunk_size), BD=_block(d), HAS_Q=has_q, SELF_TARGET=bool(self_target),
+                PREC="ieee" if k.dtype == torch.float32 else "tf32")
+    common = (q_, k_, v.contiguous(), eta.contiguous(), alpha.contiguous(), dy_)
+    if len(states) == 1:
+        _dgd_linear_bwd_kernel[(B * H,)](states[0], *common, dw_end[0], dq, dk, dv, deta, dalpha, dw0[0],
+                                         T, d, NT, **meta)
+    else:
+        hid = states[0].shape[-2]
+        _dgd_mlp_bwd_kernel[(B * H,)](states[0], states[1], *common, dw_end[0], dw_end[1],
+                                      dq, dk, dv, deta, dalpha, dw0[0], dw0[1], T, d, hid, NT,
+                                      BH=_block(hid), **meta)
     return (dq.to(q.dtype) if has_q else None, dk.to(k.dtype), dv.to(v.dtype), deta.to(eta.dtype),
-            dalpha.to(alpha.dtype), dw0)
-
-
-def _backward_by_recompute(ctx, states, q, k, v, eta, alpha, dy, dws):
-    """Backward of the MLP memory: chunks in reverse, each recomputed with the PyTorch chunked
-    path (`dgd_chunk`) under autograd from its saved chunk-start state (not a fused kernel)."""
-    has_q, C, T = ctx.has_q, ctx.chunk_size, k.shape[-2]
-    f32 = torch.float32
-    dws = [torch.zeros(s.shape[:2] + s.shape[3:], dtype=f32, device=k.device) if g is None else g.to(f32)
-           for g, s in zip(dws, states)]
-    parts = {name: [] for name in ("q", "k", "v", "eta", "alpha")}
-    for n in reversed(range(states[0].shape[2])):
-        sl = slice(n * C, min((n + 1) * C, T))
-        with torch.enable_grad():
-            wb = [s[:, :, n].detach().requires_grad_(True) for s in states]
-            xs = {name: x[..., sl, :].detach().to(f32).requires_grad_(True)
-                  for name, x in (("q", q), ("k", k), ("v", v)) if name != "q" or has_q}
-            xs["eta"] = eta[..., sl].detach().to(f32).requires_grad_(True)
-            xs["alpha"] = alpha[..., sl].detach().to(f32).requires_grad_(True)
-            y_c, w_end = dgd_chunk(wb, xs.get("q"), xs["k"], xs["v"], xs["eta"], xs["alpha"], ctx.self_target)
-            outs, gouts = list(w_end), list(dws)
-            if has_q and dy is not None:
-                outs.append(y_c)
-                gouts.append(dy[..., sl, :].to(f32))
-            leaves = wb + list(xs.values())
-            got = torch.autograd.grad(outs, leaves, gouts, allow_unused=True)
-        dws = [torch.zeros_like(w) if g is None else g for w, g in zip(wb, got[: len(wb)])]
-        for name, g in zip(xs, got[len(wb):]):
-            parts[name].append(torch.zeros_like(xs[name]) if g is None else g)
-    cat = {name: torch.cat(p[::-1], dim=-2 if name in ("q", "k", "v") else -1) for name, p in parts.items() if p}
-    dq = cat["q"].to(q.dtype) if has_q else None
-    dweights = [g.to(dt) for g, dt in zip(dws, ctx.w_dtypes)]
-    return (dq, cat["k"].to(k.dtype), cat["v"].to(v.dtype), cat["eta"].to(eta.dtype),
-            cat["alpha"].to(alpha.dtype), *dweights)
+            dalpha.to(alpha.dtype), *dw0)
 
 
 def dgd_memory_triton(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True):

@@ -5,7 +5,8 @@
     triton      fused Triton forward, one program per (batch, head) (`nlbench.kernels.dgd_triton`):
                 CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
                 set before triton is first imported — tests only, ~1000× slower)
-    auto        triton when the tensors are on CUDA and triton imports, else chunked
+    auto        triton when the tensors are on CUDA, triton imports and the kernel takes the
+                inputs (dims ≤ 128, fp32/bf16/fp16), else chunked
 
 All three compute the same function (tests check them against each other, values and gradients).
 """
@@ -13,6 +14,8 @@ All three compute the same function (tests check them against each other, values
 from __future__ import annotations
 
 import os
+
+import torch
 
 from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
 
@@ -60,6 +63,15 @@ def resolve_backend(backend: str, device) -> str:
     return backend
 
 
+def _triton_fits(weights, k) -> bool:
+    """Whether the fused kernel takes these inputs: state kept on chip (dims ≤ MAX_DIM), and a
+    dtype it accumulates in fp32 without losing precision (not float64)."""
+    from nlbench.kernels.dgd_triton import MAX_DIM
+
+    dims = [k.shape[-1]] + [s for w in weights for s in w.shape[-2:]]
+    return max(dims) <= MAX_DIM and k.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
 def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto"):
     """DGD memory over a sequence (Eq. 86–93) with the chosen backend. Returns (y or None, weights).
 
@@ -67,6 +79,8 @@ def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool 
     or [W2, W1] (residual MLP, Eq. 89), each [B, H, out, in]. Differentiable on every backend.
     """
     name = resolve_backend(backend, k.device)
+    if backend == "auto" and name == "triton" and not _triton_fits(weights, k):
+        name = "chunked"
     if name == "reference":
         return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target)
     if name == "chunked":

@@ -46,7 +46,7 @@ __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
                     cms_hidden=None, cms_lr=0.5)
-SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=64, mem_chunk_size=16, eta_init=0.1,
+SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.7,
                     alpha_init=0.99)
 
 

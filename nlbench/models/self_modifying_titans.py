@@ -2,10 +2,10 @@
 
 Per head h (head dim d_h = d_model / n_heads), read top to bottom:
 
-    q_t = L2norm(conv4(x W_q))                       the only static projection (Eq. 83)
-    z_t = conv4(x)                                   input of the adaptive projections
-    k_t = L2norm(M_{k,t-1}(z_t)),  v_t = L2norm(M_{v,t-1}(z_t))                 (Eq. 84)
-    η_t = sigmoid(mean(M_{η,t-1}(z_t)) + b_η),  α_t = sigmoid(mean(M_{α,t-1}(z_t)) + b_α) (Eq. 85)
+    q_t = L2norm(conv4_q(x W_q))                     the only static projection (Eq. 83)
+    z_{□,t} = L2norm(conv4_□(x))  for □ ∈ {k, v, η, α}: one depthwise conv per projection
+    k_t = L2norm(M_{k,t-1}(z_k)),  v_t = L2norm(M_{v,t-1}(z_v))                 (Eq. 84)
+    η_t = sigmoid(mean(M_{η,t-1}(z_η)) + b_η),  α_t = sigmoid(mean(M_{α,t-1}(z_α)) + b_α) (Eq. 85)
     y_t = M_{mem,t-1}(q_t)                                                      (Eq. 86)
     v̂_{□,t} = M_{□,t-1}(v_t)   for □ ∈ {k, v, η, α, mem}                       (Eq. 88)
     M_{□,t} = M_{□,t-1}(α_t I − η_t k_t k_tᵀ) − η_t ∇L(M_{□,t-1}; k_t, v̂_{□,t})   (Eq. 87, DGD)
@@ -20,17 +20,43 @@ Chunked training (Eq. 90–91) with two chunk sizes: `chunk_size` for the projec
 {k, v, η, α} — inside one such chunk k, v, η, α and their targets come from the chunk-start
 memories — and `mem_chunk_size` for M_mem, whose reads use the per-token state inside its
 chunks. η ∈ (0, 1) and α ∈ (0, 1) are squashed by a sigmoid whose bias sets their value at
-init (`eta_init`, `alpha_init` = 0.99: the memory keeps 99% per token; 0.5 would halve it every
-token, spec §7). The mean over the head's channels is the scalar read-out of the η/α memories.
+init (`eta_init` = 0.7, `alpha_init` = 0.99: the memory keeps 99% per token; 0.5 would halve
+it every token, spec §7). The mean over the head's channels is the scalar read-out of the η/α
+memories.
 
-v is L2-normalized as well (our choice; the paper normalizes q, k): the targets v̂ = M(v) then
-stay at the scale of k, and the DGD steps of an MLP memory — whose W2 curvature grows with the
-error — stay in the stable range; unnormalized v (|v| ≈ 40 after a few thousand tokens) made
-M_mem explode in long streams.
+Choices the spec leaves open, and deviations, with the reason (each was measured on the shared
+copy test, tests/test_models_common.py, and on carried streams of 8 × 512 tokens):
 
-Init: W2 ~ N(0, 1/h) so σ(W2 k) has norm ≈ ½ for unit k — the DGD step on W1, whose own
-input is σ(W2 k), stays contractive (DGD assumes ‖x‖ ≈ 1, spec §2); W1 ~ N(0, 0.02²) so each
-memory starts near the identity map. Linear memories start at the identity.
+* Inputs. Each projection memory gets its own causal conv (Titans puts one conv after each
+  projection; here the projections ARE the memories, so the conv sits before them) and its
+  input is L2-normalized per head. One shared conv, as before, made k_t ≈ v_t at init (both
+  memories start near the identity map of the same z), so every write (k, v̂ ≈ k) was a no-op
+  and the outer loop had no signal to break the symmetry; separate convs keep k ≠ v in the
+  static parameters, where in-context decay cannot erase it. Unit inputs are what DGD assumes
+  (spec §2), for every memory, not only M_mem.
+* v is L2-normalized as well (the paper normalizes q, k): the targets v̂ = M(v) then stay at
+  the scale of k; unnormalized v (|v| ≈ 40 after a few thousand tokens) made M_mem explode.
+* Init of the residual MLP for UNIT inputs: W2 ~ N(0, 1), so the pre-activations W2 z are
+  O(1) and ‖σ(W2 z)‖² ≈ 0.35·hidden ≥ 1 — the kernel's step η/max(1, ‖x‖²) then makes the W1
+  write a full normalized-LMS step. (The fan-in init N(0, 1/hidden) assumes unit-variance
+  ENTRIES; for a unit-NORM input it gives ‖σ(W2 k)‖² ≈ 0.3, and one write moved M(k) only 2.6%
+  of the way to v̂, vs 17% now at η = 0.7.) W1 ~ N(0, 0.1²/(hidden·d_h)) (‖W1‖_F ≈ 0.1): each
+  memory starts near the identity map, and W2 still receives gradients. Linear memories start
+  at the identity.
+* eta_init 0.7 (was 0.1): with the MLP's own DGD decay W2(I − η k kᵀ) the read-back of a
+  write peaks around η ≈ 0.5–0.7; at 0.1 the writes are too weak for the outer loop to find
+  the copy circuit in 100 steps (copy accuracy 0.33 / 0.48; 0.5: 0.99 / 0.56; 0.7: 1.00 ×3).
+* chunk_size 16 (was 64): with 64 chunk-start gradients summed, the projection memories'
+  W2 diverged within ~1500 tokens of a carried stream, even untrained; with 16 their norms
+  settle (W2 ≈ 1, W1 ≈ 1.7 after 4096 tokens).
+* Curvature guard: the Gauss–Newton curvature of L wrt W2 along a unit key is
+  ‖W1 diag σ′‖² ≤ 1.21 ‖W1‖²_op, so a meta-learned large W1 (the outer loop grows it to
+  amplify writes) made the W2 step overshoot (η·λ ≫ 2) and a trained model went to NaN
+  within 200 tokens of a stream. Each chunk of each MLP memory uses
+  η_t ← min(η_t, GUARD / λ_b), λ_b ≈ ‖W1_b‖²_op of the chunk-start state (power iteration,
+  detached), GUARD = 4: inactive at init and in ordinary use (λ ≈ 1), it only caps the step
+  in the regime that diverges. A tighter cap (GUARD 1–2) cost copy accuracy (0.61 / 0.31 /
+  0.41 at 1). The guard is computed from the chunk-start state, so chunked == reference.
 
 State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "conv_x", "conv_q":
 the last 3 inputs of each causal conv [B, 3, d]} so a stream split at chunk boundaries gives
@@ -56,6 +82,21 @@ MEMORY_KINDS = ("mlp", "linear")
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 W2_STD = 1.0
 W1_GAIN = 0.1
+GUARD = 4.0
+
+
+def curvature(weights, iters: int = 6):
+    """λ ≈ ‖W1‖²_op per (batch, head) of a residual-MLP memory by power iteration on W1ᵀW1
+    (None for a linear memory): the Gauss–Newton curvature of L wrt W2 along a unit key is
+    ‖W1 diag σ′(W2 k)‖² ≤ 1.21 λ (SiLU′ ≤ 1.1). Detached: a step-size guard, not a model output."""
+    if len(weights) == 1:
+        return None
+    w1 = weights[1]
+    gram = w1.transpose(-1, -2) @ w1
+    u = gram.new_ones(*gram.shape[:-1], 1)
+    for _ in range(iters):
+        u = F.normalize(gram @ u, dim=-2)
+    return (gram @ u).norm(dim=-2).squeeze(-1)
 
 
 def _logit(p: float) -> float:
@@ -64,7 +105,7 @@ def _logit(p: float) -> float:
 
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", mem_hidden: int | None = None,
-                 chunk_size: int = 64, mem_chunk_size: int = 16, eta_init: float = 0.1,
+                 chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.7,
                  alpha_init: float = 0.99, conv_size: int = 4):
         super().__init__()
         assert d_model % n_heads == 0
@@ -129,6 +170,15 @@ class SelfModifyingTitans(nn.Module):
         alpha = torch.sigmoid(memory_apply(mems["alpha"], z["alpha"]).mean(-1) + self.b_alpha[:, None])
         return k, v, eta, alpha
 
+    def _write(self, weights, q, k, v, eta, alpha):
+        """One chunk of Eq. 86–91 for one memory (reads when q is given), with the curvature guard."""
+        lam = curvature(weights)
+        if lam is not None:
+            eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
+        if self.kernel == "reference":
+            return dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2])
+        return dgd_chunk(weights, q, k, v, eta, alpha)
+
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x, state):
         B, T, D = x.shape
@@ -142,16 +192,17 @@ class SelfModifyingTitans(nn.Module):
         for s in range(0, T, self.chunk_size):
             k, v, eta, alpha = self.projections(mems, {n: zz[:, :, s : s + self.chunk_size] for n, zz in z.items()})
             for name in PROJECTION_MEMORIES:
-                if self.kernel == "reference":
-                    mems[name] = dgd_memory_reference(mems[name], None, k, v, eta, alpha, k.shape[-2])[1]
-                else:
-                    mems[name] = dgd_chunk(mems[name], None, k, v, eta, alpha)[1]
+                mems[name] = self._write(mems[name], None, k, v, eta, alpha)[1]
             ks.append(k), vs.append(v), etas.append(eta), alphas.append(alpha)
         k, v, eta, alpha = (torch.cat(t, dim=-2 if t[0].dim() == 4 else -1) for t in (ks, vs, etas, alphas))
 
         # the memory proper: per-token reads y_t = M_{mem,t-1}(q_t) inside its chunks
-        fn = dgd_memory_reference if self.kernel == "reference" else dgd_memory_chunked
-        y, mem = fn(state["mem"], q, k, v, eta, alpha, self.mem_chunk_size)
+        mem, ys, C = state["mem"], [], self.mem_chunk_size
+        for s in range(0, T, C):
+            y, mem = self._write(mem, q[..., s : s + C, :], k[..., s : s + C, :], v[..., s : s + C, :],
+                                 eta[..., s : s + C], alpha[..., s : s + C])
+            ys.append(y)
+        y = torch.cat(ys, dim=-2)
         out = self.w_o(y.transpose(1, 2).reshape(B, T, D))
         return out, {**mems, "mem": mem, "conv_x": conv_x, "conv_q": conv_q}
 
