@@ -123,7 +123,7 @@ def test_keys_and_values_differ_at_init():
 
 
 def test_one_write_moves_the_memory_toward_its_target():
-    """Write strength at init (the fix for 'Hope does not learn the copy task'): one in-context
+    """Write strength at init (the fix for "Hope does not learn the copy task"): one in-context
     DGD write of (k, v) with the default η moves M_mem(k) at least 10% of the way to
     v̂ = M_mem(v). Measured 17%; the old fan-in init of W2 (‖σ(W2 k)‖² ≈ 0.3) with η = 0.1 gave 2.6%."""
     from nlbench.kernels.dgd_memory import memory_apply

@@ -22,9 +22,11 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                     step on the block's summed gradients (default 0.5; cms.py)
     memory          "mlp" (default, Eq. 89) | "linear" (Eq. 93)          [hope only]
     mem_hidden      hidden width of each residual-MLP memory (default: head dim)   [hope only]
-    chunk_size      chunk of the projection memories k, v, η, α (default 64)      [hope only]
+    chunk_size      chunk of the projection memories k, v, η, α (default 16; 64 let
+                    their W2 diverge on long carried streams)                     [hope only]
     mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
-    eta_init, alpha_init  learning rate / retention gates at init (0.1, 0.99)     [hope only]
+    eta_init, alpha_init  learning rate / retention gates at init (0.7, 0.99; why:
+                    self_modifying_titans.py docstring)                           [hope only]
 
 Parameter matching: the Transformer has 4d² (attention) + 3·d·swiglu_hidden(d) (MLP) per layer;
 unless `cms_hidden` is given, each CMS level gets width

@@ -47,16 +47,22 @@ copy test, tests/test_models_common.py, and on carried streams of 8 × 512 token
   write peaks around η ≈ 0.5–0.7; at 0.1 the writes are too weak for the outer loop to find
   the copy circuit in 100 steps (copy accuracy 0.33 / 0.48; 0.5: 0.99 / 0.56; 0.7: 1.00 ×3).
 * chunk_size 16 (was 64): with 64 chunk-start gradients summed, the projection memories'
-  W2 diverged within ~1500 tokens of a carried stream, even untrained; with 16 their norms
-  settle (W2 ≈ 1, W1 ≈ 1.7 after 4096 tokens).
+  W2 diverged within ~1500 tokens of a carried stream, even untrained (without the guard
+  below), and with the guard a model trained 300 copy steps still diverged (W2 of M_k → inf
+  within 4096 stream tokens); with 16 both stay bounded (W2 ≈ 1, W1 ≈ 1.7–2.4 after 4096).
+  Copy-task sequences (17 tokens) are unaffected; throughput is (small, T = 256) ~20% lower.
 * Curvature guard: the Gauss–Newton curvature of L wrt W2 along a unit key is
-  ‖W1 diag σ′‖² ≤ 1.21 ‖W1‖²_op, so a meta-learned large W1 (the outer loop grows it to
-  amplify writes) made the W2 step overshoot (η·λ ≫ 2) and a trained model went to NaN
-  within 200 tokens of a stream. Each chunk of each MLP memory uses
-  η_t ← min(η_t, GUARD / λ_b), λ_b ≈ ‖W1_b‖²_op of the chunk-start state (power iteration,
-  detached), GUARD = 4: inactive at init and in ordinary use (λ ≈ 1), it only caps the step
-  in the regime that diverges. A tighter cap (GUARD 1–2) cost copy accuracy (0.61 / 0.31 /
-  0.41 at 1). The guard is computed from the chunk-start state, so chunked == reference.
+  ‖W1 diag σ′‖² ≤ 1.21 ‖W1‖²_op, so a large W1 (the outer loop grows the meta-learned W1 to
+  amplify writes) makes the W2 step overshoot (η·λ > 2): after 300 copy-task steps a model
+  without the guard went to NaN within 200 tokens of a carried random stream. Each chunk of
+  each MLP memory therefore uses η_t ← min(η_t, GUARD / λ_b), λ_b ≈ ‖W1_b‖²_op of the
+  chunk-start state (power iteration), GUARD = 1, so η·curvature ≤ 1.21 < 2. Inactive at init
+  (λ ≈ 1e-3) and whenever η·λ ≤ 1; it only caps the step in the regime that diverges. It is
+  differentiable, so the outer loop sees that growing W1 shrinks the step (detached, the outer
+  loop fought the cap and the copy accuracy dropped to 0.31–0.61). Looser caps were not
+  stable: GUARD 1.5, 2 and 4 all let a trained model diverge within 160–2900 stream tokens.
+  The guard uses only the chunk-start state, so chunked == reference still holds; the fused
+  Triton path (`nlbench.kernels.dispatch`) would need this per-chunk η too.
 
 State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "conv_x", "conv_q":
 the last 3 inputs of each causal conv [B, 3, d]} so a stream split at chunk boundaries gives
@@ -72,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlbench.kernels.dgd_memory import (
-    dgd_chunk, dgd_flops_per_token, dgd_memory_chunked, dgd_memory_reference, memory_apply,
+    dgd_chunk, dgd_flops_per_token, dgd_memory_reference, memory_apply,
 )
 from nlbench.models.layers import ShortConv
 
@@ -80,15 +86,16 @@ __all__ = ["SelfModifyingTitans", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
 
 MEMORY_KINDS = ("mlp", "linear")
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
-W2_STD = 1.0
-W1_GAIN = 0.1
-GUARD = 4.0
+W2_STD = 1.0    # init std of W2: O(1) pre-activations for unit-norm inputs (module docstring)
+W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gradients to W2
+GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 
 
 def curvature(weights, iters: int = 6):
     """λ ≈ ‖W1‖²_op per (batch, head) of a residual-MLP memory by power iteration on W1ᵀW1
     (None for a linear memory): the Gauss–Newton curvature of L wrt W2 along a unit key is
-    ‖W1 diag σ′(W2 k)‖² ≤ 1.21 λ (SiLU′ ≤ 1.1). Detached: a step-size guard, not a model output."""
+    ‖W1 diag σ′(W2 k)‖² ≤ 1.21 λ (SiLU′ ≤ 1.1). A lower bound of ‖W1‖²_op that is exact for the
+    dominant direction after a few steps; differentiable (module docstring)."""
     if len(weights) == 1:
         return None
     w1 = weights[1]
@@ -170,9 +177,10 @@ class SelfModifyingTitans(nn.Module):
         alpha = torch.sigmoid(memory_apply(mems["alpha"], z["alpha"]).mean(-1) + self.b_alpha[:, None])
         return k, v, eta, alpha
 
-    def _write(self, weights, q, k, v, eta, alpha):
-        """One chunk of Eq. 86–91 for one memory (reads when q is given), with the curvature guard."""
-        lam = curvature(weights)
+    def _write(self, weights, q, k, v, eta, alpha, lam=None):
+        """One chunk of Eq. 86–91 for one memory (reads when q is given), with the curvature
+        guard η ← min(η, GUARD / λ); `lam` = curvature(weights) when the caller batched it."""
+        lam = curvature(weights) if lam is None else lam
         if lam is not None:
             eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
         if self.kernel == "reference":
@@ -191,8 +199,11 @@ class SelfModifyingTitans(nn.Module):
         ks, vs, etas, alphas = [], [], [], []
         for s in range(0, T, self.chunk_size):
             k, v, eta, alpha = self.projections(mems, {n: zz[:, :, s : s + self.chunk_size] for n, zz in z.items()})
-            for name in PROJECTION_MEMORIES:
-                mems[name] = self._write(mems[name], None, k, v, eta, alpha)[1]
+            lams = [None] * len(PROJECTION_MEMORIES)
+            if self.memory == "mlp":  # one batched power iteration for the four guards
+                lams = curvature([None, torch.stack([mems[n][1] for n in PROJECTION_MEMORIES])]).unbind(0)
+            for name, lam in zip(PROJECTION_MEMORIES, lams):
+                mems[name] = self._write(mems[name], None, k, v, eta, alpha, lam)[1]
             ks.append(k), vs.append(v), etas.append(eta), alphas.append(alpha)
         k, v, eta, alpha = (torch.cat(t, dim=-2 if t[0].dim() == 4 else -1) for t in (ks, vs, etas, alphas))
 
@@ -213,4 +224,7 @@ class SelfModifyingTitans(nn.Module):
         f += H * 4 * per_read  # projections k, v, η, α
         f += H * 4 * dgd_flops_per_token(dh, h, self.chunk_size, reads=False)
         f += H * dgd_flops_per_token(dh, h, self.mem_chunk_size, reads=True)
+        if h is not None:  # curvature guard: W1ᵀW1 and 6 power steps once per chunk and memory
+            guard = 2 * h * h * dh + 7 * 2 * h * h
+            f += H * guard * (4 / self.chunk_size + 1 / self.mem_chunk_size)
         return float(f)
