@@ -32,7 +32,7 @@ from nlbench.models.layers import (
 
 # Gate initialisation (sigmoid of a bias): forgetting α ≈ 0.007 so memory decays slowly
 # (not the 0.5-per-token halving of spec §7), momentum η ≈ 0.5, inner learning rate
-# θ = (max_lr / C) · (1 − η) · sigmoid(0) (see NeuralMemory.gate_values for why).
+# θ = max_lr · (1 − η) · sigmoid(0) / λ_t (see NeuralMemory.gate_values for why).
 ALPHA_BIAS, ETA_BIAS, THETA_BIAS = -5.0, 0.0, 0.0
 
 
@@ -45,7 +45,7 @@ class NeuralMemory(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
-                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.1):
+                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3):
         super().__init__()
         self.n_heads, self.head_dim, self.chunk_size = n_heads, d_model // n_heads, chunk_size
         self.max_lr = max_lr
@@ -90,36 +90,39 @@ class NeuralMemory(nn.Module):
     def gate_values(self, x):
         """Momentum η_t, inner learning rate θ_t, forgetting α_t of spec §1, each [B, H, T] in (0, 1).
 
-        θ_t = (max_lr / C) · (1 − η_t) · sigmoid(x_t W_θ + b_θ). Guard, and why: the largest
-        total step the memory can take on one gradient must stay bounded whatever gates the
-        outer loop learns. Two things multiply a token's step θ_s ∇ℓ_s and neither is bounded
-        by capping θ alone (what this layer did before, with max_lr = 0.1):
+        θ_t = max_lr · (1 − η_t) · sigmoid(x_t W_θ + b_θ) / λ_t, λ_t the Frobenius norm of the
+        Gram matrix of the (unit) keys of token t's chunk up to t (1 ≤ λ_t ≤ C, causal; see
+        `chunk_key_scale`). Guard, and why: the largest total step the memory can take on one
+        gradient must stay bounded whatever gates the outer loop learns. Two things multiply a
+        token's step θ_s ∇ℓ_s and neither is bounded by capping θ alone:
           - momentum: S carries ∇ℓ_s into every later update with weight η^j, a total of up
             to θ_s / (1 − η) -- 100× at η = 0.99. Even per-token Titans (C = 1) with θ = 0.1
             and η ≥ 0.9 overshoots, and an MLP memory's gradient grows like ‖W‖³ once W grows,
             so the overshoot runs away to inf;
           - chunking: inside a chunk all C gradients are taken at the chunk-start state M_b
             (spec §1, parallel form) and none sees the others' updates. SiLU-then-normalised
-            keys of one sequence are strongly correlated (cosine ~0.9 measured on
+            keys of one sequence are often strongly correlated (cosine ~0.9 measured on
             split-digits after training), so the C frozen gradients add up to ~C times one
             token's step along the shared key direction.
-        Titans-MAC on split-digits (quick.yaml, Muon 0.02) learned η → 0.86, θ → 0.085 of the
-        0.1 cap: the chunk step grew ~C/(1 − η) ≈ 100× one token's, the memory weights went
+        Titans-MAC on split-digits (quick.yaml, Muon 0.02) learned η → 0.86, θ → 0.085 of a 0.1
+        cap: the chunk step grew ~C/(1 − η) ≈ 100× one token's, the memory weights went
         0.8 → 24 → 2.6e3 → 1e31 in a few segments and the loss turned NaN. The factor (1 − η_t)
-        makes the total momentum-integrated weight of a gradient θ_s / (1 − η) ≤ max_lr / C
-        (for steady η), and 1 / C makes a whole chunk of C gradients at one state move the
-        memory at most as far as max_lr times one gradient. The update itself is exactly spec
-        §1 (S_t = η_t S_{t−1} − θ_t ∇ℓ, M_t = (1 − α_t) M_{t−1} + S_t); only the range of the
-        data-dependent gate θ_t is chosen so that it cannot leave the stable region. With
-        C = 1 this is exact per-token Titans with θ_t ≤ max_lr (1 − η_t).
+        makes the total momentum-integrated weight of a gradient θ_s / (1 − η) ≤ max_lr, and
+        1 / λ_t keeps the chunk's summed rank-one steps Σ θ_s k_s k_sᵀ within
+        max_lr (1 + ln C) in operator norm even for identical keys, while nearly orthogonal keys
+        keep most of their step (a fixed 1 / C would slow every write C-fold). The update itself
+        is exactly spec §1 (S_t = η_t S_{t−1} − θ_t ∇ℓ, M_t = (1 − α_t) M_{t−1} + S_t); only the
+        range of the data-dependent gate θ_t is chosen so that it cannot leave the stable
+        region. This method returns θ before the 1 / λ_t factor (it needs the keys).
         """
         eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
-        return eta, (self.max_lr / self.chunk_size) * (1 - eta) * theta, alpha
+        return eta, self.max_lr * (1 - eta) * theta, alpha
 
     def memorize(self, x, state, conv_key="conv"):
         """Run the memory over x: reads y_t = M_{t-1}(q_t) while learning (k_t, v_t). Returns (out, state)."""
         q, k, v, tail = self.project(x, state[conv_key])
         eta, theta, alpha = self.gate_values(x)
+        theta = theta / chunk_key_scale(k, self.chunk_size)
         y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size)
         return self.output(y), {**state, "W": W, "S": S, conv_key: tail}
 
@@ -135,6 +138,27 @@ class NeuralMemory(nn.Module):
         proj = 2 * (self.qkv.weight.numel() + self.gates.weight.numel() + self.out_proj.weight.numel())
         conv = 2 * self.conv.conv.weight.numel()
         return proj + conv + self.n_heads * memory_flops_per_token(self.dims, self.chunk_size)
+
+
+def chunk_key_scale(k, chunk_size: int):
+    """λ_t per token: ‖K_{c,≤t} K_{c,≤t}ᵀ‖_F, the Frobenius norm of the Gram matrix of the (unit)
+    keys of token t's chunk up to and including t, at least 1. Returns [B, H, T].
+
+    Causal by construction (only keys ≤ t of the chunk enter), and an upper bound on the top
+    eigenvalue of that prefix Gram: C-fold for C identical keys (rank one, where the bound is
+    exact), √t for orthogonal keys. With θ_s ∝ 1/λ_s the chunk's summed rank-one steps
+    Σ_s θ_s k_s k_sᵀ stay within max_lr · (1 + ln C) in operator norm. The prefix sums are
+    S_t = S_{t−1} + 2 Σ_{j<t} (k_t·k_j)² + (k_t·k_t)², a cumsum. Detached: a step-size
+    normaliser, not a path for the outer gradient. Chunks are the kernel's (from position 0).
+    """
+    B, H, T, d = k.shape
+    pad = (-T) % chunk_size
+    kc = F.pad(k.detach().float(), (0, 0, 0, pad)).view(B, H, -1, chunk_size, d)
+    g2 = (kc @ kc.transpose(-1, -2)).square()
+    strict = torch.tril(torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=k.device), -1)
+    row = 2 * (g2 * strict).sum(-1) + torch.diagonal(g2, dim1=-2, dim2=-1)
+    lam = row.cumsum(-1).sqrt().clamp_min(1.0).flatten(-2)
+    return lam[..., :T].to(k.dtype)
 
 
 def matched_mlp_hidden(d_model: int, mixer: nn.Module) -> int:
@@ -286,7 +310,7 @@ MEMORY_OPTIONS = {
     "memory": "'mlp' (default) or 'linear'",
     "memory_layers": "layers of the MLP memory, >= 2 (default 2)",
     "memory_hidden": "hidden width of the MLP memory per head (default 2 * head_dim)",
-    "max_lr": "in (0, 1] (default 0.1): θ_t ≤ (max_lr / chunk_size) · (1 − η_t), the bound on one chunk's total step",
+    "max_lr": "in (0, 1] (default 0.3): θ_t ≤ max_lr · (1 − η_t) / λ_t (norm of the chunk's prefix key Gram), the bound on one chunk's total step",
 }
 
 
@@ -300,7 +324,7 @@ def _memory_kwargs(name: str, d_model: int, n_layers: int, n_heads: int, opts: d
           "memory_layers": check_positive_int(name, "memory_layers", opts.get("memory_layers", 2), minimum=2)}
     if kw["memory"] not in ("mlp", "linear"):
         raise ModelConfigError(f"model '{name}': option 'memory' must be one of 'mlp', 'linear', got {kw['memory']!r}.")
-    max_lr = opts.get("max_lr", 0.1)
+    max_lr = opts.get("max_lr", 0.3)
     if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr <= 1:
         raise ModelConfigError(f"model '{name}': option 'max_lr' must be a number in (0, 1], got {max_lr!r}.")
     kw["max_lr"] = float(max_lr)

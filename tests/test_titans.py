@@ -160,7 +160,7 @@ def test_gates_initialised_for_slow_forgetting(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_inner_step_bounded_by_momentum_and_chunk(name):
-    """θ_t ≤ (max_lr / C)(1 − η_t) for any learned gate weights: the guard of gate_values."""
+    """θ_t ≤ max_lr (1 − η_t) before the chunk-key factor, for any learned gate weights."""
     torch.manual_seed(0)
     model = build_model(name, size="tiny", vocab_size=32, chunk_size=8, max_lr=0.5)
     h = torch.randn(2, 9, 64)
@@ -170,11 +170,28 @@ def test_inner_step_bounded_by_momentum_and_chunk(name):
             mem.gates.weight.normal_(0, 0.5)   # gates spread over (0, 1), near-saturated ones included
         eta, theta, alpha = mem.gate_values(h)
         assert eta.min() < 0.1 and eta.max() > 0.9
-        bound = 0.5 / 8 * (1 - eta)
+        bound = 0.5 * (1 - eta)
         assert (theta <= bound).all() and (theta >= 0).all()
         # the sigmoid of the θ projection is what spans the range below the bound
         ratio = theta[bound > 0] / bound[bound > 0]
         assert ratio.min() < 0.2 and ratio.max() > 0.8
+
+
+def test_chunk_key_scale_is_causal_prefix_gram_norm():
+    """λ_t = ‖prefix Gram‖_F of the chunk: t for identical keys, √t for orthogonal ones, reset
+    at each chunk, and independent of later keys (causality)."""
+    from nlbench.baselines.titans import chunk_key_scale
+
+    eye = torch.eye(8)[None, None]                                    # 8 orthogonal unit keys
+    same = torch.nn.functional.normalize(torch.ones(1, 1, 8, 8), dim=-1)
+    k = torch.cat([eye, same], dim=2)                                 # T = 16, chunk 8
+    lam = chunk_key_scale(k, 8)[0, 0]
+    t = torch.arange(1, 9, dtype=torch.float32)
+    assert torch.allclose(lam[:8], t.sqrt().clamp_min(1), atol=1e-5)
+    assert torch.allclose(lam[8:], t, atol=1e-4)
+    k2 = k.clone()
+    k2[..., 12:, :] = eye[..., :4, :]                                 # change later keys only
+    assert torch.equal(chunk_key_scale(k2, 8)[..., :12], chunk_key_scale(k, 8)[..., :12])
 
 
 @pytest.mark.parametrize("name", VARIANTS)
