@@ -1,0 +1,58 @@
+"""`nlbench bench`: a real (tiny) measurement writes the throughput table; bad configs exit 2."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from nlbench.bench.bench_config import BenchConfigError, load_bench_config
+from nlbench.bench.throughput import _percentile, datasheet_peak
+from nlbench.results import ResultStore
+
+NLBENCH = [sys.executable, "-m", "nlbench.cli"]
+
+
+def test_datasheet_peak_known_devices_bf16_only():
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
+    assert datasheet_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) is None
+    assert datasheet_peak("cpu:x86_64:2threads", torch.bfloat16) is None
+
+
+def test_percentile_interpolates():
+    assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert _percentile([1.0, 2.0], 0.95) == pytest.approx(1.95)
+
+
+def test_bench_cli_writes_throughput_rows(tmp_path):
+    cfg = tmp_path / "tb.yaml"
+    cfg.write_text(
+        "name: tb\nmodels: [transformer, hope]\nsizes: [tiny]\nseq_lens: [32]\nbatch_size: 2\n"
+        "warmup_steps: 1\nsteps: 2\nkernel_seq_len: null\nthreads: 1\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = ResultStore(out).read("throughput")
+    assert len(df) == 4 and set(df.phase) == {"train", "infer"} and set(df.model) == {"transformer", "hope"}
+    assert (df.tokens_per_s > 0).all() and (df.step_ms_p95 >= df.step_ms_p50).all()
+    assert (df.mfu > 0).all() and (df.mfu < 1).all() and (df.peak_mem_bytes > 0).all()
+    assert df.command.str.contains("bench").all() and (df.torch_version == torch.__version__).all()
+    # the directory reads whole with pandas too
+    assert len(pd.read_parquet(out / "throughput")) == 4
+    assert "goal: Hope/Transformer train tokens/s" in proc.stdout
+
+
+def test_bad_bench_config_exits_2_naming_the_field(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("models: [transformer, gpt9]\nsizes: [huge]\n")
+    with pytest.raises(BenchConfigError, match=r"models\.1\.name.*allowed"):
+        load_bench_config(cfg)
+    out = tmp_path / "out"
+    proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sizes" in proc.stdout and "gpt9" in proc.stdout
+    assert not out.exists()
