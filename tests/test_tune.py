@@ -316,7 +316,10 @@ def test_resume_after_the_tuner_process_is_killed(ray_session, tmp_path):
     import optuna
 
     out = tmp_path / "out"
-    cfg = tune_config(num_tasks=3, trials=4, parallel=2)
+    # one trial at a time and longer trials, so that when the first trial is seen COMPLETE the
+    # second is still RUNNING on an idle machine too (with 2 short parallel trials all 4 could
+    # finish between two polls)
+    cfg = tune_config(num_tasks=6, trials=4, parallel=1)
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(cfg))
     tc, experiment = load_tune_config(path)
