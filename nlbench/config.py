@@ -395,16 +395,20 @@ def validate_config(raw: dict, source: str = "") -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML experiment config."""
+def read_yaml(path: str | Path, error: type[Exception] = ConfigError, what: str = "config file"):
+    """The parsed YAML at `path`; a missing file or bad YAML raises `error` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist.")
+        raise error(f"{what} '{path}' does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    return validate_config(raw, source=str(path))
+        raise error(f"{what} '{path}' is not valid YAML: {e}") from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    return validate_config(read_yaml(path), source=str(path))
 
 
 def validate_run_config(config: dict) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nlbench.models import MODELS, PRESETS
@@ -70,13 +69,9 @@ class BenchConfig(BaseModel):
 
 
 def load_bench_config(path: str | Path) -> BenchConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise BenchConfigError(f"bench config '{path}' does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BenchConfigError(f"bench config '{path}' is not valid YAML: {e}") from None
+    from nlbench.config import read_yaml
+
+    raw = read_yaml(path, BenchConfigError, "bench config")
     if not isinstance(raw, dict):
         raise BenchConfigError(f"bench config '{path}' must be a mapping of fields, got {type(raw).__name__}.")
     try:
