@@ -105,11 +105,3 @@ def test_bad_chunk_size_raises():
     ws, q, k, v, eta, alpha = _inputs(mlp=False)
     with pytest.raises(ValueError, match="chunk_size"):
         dgd_memory_chunked(ws, q, k, v, eta, alpha, 0)
-
-
-def test_unit_lower_inverse_matches_linalg_inv():
-    from nlbench.kernels.dgd_memory import unit_lower_inverse
-
-    for L in (1, 2, 5, 16, 17):  # powers of two and padded sizes
-        a = torch.randn(3, L, L, dtype=torch.float64).tril(-1) * 0.5 + torch.eye(L, dtype=torch.float64)
-        torch.testing.assert_close(unit_lower_inverse(a), torch.linalg.inv(a))

@@ -241,3 +241,29 @@ def test_hope_attention_rejects_memory_options():
     m = build_model("hope-attention", size="tiny", vocab_size=V)
     assert m.init_state(2) is None and m(torch.randint(0, V, (1, 5))).state is None
     assert [lvl.nlbench_update_period for lvl in m.blocks[0].cms.levels] == [1, 4, 16]
+
+
+@pytest.mark.parametrize("memory", ["mlp", "linear"])
+def test_fused_memories_equal_the_per_memory_loops(memory):
+    """Equal chunk sizes take the stacked fast path (`_memories_fused`); it must give the same
+    outputs, states and parameter gradients as the per-memory loops and the per-token reference."""
+    m = _model("hope", "optimizer", memory=memory, chunk_size=4, mem_chunk_size=4)
+    smt = m.blocks[0].mixer
+    tok = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for mode in ("fused", "loops", "reference"):
+        for b in m.blocks:
+            b.mixer.kernel = "reference" if mode == "reference" else "chunked"
+            b.mixer.fuse = mode == "fused"
+        m.zero_grad()
+        out = m(tok)
+        out.logits.square().mean().backward()
+        runs[mode] = (out.logits.detach(), _leaves(out.state), [p.grad.clone() for p in m.parameters()])
+    assert smt.chunk_size == smt.mem_chunk_size
+    for mode in ("loops", "reference"):
+        a, b = runs["fused"], runs[mode]
+        torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-4)
+        for x, y in zip(a[1], b[1]):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+        for x, y in zip(a[2], b[2]):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

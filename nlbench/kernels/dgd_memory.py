@@ -26,8 +26,8 @@ chunked gated delta rule of Yang et al. 2024)
     d_i = u_i − η_i γ_{i-1} W_b x_i − η_i Σ_{j<i} (γ_{i-1}/γ_j)(x_i·x_j) d_j,
 
 a unit-lower-triangular system (I + diag(η)(Γ ⊙ X Xᵀ)) D = U − diag(η γ_prev) X W_bᵀ with
-Γ[i, j] = γ_{i-1}/γ_j (j < i), solved per chunk by a log-depth block inversion (the UT
-transform of DeltaNet) and one matmul. A read then is
+Γ[i, j] = γ_{i-1}/γ_j (j < i), solved per chunk by one batched triangular solve (the UT
+transform of DeltaNet). A read then is
     W_{t-1} r_t = γ_{t-1} W_b r_t + Σ_{i<t} Γ[t, i] (r_t·x_i) d_i,
 attention-like matmuls; no per-token loop inside a chunk. Decay ratios are formed as exp of
 differences of cumulative log α, masked before exp, so every ratio is ≤ 1 and never divides
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "unit_lower_inverse", "memory_apply", "memory_gradients", "dgd_chunk", "dgd_memory_chunked", "dgd_memory_reference",
+    "memory_apply", "memory_gradients", "dgd_chunk", "dgd_memory_chunked", "dgd_memory_reference",
     "dgd_flops_per_token",
 ]
 
@@ -101,37 +101,14 @@ def _decay_terms(alpha):
     return lg, lgp, gamma
 
 
-def unit_lower_inverse(a):
-    """Inverse of unit-lower-triangular matrices a [..., L, L] by recursive 2×2 block inversion,
-    [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹ C A⁻¹, B⁻¹]], all diagonal blocks of one size at once:
-    ⌈log₂ L⌉ rounds of batched matmuls (exact, unlike a truncated Neumann series, and much
-    faster to differentiate on CPU than `torch.linalg.solve_triangular`)."""
-    L = a.shape[-1]
-    P = 1 << max(L - 1, 0).bit_length()
-    if P != L:  # pad with an identity block
-        a = F.pad(a, (0, P - L, 0, P - L))
-        a = a + torch.diag(torch.arange(P, device=a.device) >= L).to(a.dtype)
-    inv = torch.ones(*a.shape[:-2], P, 1, 1, dtype=a.dtype, device=a.device)  # 1×1 diagonal blocks
-    b = 1
-    while b < P:
-        n = P // (2 * b)
-        blocks = a.reshape(*a.shape[:-2], n, 2 * b, n, 2 * b).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
-        c = blocks[..., b:, :b]
-        i11, i22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        lower = -(i22 @ c @ i11)
-        top = torch.cat([i11, torch.zeros_like(i11)], dim=-1)
-        inv = torch.cat([top, torch.cat([lower, i22], dim=-1)], dim=-2)
-        b *= 2
-    return inv[..., 0, :L, :L]
-
-
 def _solve_matrix(w, x, u, eta, lgp, gamma):
-    """D of the WY representation for one matrix (see module docstring)."""
-    L = x.shape[-2]
-    eye = torch.eye(L, dtype=x.dtype, device=x.device)
-    t_mat = eye + eta.unsqueeze(-1) * (gamma * (x @ x.transpose(-1, -2)))
+    """D of the WY representation for one matrix (see module docstring): a batched unit-lower
+    triangular solve; Γ is zero on and above the diagonal, and `unitriangular` supplies the I.
+    (A log-depth block inverse in matmuls was 2× slower forward + backward on CPU at
+    L = 16, batch 160: 1.25 ms vs 0.62 ms.)"""
+    strict = eta.unsqueeze(-1) * (gamma * (x @ x.transpose(-1, -2)))
     rhs = u - (eta * lgp.exp()).unsqueeze(-1) * (x @ w.transpose(-1, -2))
-    return unit_lower_inverse(t_mat) @ rhs
+    return torch.linalg.solve_triangular(strict, rhs, upper=False, unitriangular=True)
 
 
 def _read(w, x, d, r, lgp, gamma):
@@ -139,11 +116,13 @@ def _read(w, x, d, r, lgp, gamma):
     return lgp.exp().unsqueeze(-1) * (r @ w.transpose(-1, -2)) + (gamma * (r @ x.transpose(-1, -2))) @ d
 
 
-def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True):
+def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
     """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
 
     All gradients and the decay input of W1 come from the chunk-start `weights` (M_b).
     `q=None` skips the reads (memories whose outputs only come from the chunk-start state).
+    Several memories can be stacked on a leading axis of the weights (and of η, α when they
+    differ), broadcasting against q, k, v; `read_index` then reads only that memory.
     """
     v_hat = memory_apply(weights, v) if self_target else v
     lg, lgp, gamma = _decay_terms(alpha)
@@ -154,12 +133,16 @@ def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True):
         ds.append(_solve_matrix(w, x, -eta_w.unsqueeze(-1) * g, eta_w, lgp, gamma))
     y = None
     if q is not None:
+        def pick(t, rank):  # the read memory's slice of a stacked tensor
+            return t[read_index] if read_index is not None and t.dim() > rank else t
+
+        r, lgp_r, gamma_r = q.dim(), pick(lgp, q.dim() - 1), pick(gamma, q.dim())
         if len(weights) == 1:
-            y = _read(weights[0], grads[0][1], ds[0], q, lgp, gamma)
+            y = _read(pick(weights[0], r), pick(grads[0][1], r), pick(ds[0], r), q, lgp_r, gamma_r)
         else:
             (w2, w1), ((_, x2), (_, x1)) = weights, grads
-            hid = F.silu(_read(w2, x2, ds[0], q, lgp, gamma))
-            y = q + _read(w1, x1, ds[1], hid, lgp, gamma)
+            hid = F.silu(_read(pick(w2, r), pick(x2, r), pick(ds[0], r), q, lgp_r, gamma_r))
+            y = q + _read(pick(w1, r), pick(x1, r), pick(ds[1], r), hid, lgp_r, gamma_r)
     tail = (lg[..., -1:] - lg).exp().unsqueeze(-1)  # γ_L / γ_i
     new = [
         lg[..., -1].exp()[..., None, None] * w + (d * tail).transpose(-1, -2) @ x
