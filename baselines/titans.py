@@ -248,10 +248,10 @@ class MACBlock(nn.Module):
         q_read, _, _, tail_x = self.memory.project(h, state["conv"])
         P = self.persistent.unsqueeze(0).expand(B, -1, -1)
         n_p, outs = P.shape[1], []
-        for s0 in range(0, T, self.segment_len):
-            seg = h[:, s0 : s0 + self.segment_len]
+        # split once (a slice per segment would zero-fill a full-length gradient per segment)
+        for seg, q_seg in zip(h.split(self.segment_len, dim=1), q_read.split(self.segment_len, dim=2)):
             L = seg.shape[1]
-            r = self.read_norm(self.memory.read(q_read[:, :, s0 : s0 + L], state))
+            r = self.read_norm(self.memory.read(q_seg, state))
             ctx = torch.stack([r, seg], dim=2).reshape(B, 2 * L, D)        # r_1, h_1, r_2, h_2, ...
             y = self.attn(torch.cat([P, ctx], dim=1), n_prefix=n_p)[:, n_p + 1 :: 2]
             m, state = self.memory.memorize(self.y_norm(y), state, conv_key="conv_y")

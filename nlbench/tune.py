@@ -43,7 +43,8 @@ Search space (`space:` mapping of dotted run-config path → parameter), checked
   lr: {low, high, log}} on `model.options.cms_periods` (spec §3, CMS chunk sizes C^(ℓ)): K levels,
   period of level ℓ = base^e_ℓ with e_0 sampled and e_ℓ = e_{ℓ−1} + d_ℓ, d_ℓ ≥ 1 sampled, so the
   periods strictly increase from the fastest level to the slowest BY CONSTRUCTION (no rejected
-  samples, no infeasible trials); `lr` searches the in-context CMS step `model.options.cms_lr`.
+  samples, no infeasible trials); `lr` searches the in-context CMS step of every level,
+`model.options.cms_lr` = [lr_0, …, lr_{K−1}] (trials-table columns `…cms_lr.0`, `…cms_lr.1`, …).
 
 Outputs in OUT: `trials/` (ResultStore table: one row per trial and objective, one
 `param_<config path>` column per searched value, e.g. `param_model.options.cms_periods.1`,
@@ -336,7 +337,7 @@ def _representative(path: str, p) -> list[dict[str, Any]]:
                 periods = [p.base ** (e0 + d * l) for l in range(K)]
                 o = {"model.options.cms_levels": K, path: periods}
                 if p.lr is not None:
-                    o["model.options.cms_lr"] = p.lr.high
+                    o["model.options.cms_lr"] = [p.lr.high] * K
                 out.append(o)
         return out
     if isinstance(p, CategoricalParam):
@@ -408,8 +409,10 @@ def sample_overrides(space: dict[str, Any], trial) -> dict[str, Any]:
                 exps.append(e)
             out["model.options.cms_levels"] = K
             out[path] = [p.base ** x for x in exps]
-            if p.lr is not None:
-                out["model.options.cms_lr"] = trial.suggest_float(f"{path}:lr", p.lr.low, p.lr.high, log=p.lr.log)
+            if p.lr is not None:  # one in-context step per level, fastest level first
+                out["model.options.cms_lr"] = [
+                    trial.suggest_float(f"{path}:lr{level}", p.lr.low, p.lr.high, log=p.lr.log) for level in range(K)
+                ]
     return out
 
 

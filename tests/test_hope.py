@@ -267,3 +267,15 @@ def test_fused_memories_equal_the_per_memory_loops(memory):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
         for x, y in zip(a[2], b[2]):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_cms_lr_per_level():
+    """`cms_lr` is one number for every level or a list with one per level: η^(ℓ) = lr_ℓ/(C^(ℓ)·d)."""
+    m = build_model("hope", size="tiny", vocab_size=V, cms_mode="in_context", cms_periods=[2, 8],
+                    cms_lr=[0.2, 1.0])
+    d = m.tok_emb.embedding_dim
+    got = [lvl.lr.item() for lvl in m.blocks[0].cms.levels]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([0.2 / (2 * d), 1.0 / (8 * d)]))
+    for bad in ([0.5], [0.5, -1.0], [0.5, True], "0.5"):
+        with pytest.raises(ModelConfigError, match="cms_lr.*one per CMS level"):
+            build_model("hope", size="tiny", vocab_size=V, cms_mode="in_context", cms_periods=[2, 8], cms_lr=bad)

@@ -80,7 +80,8 @@ def test_cms_periods_strictly_increase_in_every_sampled_trial():
         exps = [p.bit_length() - 1 for p in periods]
         assert [2 ** e for e in exps] == periods and 0 <= exps[0] <= 3
         assert all(1 <= b - a <= 3 for a, b in zip(exps, exps[1:]))
-        assert 0.05 <= o["model.options.cms_lr"] <= 1.0
+        lrs = o["model.options.cms_lr"]  # one in-context step per level
+        assert len(lrs) == K and all(0.05 <= x <= 1.0 for x in lrs)
         seen_K.add(K)
         if n < 20:  # the model accepts what the space produces
             build_model("hope", size="tiny", vocab_size=32, cms_periods=periods, cms_levels=K,

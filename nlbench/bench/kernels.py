@@ -5,8 +5,8 @@ for a Hope-sized memory, per backend, and the speed-ups the project sets goals o
     triton  vs chunked               goal ≥ 3×   (CUDA only)
 
 Shape: B = 4, H = 4, d = 32 — the `medium` preset's head dim (256 / 8) — linear (Eq. 93)
-and residual MLP (Eq. 89, hidden = d) memories, chunk sizes 16 (Hope's M_mem) and 64 (its
-projection memories). One timed call = forward of reads and final state, then backward of a
+and residual MLP (Eq. 89, hidden = d) memories, chunk sizes 16 (Hope's default for all its
+memories) and 64. One timed call = forward of reads and final state, then backward of a
 fixed random cotangent into every input (q, k, v, η, α, weights), as in training.
 
     python -m nlbench.bench.kernels [--device cpu|cuda] [--seq-len 1024]

@@ -42,6 +42,8 @@ Shapes: q, k, v [B, H, T, d]; η, α [B, H, T] (α ∈ (0, 1]); weights: list of
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -86,34 +88,43 @@ def memory_gradients(weights, k, v_hat):
     a = k @ w2.transpose(-1, -2)
     s = F.silu(a)
     e = k + s @ w1.transpose(-1, -2) - v_hat
-    g2 = (e @ w1) * _dsilu(a)
+    g2 = (e @ w1) * _dsilu(a)  # not aten.silu_backward: the outer loop needs its derivative
     return [(g2, k), (e, s)]
 
 
+@functools.lru_cache(maxsize=None)
+def _strictly_lower(L: int, device) -> torch.Tensor:
+    return torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
+
+
 def _decay_terms(alpha):
-    """Chunk-local log-decays: lg_t = log γ_t, lgp_t = log γ_{t-1}, Γ[i, j] = γ_{i-1}/γ_j (j < i)."""
+    """Chunk-local decays from cumulative log α: γ_{t-1} [.., L], Γ[i, j] = γ_{i-1}/γ_j (j < i,
+    else 0) [.., L, L], γ_L/γ_i [.., L] and γ_L [..]. Ratios are exp of masked differences, so
+    none exceeds 1 and none divides by a small α."""
     log_a = torch.log(alpha)
     lg = torch.cumsum(log_a, dim=-1)
     lgp = lg - log_a
-    L = alpha.shape[-1]
-    strict = torch.ones(L, L, dtype=torch.bool, device=alpha.device).tril(-1)
+    strict = _strictly_lower(alpha.shape[-1], alpha.device)
     gamma = (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()
-    return lg, lgp, gamma
+    last = lg[..., -1:]
+    return lgp.exp(), gamma, (last - lg).exp(), last.exp().squeeze(-1)
 
 
-def _solve_matrix(w, x, u, eta, lgp, gamma):
-    """D of the WY representation for one matrix (see module docstring): a batched unit-lower
+def _solve_matrix(w, x, g, eta, g_prev, gamma):
+    """D of the WY representation for one matrix (see module docstring):
+    (I + diag(η)(Γ ⊙ X Xᵀ)) D = −diag(η)(G + diag(γ_prev) X W_bᵀ), a batched unit-lower
     triangular solve; Γ is zero on and above the diagonal, and `unitriangular` supplies the I.
     (A log-depth block inverse in matmuls was 2× slower forward + backward on CPU at
     L = 16, batch 160: 1.25 ms vs 0.62 ms.)"""
-    strict = eta.unsqueeze(-1) * (gamma * (x @ x.transpose(-1, -2)))
-    rhs = u - (eta * lgp.exp()).unsqueeze(-1) * (x @ w.transpose(-1, -2))
+    eta = eta.unsqueeze(-1)
+    strict = eta * (gamma * (x @ x.transpose(-1, -2)))
+    rhs = -eta * (g + g_prev.unsqueeze(-1) * (x @ w.transpose(-1, -2)))
     return torch.linalg.solve_triangular(strict, rhs, upper=False, unitriangular=True)
 
 
-def _read(w, x, d, r, lgp, gamma):
+def _read(w, x, d, r, g_prev, gamma):
     """W_{t-1} r_t for every t of the chunk: [.., L, in] -> [.., L, out]."""
-    return lgp.exp().unsqueeze(-1) * (r @ w.transpose(-1, -2)) + (gamma * (r @ x.transpose(-1, -2))) @ d
+    return g_prev.unsqueeze(-1) * (r @ w.transpose(-1, -2)) + (gamma * (r @ x.transpose(-1, -2))) @ d
 
 
 def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
@@ -125,29 +136,23 @@ def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index
     differ), broadcasting against q, k, v; `read_index` then reads only that memory.
     """
     v_hat = memory_apply(weights, v) if self_target else v
-    lg, lgp, gamma = _decay_terms(alpha)
+    g_prev, gamma, tail, g_last = _decay_terms(alpha)
     grads = memory_gradients(weights, k, v_hat)
-    ds = []
-    for w, (g, x) in zip(weights, grads):
-        eta_w = _step(eta, x)
-        ds.append(_solve_matrix(w, x, -eta_w.unsqueeze(-1) * g, eta_w, lgp, gamma))
+    ds = [_solve_matrix(w, x, g, _step(eta, x), g_prev, gamma) for w, (g, x) in zip(weights, grads)]
     y = None
     if q is not None:
         def pick(t, rank):  # the read memory's slice of a stacked tensor
             return t[read_index] if read_index is not None and t.dim() > rank else t
 
-        r, lgp_r, gamma_r = q.dim(), pick(lgp, q.dim() - 1), pick(gamma, q.dim())
+        r, gp_r, gamma_r = q.dim(), pick(g_prev, q.dim() - 1), pick(gamma, q.dim())
         if len(weights) == 1:
-            y = _read(pick(weights[0], r), pick(grads[0][1], r), pick(ds[0], r), q, lgp_r, gamma_r)
+            y = _read(pick(weights[0], r), pick(grads[0][1], r), pick(ds[0], r), q, gp_r, gamma_r)
         else:
             (w2, w1), ((_, x2), (_, x1)) = weights, grads
-            hid = F.silu(_read(pick(w2, r), pick(x2, r), pick(ds[0], r), q, lgp_r, gamma_r))
-            y = q + _read(pick(w1, r), pick(x1, r), pick(ds[1], r), hid, lgp_r, gamma_r)
-    tail = (lg[..., -1:] - lg).exp().unsqueeze(-1)  # γ_L / γ_i
-    new = [
-        lg[..., -1].exp()[..., None, None] * w + (d * tail).transpose(-1, -2) @ x
-        for w, d, (_, x) in zip(weights, ds, grads)
-    ]
+            hid = F.silu(_read(pick(w2, r), pick(x2, r), pick(ds[0], r), q, gp_r, gamma_r))
+            y = q + _read(pick(w1, r), pick(x1, r), pick(ds[1], r), hid, gp_r, gamma_r)
+    tail, g_last = tail.unsqueeze(-1), g_last[..., None, None]  # γ_L / γ_i, γ_L
+    new = [g_last * w + (d * tail).transpose(-1, -2) @ x for w, d, (_, x) in zip(weights, ds, grads)]
     return y, new
 
 
@@ -164,13 +169,13 @@ def _check_chunk(chunk_size):
 def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True):
     """DGD memory over a sequence, chunk by chunk (matmuls inside a chunk). Returns (y, weights)."""
     _check_chunk(chunk_size)
-    T, ys = k.shape[-2], []
-    for s in range(0, T, chunk_size):
-        sl = slice(s, min(s + chunk_size, T))
-        y, weights = dgd_chunk(
-            weights, None if q is None else q[..., sl, :], k[..., sl, :], v[..., sl, :],
-            eta[..., sl], alpha[..., sl], self_target,
-        )
+    # split once: slicing per chunk would make autograd scatter each chunk's gradient into a
+    # zero-filled full-length tensor, O(T²/C) work in the backward pass
+    ks, vs = k.split(chunk_size, dim=-2), v.split(chunk_size, dim=-2)
+    qs = [None] * len(ks) if q is None else q.split(chunk_size, dim=-2)
+    ys = []
+    for qc, kc, vc, ec, ac in zip(qs, ks, vs, eta.split(chunk_size, dim=-1), alpha.split(chunk_size, dim=-1)):
+        y, weights = dgd_chunk(weights, qc, kc, vc, ec, ac, self_target)
         ys.append(y)
     return (None if q is None else torch.cat(ys, dim=-2)), weights
 
@@ -183,18 +188,23 @@ def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_tar
     weights = list(weights)
     T, ys = k.shape[-2], []
     n_in = [w.shape[-1] for w in weights]
+    # per-token views by one split each: a slice per token would make the backward pass zero-fill
+    # a full-length gradient per token, O(T²), and overstate what the chunked form saves
+    ks, vs = k.split(1, dim=-2), v.split(1, dim=-2)
+    qs = None if q is None else q.split(1, dim=-2)
+    etas, alphas = eta.split(1, dim=-1), alpha.split(1, dim=-1)
     for t in range(T):
         if t % chunk_size == 0:
             w_b = list(weights)
-        k_t, v_t = k[..., t : t + 1, :], v[..., t : t + 1, :]
+        k_t, v_t = ks[t], vs[t]
         v_hat = memory_apply(w_b, v_t) if self_target else v_t
         grads = memory_gradients(w_b, k_t, v_hat)
         if q is not None:
-            ys.append(memory_apply(weights, q[..., t : t + 1, :]))
-        a_t = alpha[..., t, None, None]
+            ys.append(memory_apply(weights, qs[t]))
+        a_t = alphas[t][..., None]
         new = []
         for w, (g, x), n in zip(weights, grads, n_in):
-            e_t = _step(eta[..., t : t + 1], x)[..., None]
+            e_t = _step(etas[t], x)[..., None]
             eye = torch.eye(n, dtype=w.dtype, device=w.device)
             decay = a_t * eye - e_t * (x.transpose(-1, -2) @ x)  # α I − η x xᵀ
             new.append(w @ decay - e_t * (g.transpose(-1, -2) @ x))

@@ -148,10 +148,9 @@ def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_s
     """
     _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
     weights, momentum, ys = list(weights), list(momentum), []
-    for c0 in range(0, q.shape[2], chunk_size):
-        sl = slice(c0, c0 + chunk_size)
-        y, weights, momentum = _chunk(weights, momentum, q[:, :, sl], k[:, :, sl], v[:, :, sl],
-                                      eta[:, :, sl], theta[:, :, sl], alpha[:, :, sl])
+    # split once (not a slice per chunk, whose backward zero-fills a full-length tensor each time)
+    for qc, kc, vc, ec, tc, ac in zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, eta, theta, alpha))):
+        y, weights, momentum = _chunk(weights, momentum, qc, kc, vc, ec, tc, ac)
         ys.append(y)
     return torch.cat(ys, dim=2), weights, momentum
 

@@ -118,14 +118,15 @@ def cms_level_chunked(state, x, period: int, lr):
     """Same as `cms_level_reference`, one segment per block (matmuls inside, no token loop)."""
     _check_period(period)
     w, acc, prev = list(state["w"]), list(state["acc"]), state["prev"]
-    count, pos, T, outs = int(state["count"]), 0, x.shape[1], []
-    while pos < T:
-        n = min(period - count, T - pos)
-        xs = x[:, pos : pos + n]
+    count, T, outs = int(state["count"]), x.shape[1], []
+    first = min(period - count, T)  # the rest of the block in progress, then whole blocks
+    sizes = [first] + [period] * ((T - first) // period) + ([(T - first) % period] if (T - first) % period else [])
+    # split once (a slice per block would zero-fill a full-length gradient per block)
+    for xs in x.split([n for n in sizes if n], dim=1):
         out, grads = _apply_and_grads(w, torch.cat([prev[:, None], xs], dim=1), xs.detach())
         outs.append(out)
         acc = [a + g for a, g in zip(acc, grads)]
-        prev, count, pos = xs[:, -1], count + n, pos + n
+        prev, count = xs[:, -1], count + xs.shape[1]
         if count == period:
             w = [p - lr * a for p, a in zip(w, acc)]
             acc, count = [torch.zeros_like(a) for a in acc], 0
@@ -176,7 +177,7 @@ class CMS(nn.Module):
     residuals itself (see module docstring for the wiring of each variant)."""
 
     def __init__(self, dim: int, hidden: int | list[int], periods, mode: str = "optimizer",
-                 variant: str = "sequential", lr: float = 0.5):
+                 variant: str = "sequential", lr: float | list[float] = 0.5):
         super().__init__()
         if mode not in CMS_MODES:
             raise ValueError(f"cms_mode must be one of {', '.join(CMS_MODES)}; got {mode!r}.")
@@ -186,7 +187,10 @@ class CMS(nn.Module):
         hidden = [hidden] * len(periods) if isinstance(hidden, int) else list(hidden)
         self.mode, self.variant = mode, variant
         self.reference = False  # True: per-token reference loops (tests)
-        self.levels = nn.ModuleList(CMSLevel(dim, h, p, mode, lr) for h, p in zip(hidden, periods))
+        lrs = [lr] * len(periods) if isinstance(lr, (int, float)) else list(lr)
+        if len(lrs) != len(periods) or len(hidden) != len(periods):
+            raise ValueError(f"CMS: {len(periods)} periods need as many hidden widths and lrs; got {hidden!r}, {lr!r}.")
+        self.levels = nn.ModuleList(CMSLevel(dim, h, p, mode, r) for h, p, r in zip(hidden, periods, lrs))
 
     def init_state(self, batch_size: int):
         if self.mode == "optimizer":

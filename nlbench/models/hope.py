@@ -19,7 +19,8 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     cms_variant     "sequential" (default) | "independent"
     cms_hidden      SwiGLU width of each level (default: sized to match the Transformer)
     cms_lr          in-context CMS: initial η^(ℓ) = cms_lr / (C^(ℓ)·d_model), a normalized-LMS
-                    step on the block's summed gradients (default 0.5; cms.py)
+                    step on the block's summed gradients (default 0.5; cms.py); a number for
+                    every level or a list with one per level (fastest first)
     memory          "mlp" (default, Eq. 89) | "linear" (Eq. 93)          [hope only]
     mem_hidden      hidden width of each residual-MLP memory (default: head dim)   [hope only]
     chunk_size      chunk of the projection memories k, v, η, α (default 16; 64 let
@@ -192,8 +193,7 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
     if d_model % n_heads:
         raise _err(model, "n_heads", f"a divisor of d_model={d_model}", n_heads)
     periods = _cms_periods(model, opts)
-    if not isinstance(opts["cms_lr"], (int, float)) or isinstance(opts["cms_lr"], bool) or opts["cms_lr"] <= 0:
-        raise _err(model, "cms_lr", "a positive number", opts["cms_lr"])
+    lr = _cms_lr(model, opts["cms_lr"], len(periods))
     smt_kw = {}
     if mixer == "smt":
         if opts["memory"] not in MEMORY_KINDS:
@@ -214,8 +214,20 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
     else:
         _pos_int(model, "cms_hidden", hidden)
     cms_kw = dict(hidden=hidden, periods=periods, mode=opts["cms_mode"], variant=opts["cms_variant"],
-                  lr=float(opts["cms_lr"]))
+                  lr=lr)
     return Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
+
+
+def _cms_lr(model, lr, K):
+    """A positive number for every level, or a list of K positive numbers (one per level)."""
+    def ok(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+    if ok(lr):
+        return [float(lr)] * K
+    if isinstance(lr, (list, tuple)) and len(lr) == K and all(ok(x) for x in lr):
+        return [float(x) for x in lr]
+    raise _err(model, "cms_lr", f"a positive number, or a list of {K} positive numbers (one per CMS level)", lr)
 
 
 def build_hope(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Hope:

@@ -264,7 +264,7 @@ class SelfModifyingTitans(nn.Module):
         f += H * 4 * per_read  # projections k, v, η, α
         f += H * 4 * dgd_flops_per_token(dh, h, self.chunk_size, reads=False)
         f += H * dgd_flops_per_token(dh, h, self.mem_chunk_size, reads=True)
-        if h is not None:  # curvature guard: W1ᵀW1 and 6 power steps once per chunk and memory
-            guard = 2 * h * h * dh + 7 * 2 * h * h
+        if h is not None:  # curvature guard once per chunk and memory: W1ᵀW1, 3 squarings, W1 u
+            guard = 2 * h * h * dh + 3 * 2 * h ** 3 + 2 * dh * h
             f += H * guard * (4 / self.chunk_size + 1 / self.mem_chunk_size)
         return float(f)
