@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/quick
 
-.PHONY: install quick test clean
+.PHONY: install quick test leaderboard clean
 
 $(BIN)/nlbench: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,12 @@ quick: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the published leaderboard in reports/ (about an hour on 2 CPU cores; re-runs skip finished runs)
+leaderboard: install
+	$(BIN)/nlbench run configs/standard.yaml --out out/standard
+	$(BIN)/nlbench bench configs/throughput.yaml --out out/tp-cpu
+	$(BIN)/nlbench report out/standard out/tp-cpu --format all --out-dir reports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -602,7 +602,9 @@ def execute_trial(payload: dict) -> dict:
     if not all(math.isfinite(v) for v in values):
         return dict(state="fail", values=None, reason=f"objective value(s) not finite: {values}", records=records,
                     reported=reported)
-    return dict(state="complete", values=values, reason=None, records=records, reported=reported)
+    per_run = [[objective_value([rec], o) for o in objectives] for rec in records]
+    return dict(state="complete", values=values, reason=None, records=records, reported=reported,
+                per_run_values=per_run)
 
 
 # ================================================================================ outputs
@@ -804,6 +806,7 @@ def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = 
                     if not _is_stop(rec):
                         store.write_run(rec)
                 if res["state"] == "complete":
+                    trial.set_user_attr("per_run_values", res.get("per_run_values"))
                     study.tell(trial, res["values"] if len(objectives) > 1 else res["values"][0])
                     counts["complete"] += 1
                 elif res["state"] == "pruned":
@@ -821,6 +824,39 @@ def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = 
         if started_ray:
             ray.shutdown()
     return _finish(study, tc, experiment, out, store, storage_url, counts, lost, t0)
+
+
+NOISE_RATIO_MIN = 2.0  # below this the search space does not move the objective beyond seed noise
+
+
+def objective_noise(complete, objectives) -> dict:
+    """Does the objective vary across trials more than between the seeds of one trial?
+
+    Per objective: `between_trials_sd`, the standard deviation of the complete trials' values;
+    `seed_se`, the standard error of one trial's value (the mean over its runs) from the pooled
+    within-trial variance of its runs' values (trials with ≥ 2 runs); `ratio` = between / seed_se
+    and `meaningful` = ratio ≥ NOISE_RATIO_MIN. With a ratio near 1 the trials differ by seed
+    noise only: the best trial is a lucky draw and the parameter importances (fANOVA splits
+    whatever variance there is) come out near-uniform and mean nothing. Empty when fewer than two
+    complete trials, or no trial has two runs, give no estimate."""
+    import statistics
+
+    out = {}
+    for i, o in enumerate(objectives):
+        vals = [t.values[i] for t in complete]
+        runs = [[r[i] for r in t.user_attrs.get("per_run_values") or []] for t in complete]
+        runs = [[v for v in r if math.isfinite(v)] for r in runs]
+        runs = [r for r in runs if len(r) >= 2]
+        if len(vals) < 2 or not runs:
+            continue
+        between = statistics.stdev(vals)
+        within_var = sum(statistics.variance(r) for r in runs) / len(runs)
+        n = sum(len(r) for r in runs) / len(runs)
+        se = math.sqrt(within_var / n)
+        ratio = between / se if se > 0 else float("inf")
+        out[o.label] = dict(between_trials_sd=float(between), seed_se=float(se), ratio=float(ratio),
+                            meaningful=bool(ratio >= NOISE_RATIO_MIN), trials=len(vals), runs_per_trial=float(n))
+    return out
 
 
 def _is_stop(rec) -> bool:
@@ -856,6 +892,9 @@ def _finish(study, tc, experiment, out, store, storage_url, counts, lost, t0) ->
                 summary["pareto"].append(dict(number=b.number, values=list(b.values), overrides=b.user_attrs["overrides"],
                                               path=str(p)))
     plots, importances = write_plots(study, objectives, out)
+    summary["noise"] = objective_noise(complete, objectives)
+    if summary["noise"]:
+        (out / "noise.yaml").write_text(yaml.safe_dump(summary["noise"], sort_keys=False))
     summary["plots"] = [str(p) for p in plots]
     summary["importances"] = importances
     if importances:

@@ -132,3 +132,23 @@ def test_memory_gradients_are_differentiable():
         return tuple(t for pair in memory_gradients([w2, w1], k, v) for t in pair)
 
     assert torch.autograd.gradcheck(f, tuple(args))
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+def test_stacked_memories_equal_separate_chunks(mlp):
+    """Memories stacked on a leading axis (Hope's fused path) with their own η and a shared α,
+    k, v: each memory's chunk-end state equals its own `dgd_chunk` call, and `read_index` reads
+    exactly that memory."""
+    from nlbench.kernels.dgd_memory import dgd_chunk
+
+    per = [_inputs(mlp=mlp, T=6, seed=s) for s in range(3)]
+    _, q, k, v, _, alpha = per[0]
+    weights = [torch.stack(ws) for ws in zip(*(p[0] for p in per))]
+    eta = torch.stack([p[4] for p in per])
+    y, new = dgd_chunk(weights, q, k, v, eta, alpha, read_index=2)
+    for i, p in enumerate(per):
+        y_i, new_i = dgd_chunk(p[0], q, k, v, p[4], alpha)
+        for a, b in zip(new, new_i):
+            torch.testing.assert_close(a[i], b, atol=1e-5, rtol=1e-4)
+        if i == 2:
+            torch.testing.assert_close(y, y_i, atol=1e-5, rtol=1e-4)

@@ -204,6 +204,30 @@ def test_objective_values_hand_computed():
     assert objective_value([a, b], ObjectiveSpec(metric="train_tokens_per_s")) == pytest.approx(200.0)
 
 
+def test_objective_noise_tells_a_flat_objective_from_a_real_effect():
+    """SD of the trials' values vs the standard error of one trial's value from its seeds."""
+    from types import SimpleNamespace
+
+    from nlbench.tune import objective_noise
+
+    acc = ObjectiveSpec(metric="acc_final")
+
+    def trial(*runs):
+        return SimpleNamespace(values=[sum(runs) / len(runs)], user_attrs={"per_run_values": [[r] for r in runs]})
+
+    # seeds differ by ±0.05 inside each trial, trials by 0.002: seed noise only
+    flat = objective_noise([trial(0.45, 0.55), trial(0.452, 0.552), trial(0.454, 0.554)], [acc])["acc_final"]
+    assert flat["seed_se"] == pytest.approx(((0.05 ** 2 * 2) / 2) ** 0.5, rel=1e-6)  # √(var / 2 runs)
+    assert flat["between_trials_sd"] == pytest.approx(0.002, rel=1e-6)
+    assert flat["ratio"] < 1 and not flat["meaningful"]
+    # trials 0.3 apart, seeds ±0.01: a real effect
+    real = objective_noise([trial(0.19, 0.21), trial(0.49, 0.51), trial(0.79, 0.81)], [acc])["acc_final"]
+    assert real["ratio"] > 10 and real["meaningful"]
+    # one run per trial, or one trial: no estimate rather than a made-up one
+    assert objective_noise([trial(0.1), trial(0.2)], [acc]) == {}
+    assert objective_noise([trial(0.1, 0.2)], [acc]) == {}
+
+
 # ------------------------------------------------------------------------ real studies
 
 
@@ -239,6 +263,10 @@ def test_parallel_study_writes_trials_best_yaml_and_plots(ray_session, tmp_path)
     for name in ("history.png", "importances.png"):
         assert (out / name).stat().st_size > 1000
     assert "train.optimizer.lr" in summary["importances"]["acc_final"]
+    for t in trials:  # each run's own objective value is kept; their mean is the trial's value
+        per_run = t.user_attrs["per_run_values"]
+        assert len(per_run) == len(t.user_attrs["run_ids"])
+        assert sum(r[0] for r in per_run) / len(per_run) == pytest.approx(t.value)
 
     # best.yaml: a full experiment config with the best trial's value, accepted unchanged
     best = study.best_trial

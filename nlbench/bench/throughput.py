@@ -11,8 +11,11 @@ the same run* (``mfu``), and over the datasheet peak when the device is known
 (``mfu_datasheet``). Achieved FLOP/s counts ``flops_per_token`` (one forward, memory-update inner
 loop included) times 3 for training (forward + backward) and times 1 for inference.
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set
-size sampled during the timed steps (torch's CPU allocator has no counter).
+Peak memory: ``torch.cuda.max_memory_allocated`` during the timed steps on CUDA. On CPU (torch's
+CPU allocator has no counter): the model's parameter and buffer bytes plus the peak growth of the
+process's resident set size during the phase's steps (warm-up included: optimizer state,
+gradients, activations) over its size just before them, with freed heap memory returned to the
+OS first (``malloc_trim``) so that a case's memory is not hidden in memory an earlier one freed.
 """
 
 from __future__ import annotations
@@ -110,6 +113,21 @@ class _PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
+def _released_rss() -> int:
+    """The process's RSS after freed heap memory went back to the OS (glibc malloc_trim), so that
+    the next case's growth counts its own model, optimizer state and activations, not memory an
+    earlier case left in the allocator's free lists."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline may then hide reused memory
+        pass
+    return _PeakRSS.rss()
+
+
 @dataclass
 class BenchCase:
     model: str
@@ -146,6 +164,7 @@ def bench_case(
     torch.manual_seed(0)
     model = build_model(case.model, size=case.size, vocab_size=vocab_size, **case.options).to(device)
     fpt = flops_per_token(model, case.seq_len)
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     opt = build_optimizer(optimizer, model, lr=lr)
     fwd = torch.compile(model) if compile else model
     tokens = torch.randint(0, vocab_size, (case.batch_size, case.seq_len), device=device)
@@ -171,24 +190,28 @@ def bench_case(
     for phase in phases:
         step = train_step if phase == "train" else infer_step
         compile_s = None
-        t0 = time.perf_counter()
-        step()  # first call: includes torch.compile when on
-        _sync(device)
-        if compile:
-            compile_s = time.perf_counter() - t0
-        for _ in range(max(0, warmup_steps - 1)):
-            step()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        with _PeakRSS() as rss:
+        base_rss = _released_rss() if device.type == "cpu" else 0
+        with _PeakRSS() as rss:  # from the first step: the optimizer state appears there
+            t0 = time.perf_counter()
+            step()  # first call: includes torch.compile when on
+            _sync(device)
+            if compile:
+                compile_s = time.perf_counter() - t0
+            for _ in range(max(0, warmup_steps - 1)):
+                step()
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 step()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-        peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+        if device.type == "cuda":
+            peak_mem = torch.cuda.max_memory_allocated(device)
+        else:
+            peak_mem = model_bytes + max(0, rss.peak - base_rss)
         ntok = case.batch_size * case.seq_len
         tokens_per_s = ntok / statistics.mean(times)
         flop_mult = 3.0 if phase == "train" else 1.0

@@ -63,4 +63,9 @@ def tune(config, out, address, trials, storage, parallel):
         console.print(table)
     for target, imp in summary["importances"].items():
         console.print(f"importances ({target}): " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()), markup=False)
+    for target, n in summary.get("noise", {}).items():
+        verdict = ("the search space moves it beyond seed noise" if n["meaningful"] else
+                   "NOT beyond seed noise: the best trial is a lucky draw and the importances mean nothing")
+        console.print(f"signal ({target}): SD across {n['trials']} trials {n['between_trials_sd']:.4g} vs seed "
+                      f"standard error {n['seed_se']:.4g} (ratio {n['ratio']:.2f}): {verdict}", markup=False)
     sys.exit(0 if (summary["best"] or summary["pareto"]) else 1)
