@@ -687,13 +687,19 @@ def write_plots(study, objectives, out: Path) -> tuple[list[Path], dict]:
             varied = sorted(k for k in common if len({str(t.params[k]) for t in complete}) > 1)
             values = {t.values[i] for t in complete}
             if len(complete) >= 2 and varied and len(values) > 1:
+                # fANOVA, seeded: Optuna's default (PED-ANOVA, which contrasts the top 10% of trials)
+                # had 2 trials to go on in a 24-trial study and ranked last the one parameter
+                # that separated the six best trials from all others (tune-m3: rms_normalize)
+                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
                 try:
-                    imp = optuna.importance.get_param_importances(study, target=target, params=varied)
+                    imp = optuna.importance.get_param_importances(study, evaluator=evaluator, target=target,
+                                                                  params=varied)
                 except (RuntimeError, ValueError):
                     continue  # e.g. every complete trial has the same value
                 importances[tname] = {k: float(v) for k, v in imp.items()}
                 p = out / f"importances{suffix}.png"
-                _savefig(vis.plot_param_importances(study, target=target, target_name=tname, params=varied), p)
+                _savefig(vis.plot_param_importances(study, evaluator=evaluator, target=target, target_name=tname,
+                                                    params=varied), p)
                 written.append(p)
         if multi:
             p = out / "pareto.png"
@@ -830,32 +836,37 @@ NOISE_RATIO_MIN = 2.0  # below this the search space does not move the objective
 
 
 def objective_noise(complete, objectives) -> dict:
-    """Does the objective vary across trials more than between the seeds of one trial?
+    """Does the search space move the objective more than seed noise does?
 
-    Per objective: `between_trials_sd`, the standard deviation of the complete trials' values;
-    `seed_se`, the standard error of one trial's value (the mean over its runs) from the pooled
-    within-trial variance of its runs' values (trials with ≥ 2 runs); `ratio` = between / seed_se
-    and `meaningful` = ratio ≥ NOISE_RATIO_MIN. With a ratio near 1 the trials differ by seed
-    noise only: the best trial is a lucky draw and the parameter importances (fANOVA splits
-    whatever variance there is) come out near-uniform and mean nothing. Empty when fewer than two
-    complete trials, or no trial has two runs, give no estimate."""
+    Every trial runs the same base experiment, so its runs line up across trials (same stream,
+    same seed: common random numbers) and the values form a trials × runs table x. Per objective,
+    a two-way decomposition x_tj = m + a_t + b_j + e_tj separates what all trials share on run j
+    (b_j: that seed's data and initialization) from the noise e that makes trials differ by
+    chance. `between_trials_sd` is the SD of the trials' means; `noise_se` = √(Σe²/((T−1)(J−1))/J)
+    is the standard error such a mean would have from that noise alone; `ratio` = between /
+    noise_se is ≈ 1 when the trials differ by noise only, and `meaningful` = ratio ≥
+    NOISE_RATIO_MIN. When it is not, the best trial is a lucky draw and the parameter importances
+    (fANOVA splits whatever variance there is) mean nothing. Empty without ≥ 2 complete trials of
+    ≥ 2 finite runs each, all with the same number of runs."""
     import statistics
 
     out = {}
     for i, o in enumerate(objectives):
-        vals = [t.values[i] for t in complete]
-        runs = [[r[i] for r in t.user_attrs.get("per_run_values") or []] for t in complete]
-        runs = [[v for v in r if math.isfinite(v)] for r in runs]
-        runs = [r for r in runs if len(r) >= 2]
-        if len(vals) < 2 or not runs:
+        table = [[r[i] for r in t.user_attrs.get("per_run_values") or []] for t in complete]
+        if len(table) < 2 or len({len(row) for row in table}) != 1 or len(table[0]) < 2:
             continue
-        between = statistics.stdev(vals)
-        within_var = sum(statistics.variance(r) for r in runs) / len(runs)
-        n = sum(len(r) for r in runs) / len(runs)
-        se = math.sqrt(within_var / n)
+        if not all(math.isfinite(v) for row in table for v in row):
+            continue
+        T, J = len(table), len(table[0])
+        rows = [sum(row) / J for row in table]
+        cols = [sum(row[j] for row in table) / T for j in range(J)]
+        grand = sum(rows) / T
+        resid = sum((table[t][j] - rows[t] - cols[j] + grand) ** 2 for t in range(T) for j in range(J))
+        se = math.sqrt(resid / ((T - 1) * (J - 1)) / J)
+        between = statistics.stdev(rows)
         ratio = between / se if se > 0 else float("inf")
-        out[o.label] = dict(between_trials_sd=float(between), seed_se=float(se), ratio=float(ratio),
-                            meaningful=bool(ratio >= NOISE_RATIO_MIN), trials=len(vals), runs_per_trial=float(n))
+        out[o.label] = dict(between_trials_sd=float(between), noise_se=float(se), ratio=float(ratio),
+                            meaningful=bool(ratio >= NOISE_RATIO_MIN), trials=T, runs_per_trial=J)
     return out
 
 

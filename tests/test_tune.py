@@ -205,7 +205,7 @@ def test_objective_values_hand_computed():
 
 
 def test_objective_noise_tells_a_flat_objective_from_a_real_effect():
-    """SD of the trials' values vs the standard error of one trial's value from its seeds."""
+    """Trials × runs table, two-way decomposition: the seed effect all trials share is not noise."""
     from types import SimpleNamespace
 
     from nlbench.tune import objective_noise
@@ -215,17 +215,19 @@ def test_objective_noise_tells_a_flat_objective_from_a_real_effect():
     def trial(*runs):
         return SimpleNamespace(values=[sum(runs) / len(runs)], user_attrs={"per_run_values": [[r] for r in runs]})
 
-    # seeds differ by ±0.05 inside each trial, trials by 0.002: seed noise only
-    flat = objective_noise([trial(0.45, 0.55), trial(0.452, 0.552), trial(0.454, 0.554)], [acc])["acc_final"]
-    assert flat["seed_se"] == pytest.approx(((0.05 ** 2 * 2) / 2) ** 0.5, rel=1e-6)  # √(var / 2 runs)
-    assert flat["between_trials_sd"] == pytest.approx(0.002, rel=1e-6)
+    # the two seeds disagree in opposite directions from trial to trial: noise only
+    flat = objective_noise([trial(0.45, 0.55), trial(0.56, 0.46), trial(0.50, 0.50)], [acc])["acc_final"]
+    # by hand: row means .50 .51 .50, col means .503 .503, residuals ±.05 ±.05 0 -> Σe² = .01
+    assert flat["between_trials_sd"] == pytest.approx(0.005773503, rel=1e-5)
+    assert flat["noise_se"] == pytest.approx((0.01 / 2 / 2) ** 0.5, rel=1e-5)
     assert flat["ratio"] < 1 and not flat["meaningful"]
-    # trials 0.3 apart, seeds ±0.01: a real effect
-    real = objective_noise([trial(0.19, 0.21), trial(0.49, 0.51), trial(0.79, 0.81)], [acc])["acc_final"]
+    # seed 1 is 0.2 better than seed 0 in EVERY trial (shared, not noise); trials 0.3 apart
+    real = objective_noise([trial(0.10, 0.30), trial(0.41, 0.59), trial(0.70, 0.90)], [acc])["acc_final"]
     assert real["ratio"] > 10 and real["meaningful"]
-    # one run per trial, or one trial: no estimate rather than a made-up one
+    # one run per trial, one trial, or unequal tables: no estimate rather than a made-up one
     assert objective_noise([trial(0.1), trial(0.2)], [acc]) == {}
     assert objective_noise([trial(0.1, 0.2)], [acc]) == {}
+    assert objective_noise([trial(0.1, 0.2), trial(0.1, 0.2, 0.3)], [acc]) == {}
 
 
 # ------------------------------------------------------------------------ real studies

@@ -66,6 +66,6 @@ def tune(config, out, address, trials, storage, parallel):
     for target, n in summary.get("noise", {}).items():
         verdict = ("the search space moves it beyond seed noise" if n["meaningful"] else
                    "NOT beyond seed noise: the best trial is a lucky draw and the importances mean nothing")
-        console.print(f"signal ({target}): SD across {n['trials']} trials {n['between_trials_sd']:.4g} vs seed "
-                      f"standard error {n['seed_se']:.4g} (ratio {n['ratio']:.2f}): {verdict}", markup=False)
+        console.print(f"signal ({target}): SD of the {n['trials']} trials' values {n['between_trials_sd']:.4g} vs the "
+                      f"noise standard error {n['noise_se']:.4g} (ratio {n['ratio']:.2f}): {verdict}", markup=False)
     sys.exit(0 if (summary["best"] or summary["pareto"]) else 1)
