@@ -349,3 +349,17 @@ def test_readme_documents_every_json_key(doc):
     keys = set(doc) | {"throughput"} | set(doc["streams"][0]) | set(doc["streams"][0]["entries"][0]) | set(doc["overall"][0])
     missing = sorted(k for k in keys if f"`{k}`" not in readme)
     assert not missing, f"reports/README.md does not document {missing}"
+
+
+def test_task_boundaries_are_where_each_task_starts():
+    """The dashed lines of the forgetting curves: tokens seen when task k+1 starts (its curve's first
+    point, measured before its first step), not task k's last mid-task evaluation."""
+    import pandas as pd
+
+    from nlbench.report.figures import task_boundaries
+
+    rows = []
+    for k, (start, end) in enumerate([(0, 300), (300, 600), (600, 900)]):
+        for t in range(start, end, 80):  # eval_every 80: the last mid-task point is 240, 540, 840
+            rows.append(dict(train_task=k, tokens_seen=t))
+    assert task_boundaries(pd.DataFrame(rows)) == [300.0, 600.0]

@@ -55,6 +55,14 @@ def _grid(n: int, sharey: bool = False):
     return fig, axes.ravel()
 
 
+def task_boundaries(curves: pd.DataFrame) -> list[float]:
+    """Tokens seen at the start of every task but the first. A task's curve opens with the score
+    measured before its first step (nlbench.protocol.loop), i.e. at the end of the previous task;
+    the previous task's last own point is one `eval_every` earlier, not the boundary."""
+    starts = curves.groupby("train_task")["tokens_seen"].min().sort_index()
+    return [float(x) for x in starts.iloc[1:]]
+
+
 def forgetting_curves(section: dict, curves: pd.DataFrame, stem) -> list[str] | None:
     """Score on each task vs tokens seen, one panel per entry (seed mean), task boundaries dashed."""
     c = curves[curves["metric"] == section["score"]] if "metric" in curves else curves
@@ -67,8 +75,8 @@ def forgetting_curves(section: dict, curves: pd.DataFrame, stem) -> list[str] | 
         for task, h in g.groupby("eval_task"):
             m = h.groupby("tokens_seen")["value"].mean()
             ax.plot(m.index, m.values, marker=".", ms=3, lw=1.2, label=f"task {int(task)}")
-        for k in sorted(g["train_task"].unique())[:-1]:  # end of task k = boundary to task k+1
-            ax.axvline(g.loc[g["train_task"] == k, "tokens_seen"].max(), color="grey", ls="--", lw=0.8)
+        for x in task_boundaries(g):
+            ax.axvline(x, color="grey", ls="--", lw=0.8)
         ax.set_title(e["entry"] + (" (did not learn)" if e["did_not_learn"] else ""), fontsize=9)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(section["score"])
