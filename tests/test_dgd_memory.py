@@ -152,3 +152,15 @@ def test_stacked_memories_equal_separate_chunks(mlp):
             torch.testing.assert_close(a[i], b, atol=1e-5, rtol=1e-4)
         if i == 2:
             torch.testing.assert_close(y, y_i, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_inputs_run_and_stay_close_to_fp32():
+    """A bf16 model (no autocast) reaches the triangular solve with bf16 tensors, which torch has
+    no kernel for: the solve runs in fp32 inside and the result keeps the input dtype."""
+    from nlbench.kernels.dgd_memory import dgd_chunk
+
+    ws, q, k, v, eta, alpha = _inputs(mlp=True, T=8)
+    y32, new32 = dgd_chunk(ws, q, k, v, eta, alpha)
+    y16, new16 = dgd_chunk([w.bfloat16() for w in ws], *(t.bfloat16() for t in (q, k, v, eta, alpha)))
+    assert y16.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in new16)
+    torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.05)

@@ -119,6 +119,9 @@ def _solve_matrix(w, x, g, eta, g_prev, gamma):
     eta = eta.unsqueeze(-1)
     strict = eta * (gamma * (x @ x.transpose(-1, -2)))
     rhs = -eta * (g + g_prev.unsqueeze(-1) * (x @ w.transpose(-1, -2)))
+    if rhs.dtype in (torch.bfloat16, torch.float16):  # no half-precision triangular solve: fp32 inside
+        d = torch.linalg.solve_triangular(strict.float(), rhs.float(), upper=False, unitriangular=True)
+        return d.to(rhs.dtype)
     return torch.linalg.solve_triangular(strict, rhs, upper=False, unitriangular=True)
 
 
