@@ -56,3 +56,21 @@ def test_bad_bench_config_exits_2_naming_the_field(tmp_path):
     assert proc.returncode == 2
     assert "sizes" in proc.stdout and "gpt9" in proc.stdout
     assert not out.exists()
+
+
+def test_device_check_quick_runs_and_writes_its_json(tmp_path, capsys):
+    """The accelerator check (torch + triton only) on a CPU with tiny shapes: every goal line is
+    printed and the JSON names the device, the rows and the Hope/Transformer ratio."""
+    import json
+
+    from nlbench.bench.device_check import main
+
+    main(["--out", str(tmp_path), "--device", "cpu", "--quick"])
+    printed = capsys.readouterr().out
+    assert "vs reference (goal >= 20x" in printed and "Hope/Transformer train tokens/s" in printed
+    got = json.loads((tmp_path / "device_check.json").read_text())
+    assert {(r["model"], r["phase"]) for r in got["rows"]} == {
+        (m, p) for m in ("transformer", "hope") for p in ("train", "infer")}
+    assert all(r["tokens_per_s"] > 0 for r in got["rows"]) and got["hope_over_transformer"] > 0
+    assert [r["goal_mfu"] for r in got["rows"] if r["phase"] == "train"] == [0.40, 0.25]
+    assert not (tmp_path / "device_check.json.tmp").exists()
