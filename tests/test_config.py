@@ -187,3 +187,27 @@ def test_yaml_scientific_notation_reads_as_float(tmp_path):
     run = expand_runs(load_config(p))[0].config
     assert run["model"]["options"]["max_lr"] == 0.05
     assert run["train"]["optimizer"] == {"name": "m3", "lr": 1e-3, "eps": 1e-8, "variant": "paper"}
+
+
+def test_every_shipped_config_loads_and_expands():
+    """configs/*.yaml: experiment configs expand to runs, bench and tune configs validate — a
+    config edited by hand (or a renamed option) fails here, not in a user's hour-long run."""
+    from pathlib import Path
+
+    import yaml
+
+    from nlbench.bench.bench_config import load_bench_config
+    from nlbench.config import expand_runs, load_config
+    from nlbench.tune import load_tune_config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(paths) >= 7
+    for p in paths:
+        raw = yaml.safe_load(p.read_text())
+        if "space" in raw:
+            tc, experiment = load_tune_config(p)
+            assert tc.trials >= 1 and experiment["models"], p.name
+        elif "seq_lens" in raw:
+            assert load_bench_config(p).models, p.name
+        else:
+            assert expand_runs(load_config(p)), p.name
