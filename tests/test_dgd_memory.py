@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
+from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference, unit_lower_solve
 
 torch.set_num_threads(1)
 
@@ -164,3 +164,33 @@ def test_bfloat16_inputs_run_and_stay_close_to_fp32():
     y16, new16 = dgd_chunk([w.bfloat16() for w in ws], *(t.bfloat16() for t in (q, k, v, eta, alpha)))
     assert y16.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in new16)
     torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 16, 17])
+def test_unit_lower_solve_matches_lapack_forward_and_grads(L):
+    """The matmul inverse (log-depth Neumann product) against LAPACK's triangular solve, in
+    float64, for chunk lengths that are and are not powers of two; gradients through both."""
+    g = torch.Generator().manual_seed(L)
+    a0 = (0.5 * torch.randn(3, 2, L, L, generator=g, dtype=torch.float64)).tril(-1)
+    r0 = torch.randn(3, 2, L, 7, generator=g, dtype=torch.float64)
+    gd = torch.randn(3, 2, L, 7, generator=g, dtype=torch.float64)
+    outs = []
+    for solve in (unit_lower_solve,
+                  lambda a, r: torch.linalg.solve_triangular(a, r, upper=False, unitriangular=True)):
+        a, r = a0.clone().requires_grad_(), r0.clone().requires_grad_()
+        d = solve(a, r)
+        d.backward(gd)
+        outs.append((d, a.grad.tril(-1), r.grad))
+    for x, y in zip(*outs):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    a, r = a0.clone().requires_grad_(), r0.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, r: unit_lower_solve(a.tril(-1), r), (a, r))
+
+
+def test_unit_lower_solve_broadcasts_the_matrix():
+    """One matrix shared by several right-hand sides (a broadcast batch dim) gets the summed
+    gradient, as autograd of a broadcast op would give."""
+    g = torch.Generator().manual_seed(0)
+    a = (0.3 * torch.randn(1, 6, 6, generator=g, dtype=torch.float64)).tril(-1).requires_grad_()
+    r = torch.randn(4, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, r: unit_lower_solve(a.tril(-1), r), (a, r))
