@@ -187,12 +187,14 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
     progress: called with nlbench.protocol.Progress(done, total, message) after every step.
     stop_after_task: test hook; stop (status failed, checkpoint kept) after that task.
     """
+    from nlbench.malloc import keep_freed_memory
     from nlbench.results import RunRecord
 
     config = spec.config
     t_wall = time.perf_counter()
     started_at = _now()
     prior_wall = 0.0
+    keep_freed_memory()  # no page faults re-touching last step's activations (nlbench.malloc)
     if threads is not None:
         torch.set_num_threads(int(threads))
     run = dict(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nlbench.kernels.dispatch import dgd_memory, resolve_backend
+from nlbench.malloc import keep_freed_memory
 
 __all__ = ["bench_memory_kernels", "memory_inputs", "time_memory_kernel"]
 
@@ -113,6 +114,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as in training runs (nlbench.malloc)
     for line in bench_memory_kernels(args.device, seq_len=args.seq_len):
         print(line, flush=True)
 

@@ -25,6 +25,7 @@ def bench(config, out, only, device):
 
     from nlbench.bench.bench_config import BenchConfigError, load_bench_config
     from nlbench.bench.throughput import BenchCase, bench_case, device_name, measure_matmul_peak, versions
+    from nlbench.malloc import keep_freed_memory
     from nlbench.results import ResultStore
 
     console = Console()
@@ -44,6 +45,7 @@ def bench(config, out, only, device):
     dev = torch.device(dev_str)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # as in training runs (nlbench.malloc)
     dtype = getattr(torch, cfg.dtype)
     if dev.type == "cpu" and dtype != torch.float32:
         console.print(f"[yellow]note:[/yellow] dtype {cfg.dtype} on CPU runs under autocast; MFU is against the {cfg.dtype} matmul peak.")
