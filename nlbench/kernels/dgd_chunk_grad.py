@@ -284,7 +284,7 @@ class _DGDChunk(torch.autograd.Function):
         g_lgp = g_gp * gp + gg_gam.sum(-1)
         g_lg = g_lgp - gg_gam.sum(-2) - g_tail_t
         g_last = g_tail_t.sum(-1) + (g_gl * gl).sum_to_size(*shape_a[:-1], 1).squeeze(-1)
-        g_lg = torch.cat([g_lg[..., :-1], (g_lg[..., -1] + g_last).unsqueeze(-1)], dim=-1)
+        g_lg[..., -1] += g_last  # a fresh tensor of this pass
         g_alpha = (_rev_cumsum(g_lg) - g_lgp) / alpha
 
         g_ws = [gw.sum_to_size(wm.shape) for gw, wm in zip(g_w, weights)]
