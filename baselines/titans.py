@@ -47,6 +47,7 @@ class NeuralMemory(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
                  memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3):
         super().__init__()
+        self.compile_kernels = False  # torch.compile each memory chunk (`Titans.compiled`)
         self.n_heads, self.head_dim, self.chunk_size = n_heads, d_model // n_heads, chunk_size
         self.max_lr = max_lr
         dh = self.head_dim
@@ -123,7 +124,8 @@ class NeuralMemory(nn.Module):
         q, k, v, tail = self.project(x, state[conv_key])
         eta, theta, alpha = self.gate_values(x)
         theta = theta / chunk_key_scale(k, self.chunk_size)
-        y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size)
+        y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size,
+                                        compiled=self.compile_kernels)
         return self.output(y), {**state, "W": W, "S": S, conv_key: tail}
 
     def read(self, q, state):
@@ -288,6 +290,14 @@ class Titans(NLModel):
 
     def init_state(self, batch_size: int):
         return [block.init_state(batch_size) for block in self.blocks]
+
+    def compiled(self):
+        """Titans with each memory chunk compiled by `torch.compile`, the chunk loop eager
+        (`NLModel.compiled`: tracing the unrolled loop does not finish in useful time)."""
+        for m in self.modules():
+            if isinstance(m, NeuralMemory):
+                m.compile_kernels = True
+        return self
 
     def forward(self, tokens, state=None, update_state: bool = True):
         check_tokens(tokens)

@@ -26,6 +26,8 @@ against `dgd_chunk_autograd` (values and every input's gradient, float64) and `g
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["dgd_chunk_manual"]
@@ -63,242 +65,264 @@ def _rev_cumsum(x):
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
+def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
+    """The chunk's outputs (y and/or the chunk-end weights) and what the backward pass needs;
+    `strict` is the [L, L] strictly-lower mask."""
+    from nlbench.kernels.dgd_memory import _unit_lower_inverse
+
+    mlp = len(weights) == 2
+    log_a = alpha.log()
+    lg = log_a.cumsum(-1)
+    lgp = lg - log_a
+    gam = (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()
+    gp = lgp.exp()
+    last = lg[..., -1:]
+    tail = (last - lg).exp()
+    gl = last.exp()  # [.., 1]
+
+    sv = av = None
+    if mlp:
+        w2, w1 = weights
+        v_hat = v
+        if self_target:
+            av = v @ _t(w2)
+            sv, _ = _silu(av)
+            v_hat = v + sv @ _t(w1)
+        a = k @ _t(w2)
+        s, d1a = _silu(a)
+        p1 = s @ _t(w1)
+        e = k + p1 - v_hat
+        h = e @ w1
+        g2 = h * d1a
+        mats = [(w2, k, g2, a), (w1, s, e, p1)]
+    else:
+        (w,) = weights
+        v_hat = v @ _t(w) if self_target else v
+        p = k @ _t(w)
+        e = p - v_hat
+        a = s = d1a = h = None
+        mats = [(w, k, e, p)]
+
+    gp_u = gp.unsqueeze(-1)
+    per, new = [], []
+    for wm, x, g, xw in mats:
+        n = x.square().sum(-1)
+        eta_s = eta / n.clamp_min(1.0)
+        kx = x @ _t(x)
+        gk_ = gam * kx
+        inner = g + gp_u * xw
+        inv = _unit_lower_inverse(eta_s.unsqueeze(-1) * gk_)
+        d = inv @ (-eta_s.unsqueeze(-1) * inner)
+        dd = d * tail.unsqueeze(-1)
+        new.append(gl.unsqueeze(-1) * wm + _t(dd) @ x)
+        per.append(dict(xw=xw, n=n, eta_s=eta_s, kx=kx, gk=gk_, inner=inner, inv=inv, d=d, dd=dd))
+
+    y, rd = None, None
+    if q is not None:
+        def pick(t, rank):  # the read memory's slice of a stacked tensor, and its index
+            if read_index is not None and t.dim() > rank:
+                return t[read_index], read_index
+            return t, None
+
+        r = q.dim()
+        (gpr, i_gp), (gamr, i_gam) = pick(gp, r - 1), pick(gam, r)
+        gpr_u = gpr.unsqueeze(-1)
+        if mlp:
+            (w2r, i_w2), (w1r, i_w1) = pick(w2, r), pick(w1, r)
+            (xkr, i_xk), (xsr, i_xs) = pick(k, r), pick(s, r)
+            (d2r, i_d2), (d1r, i_d1) = pick(per[0]["d"], r), pick(per[1]["d"], r)
+            qw = q @ _t(w2r)
+            qk_raw = q @ _t(xkr)
+            qk = gamr * qk_raw
+            hr = gpr_u * qw + qk @ d2r
+            sr, d1hr = _silu(hr)
+            sw = sr @ _t(w1r)
+            ss_raw = sr @ _t(xsr)
+            ss = gamr * ss_raw
+            y = q + gpr_u * sw + ss @ d1r
+            rd = dict(gpr=gpr, gamr=gamr, w2r=w2r, w1r=w1r, xkr=xkr, xsr=xsr, d2r=d2r, d1r=d1r, qw=qw,
+                      qk_raw=qk_raw, qk=qk, d1hr=d1hr, sr=sr, sw=sw, ss_raw=ss_raw, ss=ss,
+                      idx=dict(gp=i_gp, gam=i_gam, w2=i_w2, w1=i_w1, xk=i_xk, xs=i_xs, d2=i_d2, d1=i_d1))
+        else:
+            (wr, i_w), (xkr, i_xk), (dr, i_d) = pick(w, r), pick(k, r), pick(per[0]["d"], r)
+            qw = q @ _t(wr)
+            qk_raw = q @ _t(xkr)
+            qk = gamr * qk_raw
+            y = gpr_u * qw + qk @ dr
+            rd = dict(gpr=gpr, gamr=gamr, wr=wr, xkr=xkr, dr=dr, qw=qw, qk_raw=qk_raw, qk=qk,
+                      idx=dict(gp=i_gp, gam=i_gam, w=i_w, xk=i_xk, d=i_d))
+
+    saved = dict(gam=gam, gp=gp, tail=tail, gl=gl, a=a, s=s, d1a=d1a, h=h, e=e, sv=sv, av=av,
+                 per=per, rd=rd)
+    return ((y, *new) if q is not None else tuple(new)), saved
+
+
+def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
+    """Gradients of (q, k, v, η, α, *weights) from the outputs' gradients `grads`."""
+    gam, gp, tail, gl, per = S["gam"], S["gp"], S["tail"], S["gl"], S["per"]
+    mlp = len(weights) == 2
+    gy, g_new = (grads[0], grads[1:]) if q is not None else (None, grads)
+    xs = [k, S["s"]] if mlp else [k]
+
+    # chunk-end state: W_end = γ_L W + Ddᵀ x, Dd = D ⊙ γ_L/γ_i
+    g_w = [S["gl"].unsqueeze(-1) * gn for gn in g_new]
+    g_gl = sum((gn * wm).sum((-2, -1)) for gn, wm in zip(g_new, weights)).unsqueeze(-1)
+    g_x = [p["dd"] @ gn for p, gn in zip(per, g_new)]
+    g_dd = [x @ _t(gn) for x, gn in zip(xs, g_new)]
+    g_d = [gd * tail.unsqueeze(-1) for gd in g_dd]
+    g_tail = sum((gd * p["d"]).sum(-1) for gd, p in zip(g_dd, per))
+    # γ_prev, Γ and k may be shared by stacked memories: their gradients are reduced to their
+    # own shape before being summed (adding an unstacked term to a stacked one would count it
+    # once per memory)
+    g_gp, g_gam, g_q, g_k_read = None, None, None, None
+
+    # reads
+    if gy is not None:
+        rd = S["rd"]
+        ix = rd["idx"]
+        gpr_u = rd["gpr"].unsqueeze(-1)
+        if mlp:
+            g_q = gy
+            g_gpr = (gy * rd["sw"]).sum(-1)
+            gsw = gpr_u * gy
+            g_w[1] = _add_at(g_w[1], _t(gsw) @ rd["sr"], ix["w1"])
+            g_sr = gsw @ rd["w1r"]
+            g_d[1] = _add_at(g_d[1], _t(rd["ss"]) @ gy, ix["d1"])
+            g_ss = gy @ _t(rd["d1r"])
+            g_gamr = g_ss * rd["ss_raw"]
+            g_m = g_ss * rd["gamr"]
+            g_sr = g_sr + g_m @ rd["xsr"]
+            g_x[1] = _add_at(g_x[1], _t(g_m) @ rd["sr"], ix["xs"])
+            g_hr = g_sr * rd["d1hr"]
+            g_gpr = g_gpr + (g_hr * rd["qw"]).sum(-1)
+            t = gpr_u * g_hr
+            g_w[0] = _add_at(g_w[0], _t(t) @ q, ix["w2"])
+            g_q = g_q + t @ rd["w2r"]
+            g_d[0] = _add_at(g_d[0], _t(rd["qk"]) @ g_hr, ix["d2"])
+            g_qk = g_hr @ _t(rd["d2r"])
+        else:
+            g_gpr = (gy * rd["qw"]).sum(-1)
+            t = gpr_u * gy
+            g_w[0] = _add_at(g_w[0], _t(t) @ q, ix["w"])
+            g_q = t @ rd["wr"]
+            g_d[0] = _add_at(g_d[0], _t(rd["qk"]) @ gy, ix["d"])
+            g_qk = gy @ _t(rd["dr"])
+            g_gamr = None
+        g_gamr = _add(g_gamr, g_qk * rd["qk_raw"])
+        g_m2 = g_qk * rd["gamr"]
+        g_q = g_q + g_m2 @ rd["xkr"]
+        if ix["xk"] is None:  # k itself (shared by stacked memories): kept apart, not broadcast
+            g_k_read = _t(g_m2) @ q
+        else:
+            g_x[0] = _add_at(g_x[0], _t(g_m2) @ q, ix["xk"])
+        g_gp = g_gpr if ix["gp"] is None else _add_at(torch.zeros_like(gp), g_gpr, ix["gp"])
+        g_gam = g_gamr if ix["gam"] is None else _add_at(torch.zeros_like(gam), g_gamr, ix["gam"])
+
+    # per matrix: D = (I + A)⁻¹ R, A = η̃ Γ ⊙ x xᵀ, R = −η̃ (g + γ_prev xW), η̃ = η / max(1, ‖x‖²)
+    gp_u = gp.unsqueeze(-1)
+    g_g, g_xw, g_eta = [], [], None
+    for i, (p, x) in enumerate(zip(per, xs)):
+        eta_s = p["eta_s"].unsqueeze(-1)
+        g_r = _t(p["inv"]) @ g_d[i]
+        g_a = -(g_r @ _t(p["d"])).tril(-1)
+        g_eta_s = -(g_r * p["inner"]).sum(-1) + (g_a * p["gk"]).sum(-1)
+        gg = -eta_s * g_r
+        g_g.append(gg)
+        g_xw.append(gg * gp_u)
+        g_gp = _add(g_gp, (gg * p["xw"]).sum(-1).sum_to_size(gp.shape))
+        g_a_eta = g_a * eta_s
+        g_gam = _add(g_gam, (g_a_eta * p["kx"]).sum_to_size(gam.shape))
+        g_kx = g_a_eta * gam
+        g_x[i] = g_x[i] + (g_kx + _t(g_kx)) @ x
+        clamp = p["n"].clamp_min(1.0)
+        g_eta = _add(g_eta, g_eta_s / clamp)
+        g_n = -(g_eta_s * eta / clamp.square()) * (p["n"] >= 1)
+        g_x[i] = g_x[i] + 2 * g_n.unsqueeze(-1) * x
+
+    # the gradients at M_b and the target v̂
+    if mlp:
+        w2, w1 = weights
+        h, d1a, e, s = S["h"], S["d1a"], S["e"], S["s"]
+        g_h = g_g[0] * d1a
+        g_a = g_xw[0] + g_g[0] * h * _silu_dd(S["a"])
+        g_e = g_g[1] + g_h @ _t(w1)
+        g_w[1] = g_w[1] + _t(e) @ g_h
+        g_p1 = g_xw[1] + g_e
+        g_w[1] = g_w[1] + _t(g_p1) @ s
+        g_s = g_x[1] + g_p1 @ w1
+        g_a = g_a + g_s * d1a
+        g_w[0] = g_w[0] + _t(g_a) @ k
+        g_k = g_e + g_a @ w2 + g_x[0]
+        g_vh = -g_e
+        if self_target:
+            g_v = g_vh
+            g_w[1] = g_w[1] + _t(g_vh) @ S["sv"]
+            g_av = (g_vh @ w1) * _silu(S["av"])[1]
+            g_w[0] = g_w[0] + _t(g_av) @ v
+            g_v = g_v + g_av @ w2
+        else:
+            g_v = g_vh
+    else:
+        (w,) = weights
+        g_p = g_xw[0] + g_g[0]
+        g_w[0] = g_w[0] + _t(g_p) @ k
+        g_k = g_p @ w + g_x[0]
+        g_vh = -g_g[0]
+        if self_target:
+            g_v = g_vh @ w
+            g_w[0] = g_w[0] + _t(g_vh) @ v
+        else:
+            g_v = g_vh
+
+    # decays: γ_prev = exp(lgp), Γ = exp(lgp_i − lg_j), γ_L/γ_i = exp(lg_L − lg_i), γ_L = exp(lg_L)
+    shape_a = alpha.shape
+    gg_gam = g_gam * gam
+    g_tail_t = (g_tail * tail).sum_to_size(shape_a)
+    g_lgp = g_gp * gp + gg_gam.sum(-1)
+    g_lg = g_lgp - gg_gam.sum(-2) - g_tail_t
+    g_last = g_tail_t.sum(-1) + (g_gl * gl).sum_to_size(*shape_a[:-1], 1).squeeze(-1)
+    g_lg[..., -1] += g_last  # a fresh tensor of this pass
+    g_alpha = (_rev_cumsum(g_lg) - g_lgp) / alpha
+
+    g_ws = [gw.sum_to_size(wm.shape) for gw, wm in zip(g_w, weights)]
+    g_k = g_k.sum_to_size(k.shape)
+    if g_k_read is not None:
+        g_k = g_k + g_k_read
+    return (None if g_q is None else g_q.sum_to_size(q.shape), g_k,
+            g_v.sum_to_size(v.shape), g_eta.sum_to_size(eta.shape), g_alpha, *g_ws)
+
+
+@functools.cache
+def _compiled():
+    """(forward, backward) through `torch.compile`, made once per process; each new shape
+    compiles again (~20 s on 2 CPU cores for Hope's chunk)."""
+    return torch.compile(_forward, dynamic=False), torch.compile(_backward, dynamic=False)
+
+
 class _DGDChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, self_target, read_index, q, k, v, eta, alpha, *weights):
-        from nlbench.kernels.dgd_memory import _strictly_lower, _unit_lower_inverse
+    def forward(ctx, self_target, read_index, compiled, q, k, v, eta, alpha, *weights):
+        fwd = _compiled()[0] if compiled else _forward
+        from nlbench.kernels.dgd_memory import _strictly_lower
 
-        mlp = len(weights) == 2
-        L = k.shape[-2]
-        log_a = alpha.log()
-        lg = log_a.cumsum(-1)
-        lgp = lg - log_a
-        strict = _strictly_lower(L, alpha.device)
-        gam = (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()
-        gp = lgp.exp()
-        last = lg[..., -1:]
-        tail = (last - lg).exp()
-        gl = last.exp()  # [.., 1]
-
-        sv = av = None
-        if mlp:
-            w2, w1 = weights
-            v_hat = v
-            if self_target:
-                av = v @ _t(w2)
-                sv, _ = _silu(av)
-                v_hat = v + sv @ _t(w1)
-            a = k @ _t(w2)
-            s, d1a = _silu(a)
-            p1 = s @ _t(w1)
-            e = k + p1 - v_hat
-            h = e @ w1
-            g2 = h * d1a
-            mats = [(w2, k, g2, a), (w1, s, e, p1)]
-        else:
-            (w,) = weights
-            v_hat = v @ _t(w) if self_target else v
-            p = k @ _t(w)
-            e = p - v_hat
-            a = s = d1a = h = None
-            mats = [(w, k, e, p)]
-
-        gp_u = gp.unsqueeze(-1)
-        per, new = [], []
-        for wm, x, g, xw in mats:
-            n = x.square().sum(-1)
-            eta_s = eta / n.clamp_min(1.0)
-            kx = x @ _t(x)
-            gk_ = gam * kx
-            inner = g + gp_u * xw
-            inv = _unit_lower_inverse(eta_s.unsqueeze(-1) * gk_)
-            d = inv @ (-eta_s.unsqueeze(-1) * inner)
-            dd = d * tail.unsqueeze(-1)
-            new.append(gl.unsqueeze(-1) * wm + _t(dd) @ x)
-            per.append(dict(xw=xw, n=n, eta_s=eta_s, kx=kx, gk=gk_, inner=inner, inv=inv, d=d, dd=dd))
-
-        y, rd = None, None
-        if q is not None:
-            def pick(t, rank):  # the read memory's slice of a stacked tensor, and its index
-                if read_index is not None and t.dim() > rank:
-                    return t[read_index], read_index
-                return t, None
-
-            r = q.dim()
-            (gpr, i_gp), (gamr, i_gam) = pick(gp, r - 1), pick(gam, r)
-            gpr_u = gpr.unsqueeze(-1)
-            if mlp:
-                (w2r, i_w2), (w1r, i_w1) = pick(w2, r), pick(w1, r)
-                (xkr, i_xk), (xsr, i_xs) = pick(k, r), pick(s, r)
-                (d2r, i_d2), (d1r, i_d1) = pick(per[0]["d"], r), pick(per[1]["d"], r)
-                qw = q @ _t(w2r)
-                qk_raw = q @ _t(xkr)
-                qk = gamr * qk_raw
-                hr = gpr_u * qw + qk @ d2r
-                sr, d1hr = _silu(hr)
-                sw = sr @ _t(w1r)
-                ss_raw = sr @ _t(xsr)
-                ss = gamr * ss_raw
-                y = q + gpr_u * sw + ss @ d1r
-                rd = dict(gpr=gpr, gamr=gamr, w2r=w2r, w1r=w1r, xkr=xkr, xsr=xsr, d2r=d2r, d1r=d1r, qw=qw,
-                          qk_raw=qk_raw, qk=qk, d1hr=d1hr, sr=sr, sw=sw, ss_raw=ss_raw, ss=ss,
-                          idx=dict(gp=i_gp, gam=i_gam, w2=i_w2, w1=i_w1, xk=i_xk, xs=i_xs, d2=i_d2, d1=i_d1))
-            else:
-                (wr, i_w), (xkr, i_xk), (dr, i_d) = pick(w, r), pick(k, r), pick(per[0]["d"], r)
-                qw = q @ _t(wr)
-                qk_raw = q @ _t(xkr)
-                qk = gamr * qk_raw
-                y = gpr_u * qw + qk @ dr
-                rd = dict(gpr=gpr, gamr=gamr, wr=wr, xkr=xkr, dr=dr, qw=qw, qk_raw=qk_raw, qk=qk,
-                          idx=dict(gp=i_gp, gam=i_gam, w=i_w, xk=i_xk, d=i_d))
-
+        strict = _strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
+        outs, saved = fwd(self_target, read_index, q, k, v, eta, alpha, list(weights), strict)
         ctx.save_for_backward(q, k, v, eta, alpha, *weights)
-        ctx.self_target, ctx.mlp = self_target, mlp
-        ctx.saved = dict(gam=gam, gp=gp, tail=tail, gl=gl, a=a, s=s, d1a=d1a, h=h, e=e, sv=sv, av=av,
-                         per=per, rd=rd, new_shapes=[t.shape for t in new])
-        return (y, *new) if q is not None else tuple(new)
+        ctx.self_target, ctx.saved, ctx.compiled = self_target, saved, compiled
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
         q, k, v, eta, alpha, *weights = ctx.saved_tensors
-        S = ctx.saved
-        gam, gp, tail, gl, per = S["gam"], S["gp"], S["tail"], S["gl"], S["per"]
-        mlp = ctx.mlp
-        gy, g_new = (grads[0], grads[1:]) if q is not None else (None, grads)
-        xs = [k, S["s"]] if mlp else [k]
-
-        # chunk-end state: W_end = γ_L W + Ddᵀ x, Dd = D ⊙ γ_L/γ_i
-        g_w = [S["gl"].unsqueeze(-1) * gn for gn in g_new]
-        g_gl = sum((gn * wm).sum((-2, -1)) for gn, wm in zip(g_new, weights)).unsqueeze(-1)
-        g_x = [p["dd"] @ gn for p, gn in zip(per, g_new)]
-        g_dd = [x @ _t(gn) for x, gn in zip(xs, g_new)]
-        g_d = [gd * tail.unsqueeze(-1) for gd in g_dd]
-        g_tail = sum((gd * p["d"]).sum(-1) for gd, p in zip(g_dd, per))
-        # γ_prev, Γ and k may be shared by stacked memories: their gradients are reduced to their
-        # own shape before being summed (adding an unstacked term to a stacked one would count it
-        # once per memory)
-        g_gp, g_gam, g_q, g_k_read = None, None, None, None
-
-        # reads
-        if gy is not None:
-            rd = S["rd"]
-            ix = rd["idx"]
-            gpr_u = rd["gpr"].unsqueeze(-1)
-            if mlp:
-                g_q = gy
-                g_gpr = (gy * rd["sw"]).sum(-1)
-                gsw = gpr_u * gy
-                g_w[1] = _add_at(g_w[1], _t(gsw) @ rd["sr"], ix["w1"])
-                g_sr = gsw @ rd["w1r"]
-                g_d[1] = _add_at(g_d[1], _t(rd["ss"]) @ gy, ix["d1"])
-                g_ss = gy @ _t(rd["d1r"])
-                g_gamr = g_ss * rd["ss_raw"]
-                g_m = g_ss * rd["gamr"]
-                g_sr = g_sr + g_m @ rd["xsr"]
-                g_x[1] = _add_at(g_x[1], _t(g_m) @ rd["sr"], ix["xs"])
-                g_hr = g_sr * rd["d1hr"]
-                g_gpr = g_gpr + (g_hr * rd["qw"]).sum(-1)
-                t = gpr_u * g_hr
-                g_w[0] = _add_at(g_w[0], _t(t) @ q, ix["w2"])
-                g_q = g_q + t @ rd["w2r"]
-                g_d[0] = _add_at(g_d[0], _t(rd["qk"]) @ g_hr, ix["d2"])
-                g_qk = g_hr @ _t(rd["d2r"])
-            else:
-                g_gpr = (gy * rd["qw"]).sum(-1)
-                t = gpr_u * gy
-                g_w[0] = _add_at(g_w[0], _t(t) @ q, ix["w"])
-                g_q = t @ rd["wr"]
-                g_d[0] = _add_at(g_d[0], _t(rd["qk"]) @ gy, ix["d"])
-                g_qk = gy @ _t(rd["dr"])
-                g_gamr = None
-            g_gamr = _add(g_gamr, g_qk * rd["qk_raw"])
-            g_m2 = g_qk * rd["gamr"]
-            g_q = g_q + g_m2 @ rd["xkr"]
-            if ix["xk"] is None:  # k itself (shared by stacked memories): kept apart, not broadcast
-                g_k_read = _t(g_m2) @ q
-            else:
-                g_x[0] = _add_at(g_x[0], _t(g_m2) @ q, ix["xk"])
-            g_gp = g_gpr if ix["gp"] is None else _add_at(torch.zeros_like(gp), g_gpr, ix["gp"])
-            g_gam = g_gamr if ix["gam"] is None else _add_at(torch.zeros_like(gam), g_gamr, ix["gam"])
-
-        # per matrix: D = (I + A)⁻¹ R, A = η̃ Γ ⊙ x xᵀ, R = −η̃ (g + γ_prev xW), η̃ = η / max(1, ‖x‖²)
-        gp_u = gp.unsqueeze(-1)
-        g_g, g_xw, g_eta = [], [], None
-        for i, (p, x) in enumerate(zip(per, xs)):
-            eta_s = p["eta_s"].unsqueeze(-1)
-            g_r = _t(p["inv"]) @ g_d[i]
-            g_a = -(g_r @ _t(p["d"])).tril(-1)
-            g_eta_s = -(g_r * p["inner"]).sum(-1) + (g_a * p["gk"]).sum(-1)
-            gg = -eta_s * g_r
-            g_g.append(gg)
-            g_xw.append(gg * gp_u)
-            g_gp = _add(g_gp, (gg * p["xw"]).sum(-1).sum_to_size(gp.shape))
-            g_a_eta = g_a * eta_s
-            g_gam = _add(g_gam, (g_a_eta * p["kx"]).sum_to_size(gam.shape))
-            g_kx = g_a_eta * gam
-            g_x[i] = g_x[i] + (g_kx + _t(g_kx)) @ x
-            clamp = p["n"].clamp_min(1.0)
-            g_eta = _add(g_eta, g_eta_s / clamp)
-            g_n = -(g_eta_s * eta / clamp.square()) * (p["n"] >= 1)
-            g_x[i] = g_x[i] + 2 * g_n.unsqueeze(-1) * x
-
-        # the gradients at M_b and the target v̂
-        if mlp:
-            w2, w1 = weights
-            h, d1a, e, s = S["h"], S["d1a"], S["e"], S["s"]
-            g_h = g_g[0] * d1a
-            g_a = g_xw[0] + g_g[0] * h * _silu_dd(S["a"])
-            g_e = g_g[1] + g_h @ _t(w1)
-            g_w[1] = g_w[1] + _t(e) @ g_h
-            g_p1 = g_xw[1] + g_e
-            g_w[1] = g_w[1] + _t(g_p1) @ s
-            g_s = g_x[1] + g_p1 @ w1
-            g_a = g_a + g_s * d1a
-            g_w[0] = g_w[0] + _t(g_a) @ k
-            g_k = g_e + g_a @ w2 + g_x[0]
-            g_vh = -g_e
-            if ctx.self_target:
-                g_v = g_vh
-                g_w[1] = g_w[1] + _t(g_vh) @ S["sv"]
-                g_av = (g_vh @ w1) * _silu(S["av"])[1]
-                g_w[0] = g_w[0] + _t(g_av) @ v
-                g_v = g_v + g_av @ w2
-            else:
-                g_v = g_vh
-        else:
-            (w,) = weights
-            g_p = g_xw[0] + g_g[0]
-            g_w[0] = g_w[0] + _t(g_p) @ k
-            g_k = g_p @ w + g_x[0]
-            g_vh = -g_g[0]
-            if ctx.self_target:
-                g_v = g_vh @ w
-                g_w[0] = g_w[0] + _t(g_vh) @ v
-            else:
-                g_v = g_vh
-
-        # decays: γ_prev = exp(lgp), Γ = exp(lgp_i − lg_j), γ_L/γ_i = exp(lg_L − lg_i), γ_L = exp(lg_L)
-        shape_a = alpha.shape
-        gg_gam = g_gam * gam
-        g_tail_t = (g_tail * tail).sum_to_size(shape_a)
-        g_lgp = g_gp * gp + gg_gam.sum(-1)
-        g_lg = g_lgp - gg_gam.sum(-2) - g_tail_t
-        g_last = g_tail_t.sum(-1) + (g_gl * gl).sum_to_size(*shape_a[:-1], 1).squeeze(-1)
-        g_lg[..., -1] += g_last  # a fresh tensor of this pass
-        g_alpha = (_rev_cumsum(g_lg) - g_lgp) / alpha
-
-        g_ws = [gw.sum_to_size(wm.shape) for gw, wm in zip(g_w, weights)]
-        g_k = g_k.sum_to_size(k.shape)
-        if g_k_read is not None:
-            g_k = g_k + g_k_read
-        return (None, None, None if g_q is None else g_q.sum_to_size(q.shape), g_k,
-                g_v.sum_to_size(v.shape), g_eta.sum_to_size(eta.shape), g_alpha, *g_ws)
+        bwd = _compiled()[1] if ctx.compiled else _backward
+        return (None, None, None, *bwd(ctx.self_target, ctx.saved, q, k, v, eta, alpha, weights, grads))
 
 
-def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
+def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
+                     compiled: bool = False):
     """`dgd_memory.dgd_chunk` with the hand-written backward pass; same arguments and returns
-    (y or None, weights at chunk end)."""
+    (y or None, weights at chunk end). `compiled=True`: both passes through `torch.compile`."""
     if len(weights) not in (1, 2):
         raise ValueError(f"weights: expected 1 (linear) or 2 (MLP) matrices, got {len(weights)}.")
-    out = _DGDChunk.apply(self_target, read_index, q, k, v, eta, alpha, *weights)
+    out = _DGDChunk.apply(self_target, read_index, compiled, q, k, v, eta, alpha, *weights)
     return (out[0], list(out[1:])) if q is not None else (None, list(out))

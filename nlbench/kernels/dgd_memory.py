@@ -211,16 +211,18 @@ def _read(w, x, d, r, g_prev, gamma):
     return g_prev.unsqueeze(-1) * (r @ w.transpose(-1, -2)) + (gamma * (r @ x.transpose(-1, -2))) @ d
 
 
-def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
+def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
+              compiled: bool = False):
     """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
 
     fp32 / fp64 run `dgd_chunk_grad.dgd_chunk_manual`, the same equations with a hand-written
     backward pass (one Hope `medium` layer, T=512, batch 4, 2 CPU threads: backward 188 → 142 ms,
     forward 110 → 105 ms, one A/B run); half precision runs `dgd_chunk_autograd`.
+    `compiled=True` runs that chunk's forward and backward functions through `torch.compile`.
     """
     if k.dtype in (torch.float32, torch.float64):
         from nlbench.kernels.dgd_chunk_grad import dgd_chunk_manual
-        return dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target, read_index)
+        return dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target, read_index, compiled)
     return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index)
 
 

@@ -36,6 +36,8 @@ weights / momentum: lists of [B, H, out, in] tensors (layer order, input side fi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -140,17 +142,26 @@ def _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size):
         raise ValueError("weights and momentum must be non-empty lists of the same length (one per layer).")
 
 
-def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_size: int = 16):
+@functools.cache
+def _compiled_chunk():
+    """`_chunk` through `torch.compile` (forward and its autograd backward), made once per process."""
+    return torch.compile(_chunk, dynamic=False)
+
+
+def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_size: int = 16,
+                          compiled: bool = False):
     """Titans memory over a sequence, chunk by chunk (parallel inside a chunk).
 
     Returns (y [B, H, T, out], weights, momentum) -- the state after the last token. A trailing
     partial chunk is processed as a shorter chunk, so the next call starts a fresh chunk.
+    `compiled=True` runs each chunk through `torch.compile` (`NLModel.compiled`).
     """
     _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
     weights, momentum, ys = list(weights), list(momentum), []
+    chunk = _compiled_chunk() if compiled else _chunk
     # split once (not a slice per chunk, whose backward zero-fills a full-length tensor each time)
     for qc, kc, vc, ec, tc, ac in zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, eta, theta, alpha))):
-        y, weights, momentum = _chunk(weights, momentum, qc, kc, vc, ec, tc, ac)
+        y, weights, momentum = chunk(weights, momentum, qc, kc, vc, ec, tc, ac)
         ys.append(y)
     return torch.cat(ys, dim=2), weights, momentum
 

@@ -119,6 +119,16 @@ class Hope(NLModel):
         stateless = all(s["smt"] is None and s["cms"] is None for s in new)
         return ModelOutput(logits, None if stateless else new)
 
+    def compiled(self):
+        """Hope with its DGD chunk kernels compiled by `torch.compile` (forward and hand-written
+        backward, `nlbench.kernels.dgd_chunk_grad`); everything else runs eagerly. Hope-Attention
+        has no chunk loop and compiles whole."""
+        if self.family != "hope":
+            return super().compiled()
+        for b in self.blocks:
+            b.mixer.compile_kernels = True
+        return self
+
     def set_kernel(self, kernel: str):
         """"chunked" (default) or "reference" (per-token loops) for every in-context memory."""
         if kernel not in ("chunked", "reference"):

@@ -128,6 +128,7 @@ class SelfModifyingTitans(nn.Module):
         self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
         self.kernel = "chunked"  # "reference": per-token loops (tests)
         self.fuse = True  # stack the five memories when both chunk sizes agree (`_memories_fused`)
+        self.compile_kernels = False  # torch.compile the DGD chunk kernels (`Hope.compiled`)
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
         # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3)
@@ -196,7 +197,7 @@ class SelfModifyingTitans(nn.Module):
             eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
         if self.kernel == "reference":
             return dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2])
-        return dgd_chunk(weights, q, k, v, eta, alpha)
+        return dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x, state):
@@ -252,7 +253,7 @@ class SelfModifyingTitans(nn.Module):
             lam = curvature(weights)
             if lam is not None:
                 eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
-            y, weights = dgd_chunk(weights, qc, k, v, eta, alpha, read_index=n_proj)
+            y, weights = dgd_chunk(weights, qc, k, v, eta, alpha, read_index=n_proj, compiled=self.compile_kernels)
             ys.append(y)
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
         return torch.cat(ys, dim=-2), mems
