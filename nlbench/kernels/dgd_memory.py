@@ -312,6 +312,22 @@ def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_tar
     return (None if q is None else torch.cat(ys, dim=-2)), weights
 
 
+def _inverse_flops(L: int) -> float:
+    """Matmul FLOPs of `_unit_lower_inverse` for one L × L matrix (as implemented)."""
+    def neumann(n):  # one squaring and one product per doubling of the span
+        return 2 * 2 * n ** 3 * max(0, math.ceil(math.log2(n)) - 1) if n > 1 else 0
+    if L <= NEUMANN_BLOCK:
+        return float(neumann(L))
+    size, padded = NEUMANN_BLOCK, NEUMANN_BLOCK
+    while padded < L:
+        padded *= 2
+    f = (padded // size) * neumann(size)
+    while size < padded:  # per merged pair: −T₂ B T₁, two s × s products
+        f += (padded // (2 * size)) * 2 * 2 * size ** 3
+        size *= 2
+    return float(f)
+
+
 def dgd_flops_per_token(d: int, hidden: int | None, chunk_size: int, reads: bool = True) -> float:
     """Matmul FLOPs per token and head of `dgd_chunk` (linear memory when hidden is None)."""
     mats = [(d, d)] if hidden is None else [(hidden, d), (d, hidden)]
@@ -321,7 +337,7 @@ def dgd_flops_per_token(d: int, hidden: int | None, chunk_size: int, reads: bool
         f += 2 * m * n          # gradient forward at M_b
         f += 2 * C * n          # X Xᵀ (per token: one row)
         # X W_bᵀ of the right-hand side is the gradient's forward pass above: not counted twice
-        f += 4 * C * C * max(1, math.ceil(math.log2(C)))  # (I + A)⁻¹: squarings and products per chunk
+        f += _inverse_flops(C) / C  # (I + A)⁻¹ once per chunk
         f += 2 * C * m          # applying it to the right-hand side
         f += 2 * m * n          # chunk-end state Dᵀ X
         if reads:
