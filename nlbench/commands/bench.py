@@ -96,7 +96,7 @@ def bench(config, out, only, device):
     if cfg.kernel_seq_len:
         from nlbench.bench.kernels import bench_memory_kernels
 
-        for line in bench_memory_kernels(dev, seq_len=cfg.kernel_seq_len):
+        for line in bench_memory_kernels(dev, seq_len=cfg.kernel_seq_len, compiled=cfg.compile):
             console.print(line)
     console.print(f"wrote {len(rows)} rows to {Path(out) / 'throughput'}")
 

@@ -266,8 +266,10 @@ def _check_chunk(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
 
 
-def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True):
-    """DGD memory over a sequence, chunk by chunk (matmuls inside a chunk). Returns (y, weights)."""
+def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True,
+                       compiled: bool = False):
+    """DGD memory over a sequence, chunk by chunk (matmuls inside a chunk). Returns (y, weights).
+    `compiled=True`: each chunk through `torch.compile` (`dgd_chunk`)."""
     _check_chunk(chunk_size)
     # split once: slicing per chunk would make autograd scatter each chunk's gradient into a
     # zero-filled full-length tensor, O(T²/C) work in the backward pass
@@ -275,7 +277,7 @@ def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_targe
     qs = [None] * len(ks) if q is None else q.split(chunk_size, dim=-2)
     ys = []
     for qc, kc, vc, ec, ac in zip(qs, ks, vs, eta.split(chunk_size, dim=-1), alpha.split(chunk_size, dim=-1)):
-        y, weights = dgd_chunk(weights, qc, kc, vc, ec, ac, self_target)
+        y, weights = dgd_chunk(weights, qc, kc, vc, ec, ac, self_target, compiled=compiled)
         ys.append(y)
     return (None if q is None else torch.cat(ys, dim=-2)), weights
 

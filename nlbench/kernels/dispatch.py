@@ -72,8 +72,10 @@ def _triton_fits(weights, k) -> bool:
     return max(dims) <= MAX_DIM and k.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto"):
+def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto",
+               compiled: bool = False):
     """DGD memory over a sequence (Eq. 86–93) with the chosen backend. Returns (y or None, weights).
+    `compiled=True` runs the chunked backend's per-chunk kernel through `torch.compile`.
 
     Shapes: q (or None: no reads), k, v [B, H, T, d]; η, α [B, H, T]; weights: [W] (linear, Eq. 93)
     or [W2, W1] (residual MLP, Eq. 89), each [B, H, out, in]. Differentiable on every backend.
@@ -84,7 +86,7 @@ def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool 
     if name == "reference":
         return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target)
     if name == "chunked":
-        return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target)
+        return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target, compiled)
     from nlbench.kernels.dgd_triton import dgd_memory_triton
 
     return dgd_memory_triton(weights, q, k, v, eta, alpha, chunk_size, self_target)
