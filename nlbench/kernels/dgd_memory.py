@@ -93,8 +93,14 @@ def memory_gradients(weights, k, v_hat):
     return [(g2, k), (e, s)]
 
 
-@functools.lru_cache(maxsize=None)
 def _strictly_lower(L: int, device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced into the graph: a cache would be bypassed anyway
+        return torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
+    return _strictly_lower_cached(L, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _strictly_lower_cached(L: int, device) -> torch.Tensor:
     return torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
 
 

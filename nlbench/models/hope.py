@@ -120,9 +120,11 @@ class Hope(NLModel):
         return ModelOutput(logits, None if stateless else new)
 
     def compiled(self):
-        """Hope with its DGD chunk kernels compiled by `torch.compile` (forward and hand-written
-        backward, `nlbench.kernels.dgd_chunk_grad`); everything else runs eagerly. Hope-Attention
-        has no chunk loop and compiles whole."""
+        """Hope with each chunk step of its self-modifying layers compiled by `torch.compile`
+        (projections, gates, curvature guard and DGD chunk in one graph with one fused backward;
+        `self_modifying_titans._compiled_fused_chunk_step`, or the DGD kernel alone when the two
+        chunk sizes differ); the chunk loop and everything else run eagerly. Hope-Attention has
+        no chunk loop and compiles whole."""
         if self.family != "hope":
             return super().compiled()
         for b in self.blocks:
