@@ -293,16 +293,18 @@ def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
 
 
 @functools.cache
-def _compiled():
-    """(forward, backward) through `torch.compile`, made once per process; each new shape
-    compiles again (~20 s on 2 CPU cores for Hope's chunk)."""
-    return torch.compile(_forward, dynamic=False), torch.compile(_backward, dynamic=False)
+def _compiled(device_type: str):
+    """(forward, backward) through `torch.compile` (`compiling.compile_kernel`), made once per
+    process and device type; each new shape compiles again."""
+    from nlbench.kernels.compiling import compile_kernel
+
+    return compile_kernel(_forward, device_type), compile_kernel(_backward, device_type)
 
 
 class _DGDChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, self_target, read_index, compiled, q, k, v, eta, alpha, *weights):
-        fwd = _compiled()[0] if compiled else _forward
+        fwd = _compiled(k.device.type)[0] if compiled else _forward
         from nlbench.kernels.dgd_memory import _strictly_lower
 
         strict = _strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
@@ -314,7 +316,7 @@ class _DGDChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         q, k, v, eta, alpha, *weights = ctx.saved_tensors
-        bwd = _compiled()[1] if ctx.compiled else _backward
+        bwd = _compiled(k.device.type)[1] if ctx.compiled else _backward
         return (None, None, None, *bwd(ctx.self_target, ctx.saved, q, k, v, eta, alpha, weights, grads))
 
 

@@ -143,9 +143,12 @@ def _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size):
 
 
 @functools.cache
-def _compiled_chunk():
-    """`_chunk` through `torch.compile` (forward and its autograd backward), made once per process."""
-    return torch.compile(_chunk, dynamic=False)
+def _compiled_chunk(device_type: str):
+    """`_chunk` through `torch.compile` (forward and its autograd backward; `compiling.compile_kernel`),
+    made once per process and device type."""
+    from nlbench.kernels.compiling import compile_kernel
+
+    return compile_kernel(_chunk, device_type)
 
 
 def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_size: int = 16,
@@ -158,7 +161,7 @@ def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_s
     """
     _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
     weights, momentum, ys = list(weights), list(momentum), []
-    chunk = _compiled_chunk() if compiled else _chunk
+    chunk = _compiled_chunk(k.device.type) if compiled else _chunk
     # split once (not a slice per chunk, whose backward zero-fills a full-length tensor each time)
     for qc, kc, vc, ec, tc, ac in zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, eta, theta, alpha))):
         y, weights, momentum = chunk(weights, momentum, qc, kc, vc, ec, tc, ac)

@@ -81,6 +81,7 @@ from torch import nn
 from nlbench.kernels.dgd_memory import (
     dgd_chunk, dgd_chunk_autograd, dgd_flops_per_token, dgd_memory_reference, memory_apply,
 )
+from nlbench.kernels.compiling import compile_kernel
 from nlbench.models.layers import ShortConv
 
 __all__ = ["SelfModifyingTitans", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
@@ -138,13 +139,13 @@ def fused_chunk_step(weights, zc, qc, b_eta, b_alpha, kernel=dgd_chunk):
 
 
 @functools.cache
-def _compiled_fused_chunk_step():
+def _compiled_fused_chunk_step(device_type: str):
     """`fused_chunk_step` through `torch.compile`, with the chunk in plain autograd ops
     (`dgd_chunk_autograd`) so that AOTAutograd derives one fused backward for the whole step;
     made once per process and shared by every layer of the same shape. One Hope `medium` train
     step on 2 CPU threads (T=512, batch 4; one run each): eager 1357 ms, the DGD kernel alone
     compiled 1067 ms, the whole chunk step compiled 838 ms."""
-    return torch.compile(functools.partial(fused_chunk_step, kernel=dgd_chunk_autograd), dynamic=False)
+    return compile_kernel(functools.partial(fused_chunk_step, kernel=dgd_chunk_autograd), device_type)
 
 
 def _logit(p: float) -> float:
@@ -275,7 +276,7 @@ class SelfModifyingTitans(nn.Module):
         each chunk step runs through `torch.compile` (`_compiled_fused_chunk_step`)."""
         names = (*PROJECTION_MEMORIES, "mem")
         weights = [torch.stack(ws) for ws in zip(*(state[n] for n in names))]  # each [5, B, H, out, in]
-        step = _compiled_fused_chunk_step() if self.compile_kernels else fused_chunk_step
+        step = _compiled_fused_chunk_step(z.device.type) if self.compile_kernels else fused_chunk_step
         ys = []
         for zc, qc in zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)):
             y, weights = step(weights, zc, qc, self.b_eta, self.b_alpha)
