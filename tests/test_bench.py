@@ -74,3 +74,21 @@ def test_device_check_quick_runs_and_writes_its_json(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in got["rows"]) and got["hope_over_transformer"] > 0
     assert [r["goal_mfu"] for r in got["rows"] if r["phase"] == "train"] == [0.40, 0.25]
     assert not (tmp_path / "device_check.json.tmp").exists()
+
+
+def test_device_check_compile_adds_compiled_rows(tmp_path, capsys):
+    """`--compile`: the same cases again through model.compiled(), flagged, with compile time,
+    and a compiled Hope/Transformer ratio."""
+    import json
+
+    from nlbench.bench.device_check import main
+
+    main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--compile"])
+    printed = capsys.readouterr().out
+    assert "Hope/Transformer train tokens/s (compiled)" in printed and "compiled C=4" in printed
+    got = json.loads((tmp_path / "device_check.json").read_text())
+    compiled = [r for r in got["rows"] if r["compiled"]]
+    assert {(r["model"], r["phase"]) for r in compiled} == {
+        (m, p) for m in ("transformer", "hope") for p in ("train", "infer")}
+    assert all(r["compile_s"] is not None and r["tokens_per_s"] > 0 for r in compiled)
+    assert got["hope_over_transformer_compiled"] > 0

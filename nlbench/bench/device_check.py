@@ -14,7 +14,8 @@ It measures, in one run on one device:
   Transformer MFU ≥ 40% and Hope ≥ 25% of the datasheet bf16 peak (989 TFLOP/s for H100 SXM /
   H200), and the matmul peak measured in the same run for reference.
 
-`--quick` shrinks everything (tiny preset, short sequences) so that the path runs on a CPU in
+`--compile` adds the same measurements with `torch.compile` (`model.compiled()`) and the
+compiled memory kernel. `--quick` shrinks everything (tiny preset, short sequences) so that the path runs on a CPU in
 seconds: the test suite runs it that way.
 """
 
@@ -36,37 +37,44 @@ GOALS_MFU = {"transformer": 0.40, "hope": 0.25}
 
 
 def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torch.dtype,
-              kernel_seq_len: int, steps: int, quick: bool = False) -> dict:
+              kernel_seq_len: int, steps: int, quick: bool = False, compile_too: bool = False) -> dict:
     dev = torch.device(device)
     t0 = time.perf_counter()
-    lines = bench_memory_kernels(dev, seq_len=kernel_seq_len, **(dict(B=1, H=2, d=8, chunk_sizes=(4,)) if quick else {}))
+    lines = bench_memory_kernels(dev, seq_len=kernel_seq_len, compiled=compile_too,
+                                 **(dict(B=1, H=2, d=8, chunk_sizes=(4,)) if quick else {}))
     for line in lines:
         print(line, flush=True)
     peak = measure_matmul_peak(dev, dtype, n=256 if quick else None)
     sheet = datasheet_peak(device_name(dev), dtype)
     print(f"{device_name(dev)} {dtype}: measured matmul peak {peak / 1e12:.1f} TFLOP/s; datasheet "
           f"{'unknown' if sheet is None else f'{sheet / 1e12:.0f} TFLOP/s'}", flush=True)
-    rows = []
-    for model in ("transformer", "hope"):
-        got = bench_case(BenchCase(model, size, seq_len, batch_size), device=dev, dtype=dtype, vocab_size=256 if quick else 32000,
-                         optimizer="adamw", lr=1e-4, warmup_steps=1 if quick else 3, steps=steps,
-                         phases=["train", "infer"], compile=False, peak_flops=peak)
-        for r in got:
-            goal = GOALS_MFU.get(model) if r["phase"] == "train" else None
-            mfu = r["mfu_datasheet"] if r["mfu_datasheet"] is not None else r["mfu"]
-            r["goal_mfu"], r["goal_met"] = goal, (None if goal is None else bool(mfu >= goal))
-            print(f"{model:>12} {size} T={seq_len} {r['phase']:<5} {r['tokens_per_s']:>10.0f} tok/s  "
-                  f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}% of measured"
-                  + (f", {100 * r['mfu_datasheet']:.1f}% of datasheet" if r["mfu_datasheet"] is not None else "")
-                  + ("" if goal is None else f"  (goal >= {100 * goal:.0f}%: {'met' if r['goal_met'] else 'NOT met'})"),
-                  flush=True)
-            rows.append(r)
-    train = {r["model"]: r["tokens_per_s"] for r in rows if r["phase"] == "train"}
-    ratio = train["hope"] / train["transformer"]
-    print(f"Hope/Transformer train tokens/s: {ratio:.2f}x", flush=True)
+    rows, ratios = [], {}
+    for compiled in (False, True) if compile_too else (False,):
+        tag = " (compiled)" if compiled else ""
+        for model in ("transformer", "hope"):
+            got = bench_case(BenchCase(model, size, seq_len, batch_size), device=dev, dtype=dtype,
+                             vocab_size=256 if quick else 32000, optimizer="adamw", lr=1e-4,
+                             warmup_steps=1 if quick else 3, steps=steps, phases=["train", "infer"],
+                             compile=compiled, peak_flops=peak)
+            for r in got:
+                goal = GOALS_MFU.get(model) if r["phase"] == "train" else None
+                mfu = r["mfu_datasheet"] if r["mfu_datasheet"] is not None else r["mfu"]
+                r["compiled"] = compiled
+                r["goal_mfu"], r["goal_met"] = goal, (None if goal is None else bool(mfu >= goal))
+                print(f"{model:>12} {size} T={seq_len} {r['phase']:<5} {r['tokens_per_s']:>10.0f} tok/s  "
+                      f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}% of measured"
+                      + (f", {100 * r['mfu_datasheet']:.1f}% of datasheet" if r["mfu_datasheet"] is not None else "")
+                      + ("" if goal is None else f"  (goal >= {100 * goal:.0f}%: {'met' if r['goal_met'] else 'NOT met'})")
+                      + tag + (f", compile {r['compile_s']:.1f} s" if compiled else ""),
+                      flush=True)
+                rows.append(r)
+        train = {r["model"]: r["tokens_per_s"] for r in rows if r["phase"] == "train" and r["compiled"] == compiled}
+        ratios[compiled] = train["hope"] / train["transformer"]
+        print(f"Hope/Transformer train tokens/s{tag}: {ratios[compiled]:.2f}x", flush=True)
     return dict(device=device_name(dev), dtype=str(dtype).replace("torch.", ""), matmul_peak=peak,
-                datasheet_peak=sheet, kernel_lines=lines, rows=rows, hope_over_transformer=ratio,
-                versions=versions(), wall_s=time.perf_counter() - t0)
+                datasheet_peak=sheet, kernel_lines=lines, rows=rows, hope_over_transformer=ratios[False],
+                hope_over_transformer_compiled=ratios.get(True), versions=versions(),
+                wall_s=time.perf_counter() - t0)
 
 
 def main(argv=None):
@@ -80,11 +88,14 @@ def main(argv=None):
     p.add_argument("--kernel-seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of this path on a CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure with torch.compile (model.compiled(): Hope's chunk steps, the Transformer whole)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     if a.quick:
         a.size, a.seq_len, a.batch_size, a.kernel_seq_len, a.steps = "tiny", 32, 2, 16, 2
-    result = run_check(a.device, a.size, a.seq_len, a.batch_size, dtype, a.kernel_seq_len, a.steps, quick=a.quick)
+    result = run_check(a.device, a.size, a.seq_len, a.batch_size, dtype, a.kernel_seq_len, a.steps, quick=a.quick,
+                       compile_too=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "device_check.json.tmp"
