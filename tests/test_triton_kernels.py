@@ -109,6 +109,40 @@ SCRIPT = textwrap.dedent(r'''
         out["dispatch"] = None
     except Exception as e:
         out["dispatch"] = f"{type(e).__name__}: {e}"
+    # Hope's memories on the kernel (memory_kernel="triton"): the stacked five-memory chunk step
+    # and the per-memory path (two chunk sizes) equal the chunked kernel, values and gradients
+    from nlbench.models.self_modifying_titans import SelfModifyingTitans
+
+    def smt(kernel, mem_chunk):
+        torch.manual_seed(0)
+        m = SelfModifyingTitans(8, 2, chunk_size=4, mem_chunk_size=mem_chunk, memory_kernel=kernel)
+        x = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y, st = m(x, m.init_state(1))
+        ends = [w for n in ("k", "v", "eta", "alpha", "mem") for w in st[n]]
+        g = torch.Generator().manual_seed(2)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in [y, *ends])
+        loss.backward()
+        return [y.detach(), *[w.detach() for w in ends], x.grad, *[p.grad for p in m.parameters()]]
+
+    out["hope-fused"] = compare(smt("triton", 4), smt("chunked", 4))
+    out["hope-two-chunk-sizes"] = compare(smt("triton", 2), smt("chunked", 2))
+
+    # a stack read in the middle (memory 1 of 3): the others' order is restored
+    from nlbench.kernels.dgd_memory import dgd_chunk
+    from nlbench.kernels.dispatch import dgd_chunk_triton
+
+    def stacked(fn):
+        ws, q, k, v, eta, alpha = inputs(True, T=6)
+        g = torch.Generator().manual_seed(3)
+        ws = [w.unsqueeze(0) + 0.1 * torch.randn(3, *w.shape, generator=g) for w in ws]
+        eta = eta.expand(3, *eta.shape) * torch.tensor([1.0, 0.5, 0.25])[:, None, None, None]
+        leaves = [*ws, q, k, v, eta, alpha]
+        leaves = [x.detach().requires_grad_(True) for x in leaves]
+        y, new = fn(leaves[:2], *leaves[2:], read_index=1)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in [y, *new])
+        return [y.detach(), *[w.detach() for w in new], *torch.autograd.grad(loss, leaves)]
+
+    out["stack-read-middle"] = compare(stacked(dgd_chunk_triton), stacked(dgd_chunk))
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -143,6 +177,13 @@ def test_triton_saves_the_chunk_start_states(interpreted, kind):
 
 def test_dispatch_runs_triton_under_the_interpreter(interpreted):
     assert interpreted["dispatch"] is None, interpreted["dispatch"]
+
+
+@pytest.mark.parametrize("case", ["hope-fused", "hope-two-chunk-sizes", "stack-read-middle"])
+def test_hope_memories_on_the_triton_kernel(interpreted, case):
+    # memory_kernel="triton" equals the chunked kernel: the stacked chunk step, the per-memory
+    # path, and a stack read in the middle
+    assert interpreted[case] is None, interpreted[case]
 
 
 def test_interpreter_flag_did_not_leak_into_this_process(interpreted):

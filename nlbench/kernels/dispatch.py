@@ -19,7 +19,7 @@ import torch
 
 from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
 
-__all__ = ["BACKENDS", "dgd_memory", "resolve_backend", "triton_status"]
+__all__ = ["BACKENDS", "dgd_chunk_triton", "dgd_memory", "resolve_backend", "triton_status"]
 
 BACKENDS = ("reference", "chunked", "triton", "auto")
 
@@ -90,3 +90,41 @@ def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool 
     from nlbench.kernels.dgd_triton import dgd_memory_triton
 
     return dgd_memory_triton(weights, q, k, v, eta, alpha, chunk_size, self_target)
+
+
+def dgd_chunk_triton(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
+    """`dgd_memory.dgd_chunk` on the fused Triton kernel: one chunk (the whole sequence given is
+    one chunk). Stacked memories (a leading axis on the weights, η and α maybe, k / v / q shared)
+    are flattened into the kernel's batch; with `read_index` the read memory runs in a call of
+    its own with q and the others without reads, so no read is computed that nobody uses."""
+    from nlbench.kernels.dgd_triton import dgd_memory_triton
+
+    L = k.shape[-2]
+    if weights[0].dim() == k.dim():  # one memory, no stack
+        return dgd_memory_triton(weights, q, k, v, eta, alpha, L, self_target)
+    S = weights[0].shape[0]
+
+    def take(t, idx, rank):  # the memories `idx` of a stacked (or shared) tensor, flattened into the batch
+        t = t[idx] if t.dim() > rank else t.expand(len(idx), *t.shape)
+        return t.reshape(-1, *t.shape[2:]).contiguous()
+
+    def run(idx, reads):
+        ws = [take(w, idx, k.dim()) for w in weights]
+        y, new = dgd_memory_triton(ws, take(q, idx, q.dim()) if reads else None, take(k, idx, k.dim()),
+                                   take(v, idx, v.dim()), take(eta, idx, k.dim() - 1), take(alpha, idx, k.dim() - 1),
+                                   L, self_target)
+        return y, [w.unflatten(0, (len(idx), -1)) for w in new]
+
+    read = read_index if q is not None else None
+    others = [i for i in range(S) if i != read]
+    y, new_o = run(others, False)
+    if read is None:
+        return None, new_o
+    y, new_r = run([read], True)
+    y = y.unflatten(0, (1, -1))[0]
+    order = others + [read]
+    new = [torch.cat([a, b]) for a, b in zip(new_o, new_r)]
+    if order != list(range(S)):  # back to the stack's order
+        inverse = torch.argsort(torch.tensor(order, device=k.device))
+        new = [w[inverse] for w in new]
+    return y, new

@@ -28,6 +28,8 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
     eta_init, alpha_init  learning rate / retention gates at init (0.7, 0.99; why:
                     self_modifying_titans.py docstring)                           [hope only]
+    memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
+                    Triton DGD kernel per chunk, CUDA; same results)              [hope only]
 
 Parameter matching: the Transformer has 4d² (attention) + 3·d·swiglu_hidden(d) (MLP) per layer;
 unless `cms_hidden` is given, each CMS level gets width
@@ -43,14 +45,14 @@ from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.cms import CMS, CMS_MODES, CMS_VARIANTS
 from nlbench.models.layers import CausalSelfAttention, RMSNorm, attention_flops, init_weights, swiglu_hidden
-from nlbench.models.self_modifying_titans import MEMORY_KINDS, SelfModifyingTitans
+from nlbench.models.self_modifying_titans import MEMORY_KERNELS, MEMORY_KINDS, SelfModifyingTitans
 
 __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
                     cms_hidden=None, cms_lr=0.5)
 SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.7,
-                    alpha_init=0.99)
+                    alpha_init=0.99, memory_kernel="chunked")
 
 
 class HopeBlock(nn.Module):
@@ -132,9 +134,10 @@ class Hope(NLModel):
         return self
 
     def set_kernel(self, kernel: str):
-        """"chunked" (default) or "reference" (per-token loops) for every in-context memory."""
-        if kernel not in ("chunked", "reference"):
-            raise ValueError(f"kernel must be 'chunked' or 'reference', got {kernel!r}.")
+        """"chunked" (default), "triton" (Hope's memories on the Triton kernel) or "reference"
+        (per-token loops) for every in-context memory."""
+        if kernel not in ("chunked", "triton", "reference"):
+            raise ValueError(f"kernel must be 'chunked', 'triton' or 'reference', got {kernel!r}.")
         for b in self.blocks:
             if b.mixer_kind == "smt":
                 b.mixer.kernel = kernel
@@ -210,6 +213,8 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
     if mixer == "smt":
         if opts["memory"] not in MEMORY_KINDS:
             raise _err(model, "memory", f"one of {', '.join(map(repr, MEMORY_KINDS))}", opts["memory"])
+        if opts["memory_kernel"] not in MEMORY_KERNELS:
+            raise _err(model, "memory_kernel", f"one of {', '.join(map(repr, MEMORY_KERNELS))}", opts["memory_kernel"])
         for field in ("chunk_size", "mem_chunk_size"):
             _pos_int(model, field, opts[field])
         if opts["mem_hidden"] is not None:

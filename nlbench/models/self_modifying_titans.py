@@ -61,8 +61,9 @@ copy test, tests/test_models_common.py, and on carried streams of 8 × 512 token
   differentiable, so the outer loop sees that growing W1 shrinks the step (detached, the outer
   loop fought the cap and the copy accuracy dropped to 0.31–0.61). Looser caps were not
   stable: GUARD 1.5, 2 and 4 all let a trained model diverge within 160–2900 stream tokens.
-  The guard uses only the chunk-start state, so chunked == reference still holds; the fused
-  Triton path (`nlbench.kernels.dispatch`) would need this per-chunk η too.
+  The guard uses only the chunk-start state, so chunked == reference still holds, and with
+  `memory_kernel="triton"` the capped η is computed here and handed to the Triton kernel one
+  chunk at a time (`nlbench.kernels.dispatch.dgd_chunk_triton`).
 
 State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "conv_x", "conv_q":
 the last 3 inputs of each causal conv [B, 3, d]} so a stream split at chunk boundaries gives
@@ -82,11 +83,13 @@ from nlbench.kernels.dgd_memory import (
     dgd_chunk, dgd_chunk_autograd, dgd_flops_per_token, dgd_memory_reference, memory_apply,
 )
 from nlbench.kernels.compiling import compile_kernel
+from nlbench.kernels.dispatch import dgd_chunk_triton, resolve_backend
 from nlbench.models.layers import ShortConv
 
-__all__ = ["SelfModifyingTitans", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
+__all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
 
 MEMORY_KINDS = ("mlp", "linear")
+MEMORY_KERNELS = ("chunked", "triton")
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 W2_STD = 1.0    # init std of W2: O(1) pre-activations for unit-norm inputs (module docstring)
 W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gradients to W2
@@ -155,13 +158,13 @@ def _logit(p: float) -> float:
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", mem_hidden: int | None = None,
                  chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.7,
-                 alpha_init: float = 0.99, conv_size: int = 4):
+                 alpha_init: float = 0.99, conv_size: int = 4, memory_kernel: str = "chunked"):
         super().__init__()
         assert d_model % n_heads == 0
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.memory, self.chunk_size, self.mem_chunk_size = memory, chunk_size, mem_chunk_size
         self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
-        self.kernel = "chunked"  # "reference": per-token loops (tests)
+        self.kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
         self.fuse = True  # stack the five memories when both chunk sizes agree (`_memories_fused`)
         self.compile_kernels = False  # torch.compile each chunk step (`Hope.compiled`)
         self.w_q = nn.Linear(d_model, d_model, bias=False)
@@ -227,6 +230,8 @@ class SelfModifyingTitans(nn.Module):
             eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
         if self.kernel == "reference":
             return dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2])
+        if self.kernel == "triton":
+            return dgd_chunk_triton(weights, q, k, v, eta, alpha)
         return dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels)
 
     # --- forward -----------------------------------------------------------------------------
@@ -235,7 +240,13 @@ class SelfModifyingTitans(nn.Module):
         z, conv_x = self.memory_inputs(x, state["conv_x"])
         q, conv_q = self._conv(self.conv_q.conv, self.w_q(x), state["conv_q"])
         q = F.normalize(q.view(B, T, self.n_heads, self.head_dim), dim=-1).transpose(1, 2)
-        if self.fuse and self.kernel == "chunked" and self.chunk_size == self.mem_chunk_size:
+        if self.kernel == "triton":
+            try:
+                resolve_backend("triton", x.device)
+            except RuntimeError as e:
+                raise RuntimeError(f"model option memory_kernel='triton': {e} (the model option: "
+                                   f"memory_kernel: chunked)") from e
+        if self.fuse and self.kernel != "reference" and self.chunk_size == self.mem_chunk_size:
             y, mems = self._memories_fused(z, q, state)
         else:
             y, mems = self._memories(z, q, state)
@@ -276,7 +287,12 @@ class SelfModifyingTitans(nn.Module):
         each chunk step runs through `torch.compile` (`_compiled_fused_chunk_step`)."""
         names = (*PROJECTION_MEMORIES, "mem")
         weights = [torch.stack(ws) for ws in zip(*(state[n] for n in names))]  # each [5, B, H, out, in]
-        step = _compiled_fused_chunk_step(z.device.type) if self.compile_kernels else fused_chunk_step
+        if self.kernel == "triton":
+            step = functools.partial(fused_chunk_step, kernel=dgd_chunk_triton)
+        elif self.compile_kernels:
+            step = _compiled_fused_chunk_step(z.device.type)
+        else:
+            step = fused_chunk_step
         ys = []
         for zc, qc in zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)):
             y, weights = step(weights, zc, qc, self.b_eta, self.b_alpha)
