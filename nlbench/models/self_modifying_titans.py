@@ -118,6 +118,47 @@ def curvature(weights, squarings: int = 3):
     return (w1 @ u).square().sum((-2, -1))
 
 
+def causal_conv(x, tail, weight):
+    """Depthwise causal conv over time continuing from the previous call's last inputs: x [B, T, D],
+    tail [B, K−1, D] (the last inputs seen), weight [D·m, 1, K]. Returns ([B, T, D·m], new tail)."""
+    xx = torch.cat([tail, x], dim=1)
+    y = F.conv1d(xx.transpose(1, 2), weight, groups=x.shape[-1]).transpose(1, 2)
+    return y, xx[:, xx.shape[1] - tail.shape[1]:]
+
+
+def projection_inputs(x, tail, conv_weight, n_heads):
+    """z_□ = L2norm(conv_□(x)) per head for □ ∈ {k, v, η, α} (Eq. 84's inputs), stacked
+    [4, B, H, T, dh], and the new conv tail. One copy into the stacked layout first: normalizing
+    the conv's interleaved output in place of it (stride 4) was ~15% of Hope's step on CPU."""
+    B, T, D = x.shape
+    z, tail = causal_conv(x, tail, conv_weight)
+    z = z.view(B, T, n_heads, D // n_heads, len(PROJECTION_MEMORIES)).permute(4, 0, 2, 1, 3)
+    return F.normalize(z.contiguous(), dim=-1), tail
+
+
+def layer_inputs(x, conv_x_tail, conv_q_tail, conv_x_weight, w_q, conv_q_weight, n_heads):
+    """Everything before the memories: z (`projection_inputs`) and q_t = L2norm(conv_q(x W_q))
+    per head [B, H, T, dh] (Eq. 83), with both convs' new tails."""
+    B, T, D = x.shape
+    z, conv_x_tail = projection_inputs(x, conv_x_tail, conv_x_weight, n_heads)
+    q, conv_q_tail = causal_conv(F.linear(x, w_q), conv_q_tail, conv_q_weight)
+    q = F.normalize(q.view(B, T, n_heads, D // n_heads), dim=-1).transpose(1, 2)
+    return z, q, conv_x_tail, conv_q_tail
+
+
+def layer_output(y, w_o):
+    """concat_h(y_t) W_o: [B, H, T, dh] -> [B, T, D]."""
+    B, H, T, dh = y.shape
+    return F.linear(y.transpose(1, 2).reshape(B, T, H * dh), w_o)
+
+
+@functools.cache
+def _compiled_layer_io(device_type: str):
+    """(`layer_inputs`, `layer_output`) through `torch.compile` for `compile_kernels`: one Hope
+    `medium` train step, three A/B pairs on 2 CPU threads: 745/758/901 → 720/722/865 ms."""
+    return compile_kernel(layer_inputs, device_type), compile_kernel(layer_output, device_type)
+
+
 def gates(p, b_eta, b_alpha):
     """k, v, η, α of Eq. 84–85 from the projection memories' outputs p = (M_k(z_k), M_v(z_v),
     M_η(z_η), M_α(z_α)) (a sequence of four [B, H, L, dh] tensors) and the gate biases [H]."""
@@ -199,20 +240,10 @@ class SelfModifyingTitans(nn.Module):
         return state
 
     # --- helpers -----------------------------------------------------------------------------
-    @staticmethod
-    def _conv(conv: nn.Conv1d, x, tail):
-        """Causal depthwise conv continuing from the previous call's last inputs."""
-        xx = torch.cat([tail, x], dim=1)
-        return conv(xx.transpose(1, 2)).transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
-
     def memory_inputs(self, x, tail):
         """z_□ = L2norm(conv_□(x)) per head for □ ∈ {k, v, η, α}, stacked: [4, B, H, T, dh], and
-        the new conv tail. One copy into the stacked layout first: normalizing the conv's
-        interleaved output in place of it (stride 4) was ~15% of Hope's step on CPU."""
-        z, tail = self._conv(self.conv_x, x, tail)
-        B, T, _ = x.shape
-        z = z.view(B, T, self.n_heads, self.head_dim, len(PROJECTION_MEMORIES)).permute(4, 0, 2, 1, 3)
-        return F.normalize(z.contiguous(), dim=-1), tail
+        the new conv tail (`projection_inputs`)."""
+        return projection_inputs(x, tail, self.conv_x.weight, self.n_heads)
 
     def _gates(self, p):
         return gates(p, self.b_eta, self.b_alpha)
@@ -236,10 +267,9 @@ class SelfModifyingTitans(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x, state):
-        B, T, D = x.shape
-        z, conv_x = self.memory_inputs(x, state["conv_x"])
-        q, conv_q = self._conv(self.conv_q.conv, self.w_q(x), state["conv_q"])
-        q = F.normalize(q.view(B, T, self.n_heads, self.head_dim), dim=-1).transpose(1, 2)
+        inputs, output = _compiled_layer_io(x.device.type) if self.compile_kernels else (layer_inputs, layer_output)
+        z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
+                                      self.conv_q.conv.weight, self.n_heads)
         if self.kernel == "triton":
             try:
                 resolve_backend("triton", x.device)
@@ -250,8 +280,7 @@ class SelfModifyingTitans(nn.Module):
             y, mems = self._memories_fused(z, q, state)
         else:
             y, mems = self._memories(z, q, state)
-        out = self.w_o(y.transpose(1, 2).reshape(B, T, D))
-        return out, {**mems, "conv_x": conv_x, "conv_q": conv_q}
+        return output(y, self.w_o.weight), {**mems, "conv_x": conv_x, "conv_q": conv_q}
 
     def _memories(self, z, q, state):
         """Eq. 84–91 as written: the projection memories chunk by chunk, then M_mem over its own
