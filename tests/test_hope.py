@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nlbench.models import ModelConfigError, build_model
 from nlbench.models.base import PRESETS, clone_state
@@ -279,3 +280,25 @@ def test_cms_lr_per_level():
     for bad in ([0.5], [0.5, -1.0], [0.5, True], "0.5"):
         with pytest.raises(ModelConfigError, match="cms_lr.*one per CMS level"):
             build_model("hope", size="tiny", vocab_size=V, cms_mode="in_context", cms_periods=[2, 8], cms_lr=bad)
+
+
+@pytest.mark.parametrize("mult", [1, 4])
+def test_causal_conv_equals_depthwise_conv1d_and_continues_the_stream(mult):
+    """`causal_conv` (shifted multiply-adds) is the depthwise causal `F.conv1d` over the tail and
+    the input, in values and gradients; two calls carrying the tail equal one call."""
+    from nlbench.models.self_modifying_titans import causal_conv
+    g = torch.Generator().manual_seed(0)
+    B, T, D, K = 2, 9, 5, 4
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(B, K - 1, D, generator=g, dtype=torch.float64)
+    w = torch.randn(D * mult, 1, K, generator=g, dtype=torch.float64, requires_grad=True)
+    y, new_tail = causal_conv(x, tail, w)
+    ref = F.conv1d(torch.cat([tail, x], 1).transpose(1, 2), w, groups=D).transpose(1, 2)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(new_tail, x[:, -(K - 1):])
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w), gy)
+    torch.testing.assert_close(grads, torch.autograd.grad(ref, (x, w), gy))
+    y1, t1 = causal_conv(x[:, :4], tail, w)
+    y2, _ = causal_conv(x[:, 4:], t1, w)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
