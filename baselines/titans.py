@@ -27,7 +27,7 @@ from nlbench.kernels.titans_memory import memory_flops_per_token, memory_read, t
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.layers import (
-    CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, init_weights, swiglu_hidden,
+    CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, causal_conv, init_weights, swiglu_hidden,
 )
 
 # Gate initialisation (sigmoid of a bias): forgetting α ≈ 0.007 so memory decays slowly
@@ -83,10 +83,9 @@ class NeuralMemory(nn.Module):
 
     def project(self, x, tail):
         """q, k, v [B, H, T, dh] through the causal conv continued from `tail`; returns the new tail."""
-        z = torch.cat([tail, self.qkv(x)], dim=1)
-        qkv = F.silu(self.conv.conv(z.transpose(1, 2)).transpose(1, 2))
-        q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, z[:, -(self.conv.kernel_size - 1):]
+        qkv, tail = causal_conv(self.qkv(x), tail, self.conv.conv.weight)
+        q, k, v = (self.heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, tail
 
     def gate_values(self, x):
         """Momentum η_t, inner learning rate θ_t, forgetting α_t of spec §1, each [B, H, T] in (0, 1).

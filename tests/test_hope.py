@@ -286,7 +286,7 @@ def test_cms_lr_per_level():
 def test_causal_conv_equals_depthwise_conv1d_and_continues_the_stream(mult):
     """`causal_conv` (shifted multiply-adds) is the depthwise causal `F.conv1d` over the tail and
     the input, in values and gradients; two calls carrying the tail equal one call."""
-    from nlbench.models.self_modifying_titans import causal_conv
+    from nlbench.models.layers import causal_conv
     g = torch.Generator().manual_seed(0)
     B, T, D, K = 2, 9, 5, 4
     x = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)

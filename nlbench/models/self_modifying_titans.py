@@ -84,7 +84,7 @@ from nlbench.kernels.dgd_memory import (
 )
 from nlbench.kernels.compiling import compile_kernel
 from nlbench.kernels.dispatch import dgd_chunk_triton, resolve_backend
-from nlbench.models.layers import ShortConv
+from nlbench.models.layers import ShortConv, causal_conv
 
 __all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
 
@@ -116,25 +116,6 @@ def curvature(weights, squarings: int = 3):
             p = p @ p
         u = F.normalize(p.sum(-1, keepdim=True), dim=-2)  # P @ 1
     return (w1 @ u).square().sum((-2, -1))
-
-
-def causal_conv(x, tail, weight):
-    """Depthwise causal conv over time continuing from the previous call's last inputs: x [B, T, D],
-    tail [B, K−1, D] (the last inputs seen), weight [D·m, 1, K] (input channel c feeds outputs
-    c·m .. c·m+m−1, as `F.conv1d(groups=D)`). Returns ([B, T, D·m], new tail).
-
-    Written as K shifted multiply-adds in the [B, T, D] layout rather than `F.conv1d`: no
-    transposes around the conv, and under `torch.compile` the taps fuse with the L2 norms that
-    follow instead of calling oneDNN's depthwise conv, whose backward alone took ~5 ms per layer
-    (Hope `medium`, T=512, batch 4, 2 threads). One compiled train step: 787/754/746 →
-    722/718 ms in alternating processes (one outlier at 858); eager unchanged within noise."""
-    xx = torch.cat([tail, x], dim=1)
-    (B, T, D), K = x.shape, weight.shape[-1]
-    w = weight.view(D, weight.shape[0] // D, K)
-    y = xx[:, :T, :, None] * w[:, :, 0]
-    for j in range(1, K):
-        y = y + xx[:, j:j + T, :, None] * w[:, :, j]
-    return y.flatten(-2), xx[:, xx.shape[1] - tail.shape[1]:]
 
 
 def projection_inputs(x, tail, conv_weight, n_heads):
