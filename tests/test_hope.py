@@ -133,7 +133,7 @@ def test_one_write_moves_the_memory_toward_its_target():
     W = state["mem"]
     with torch.no_grad():
         v_hat, before = memory_apply(W, v), memory_apply(W, k)
-        _, W_new = smt._write(W, None, k, v, eta, alpha)
+        _, W_new, _ = smt._write(W, None, k, v, eta, alpha)
         after = memory_apply(W_new, k)
     e = before - v_hat
     progress = ((before - after) * e).sum(-1) / e.pow(2).sum(-1)  # fraction of the error removed along e
@@ -147,10 +147,10 @@ def test_curvature_guard_caps_the_step_by_the_w1_curvature():
 
     g = torch.Generator().manual_seed(0)
     w1 = torch.randn(2, 2, 8, 6, generator=g)
-    lam = smt_mod.curvature([torch.randn(2, 2, 6, 8, generator=g), w1])
+    lam, _ = smt_mod.curvature([torch.randn(2, 2, 6, 8, generator=g), w1])  # cold start
     exact = torch.linalg.matrix_norm(w1, ord=2) ** 2
     assert (lam <= exact * (1 + 1e-5)).all() and (lam >= 0.9 * exact).all()
-    assert smt_mod.curvature([torch.eye(4).expand(1, 1, 4, 4)]) is None  # linear memory: no guard
+    assert smt_mod.curvature([torch.eye(4).expand(1, 1, 4, 4)]) == (None, None)  # linear memory: no guard
 
     smt = _model("hope", "optimizer").blocks[0].mixer  # d_h = 8, hidden 8
     B, H, d = 1, smt.n_heads, smt.head_dim
@@ -161,9 +161,68 @@ def test_curvature_guard_caps_the_step_by_the_w1_curvature():
     for c, want in ((0.01, 0.7), (4.0, smt_mod.GUARD / 16)):  # W1 = c·I: λ = c²
         w1 = c * torch.eye(d).expand(B, H, d, d)
         got = smt._write([w2, w1], None, k, v, eta, alpha)[1]
+        assert smt._write([w2, w1], None, k, v, eta, alpha, torch.randn(B, H, d, generator=g))[1][1].allclose(got[1])
         ref = dgd_chunk([w2, w1], None, k, v, torch.full_like(eta, want), alpha)[1]
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_tracked_curvature_is_power_iteration_carried_across_calls():
+    """One power step per call from the carried vector: from a poor start it converges to
+    ‖W1‖²_op from below, and an estimate that reached zero recovers."""
+    from nlbench.models.self_modifying_titans import top_direction, tracked_curvature
+
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(3, 2, 8, 6, generator=g, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(w1, ord=2) ** 2
+    for u in (torch.zeros(3, 2, 6, dtype=torch.float64), -top_direction(w1, squarings=0)):
+        lams = []
+        for _ in range(200):
+            lam, u = tracked_curvature(w1, u)
+            lams.append(lam)
+        assert (lams[0] > 0).all() and all((x <= exact * (1 + 1e-9)).all() for x in lams)
+        torch.testing.assert_close(lams[-1], exact)
+    # its gradient is that of the top eigenvalue, d‖W1‖²_op / dW1 = 2 σ₁ u₁ v₁ᵀ
+    w = w1.clone().requires_grad_()
+    lam, _ = tracked_curvature(w, u)
+    (grad,) = torch.autograd.grad(lam.sum(), w)
+    U, S, Vh = torch.linalg.svd(w1)
+    # (u sits 1e-4 off the singular vector: the share of the all-ones vector mixed in per step)
+    torch.testing.assert_close(grad, 2 * S[..., :1, None] * U[..., :, :1] @ Vh[..., :1, :], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_guard_vector_is_carried_chunk_by_chunk(fuse):
+    """The state's guard vectors follow one power step per chunk on each chunk-start W1, across
+    calls: feeding a stream one chunk per call reproduces the whole-sequence call, and each
+    call's new vector is `tracked_curvature` of the previous state's W1 and vector. A large
+    meta-learned W1 makes the guard active, so dropping the carried vector would change it."""
+    from nlbench.models.self_modifying_titans import GUARD, PROJECTION_MEMORIES, tracked_curvature
+
+    m = _model("hope", "optimizer", chunk_size=4, mem_chunk_size=4).eval()
+    with torch.no_grad():
+        for b in m.blocks:
+            b.mixer.fuse = fuse
+            for name, p in b.mixer.mem0.items():
+                if name.endswith("_w1"):
+                    p.mul_(30.0)
+    smt = m.blocks[0].mixer
+    x = torch.randn(2, 12, smt.d_model, generator=torch.Generator().manual_seed(0))
+    names = (*PROJECTION_MEMORIES, "mem")
+    with torch.no_grad():
+        whole_y, whole = smt(x, smt.init_state(2))
+        state, ys = smt.init_state(2), []
+        for xc in x.split(4, dim=1):
+            y, new = smt(xc, state)
+            w1 = torch.stack([state[n][1] for n in names])
+            _, want = tracked_curvature(w1, state["guard"])
+            torch.testing.assert_close(new["guard"], want)
+            state = new
+            ys.append(y)
+        torch.testing.assert_close(torch.cat(ys, 1), whole_y, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state["guard"], whole["guard"], atol=1e-5, rtol=1e-4)
+        lam, _ = tracked_curvature(w1, state["guard"])
+        assert (lam * 0.7 > GUARD).any(), "the guard is not active in this test"
 
 
 def test_long_carried_stream_stays_finite_with_a_large_meta_learned_w1():

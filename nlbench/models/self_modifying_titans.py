@@ -56,18 +56,30 @@ copy test, tests/test_models_common.py, and on carried streams of 8 × 512 token
   amplify writes) makes the W2 step overshoot (η·λ > 2): after 300 copy-task steps a model
   without the guard went to NaN within 200 tokens of a carried random stream. Each chunk of
   each MLP memory therefore uses η_t ← min(η_t, GUARD / λ_b), λ_b ≈ ‖W1_b‖²_op of the
-  chunk-start state (power iteration), GUARD = 1, so η·curvature ≤ 1.21 < 2. Inactive at init
+  chunk-start state, GUARD = 1, so η·curvature ≤ 1.21 < 2. Inactive at init
   (λ ≈ 1e-3) and whenever η·λ ≤ 1; it only caps the step in the regime that diverges. It is
   differentiable, so the outer loop sees that growing W1 shrinks the step (detached, the outer
   loop fought the cap and the copy accuracy dropped to 0.31–0.61). Looser caps were not
   stable: GUARD 1.5, 2 and 4 all let a trained model diverge within 160–2900 stream tokens.
+  λ_b comes from power iteration carried along the stream, as `torch.nn.utils.spectral_norm`
+  carries its vector across steps: the state holds each memory's estimate u of W1's top right
+  singular vector, and every chunk takes one power step from it on the chunk-start W1 and
+  reads λ_b = ‖W1_b u‖² (`tracked_curvature`); a fresh state starts from nine cold steps
+  (`top_direction`). W1 moves by a decay and a rank-C write per chunk, so the carried vector
+  stays converged; the guard first did the nine cold steps (a Gram matrix and three squarings,
+  h³ matmuls) in every chunk, 16% of the layer's matmul FLOPs and 8% of its compiled chunk
+  loop (median 117.6 vs 107.8 ms without any guard, one in-process A/B). Carried, a Hope
+  `medium` train step (T=512, batch 4, 2 threads; medians of 8 alternating steps in one
+  process, two runs each) went 1268 → 1234 and 1256 → 1191 ms eager, 720 → 682 ms compiled
+  (a second compiled run: 805 → 816 median, 706 → 675 ms fastest).
   The guard uses only the chunk-start state, so chunked == reference still holds, and with
   `memory_kernel="triton"` the capped η is computed here and handed to the Triton kernel one
   chunk at a time (`nlbench.kernels.dispatch.dgd_chunk_triton`).
 
-State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "conv_x", "conv_q":
-the last 3 inputs of each causal conv [B, 3, d]} so a stream split at chunk boundaries gives
-the same result as one call on the concatenation.
+State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "guard" (MLP memories
+only): the carried singular-vector estimates u [5, B, H, hidden] in the order k, v, η, α, mem,
+"conv_x", "conv_q": the last 3 inputs of each causal conv [B, 3, d]} so a stream split at chunk
+boundaries gives the same result as one call on the concatenation.
 """
 
 from __future__ import annotations
@@ -96,26 +108,39 @@ W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gra
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 
 
-def curvature(weights, squarings: int = 3):
-    """λ ≈ ‖W1‖²_op per (batch, head) of a residual-MLP memory (None for a linear memory): the
-    Gauss–Newton curvature of L wrt W2 along a unit key is ‖W1 diag σ′(W2 k)‖² ≤ 1.21 λ (SiLU′ ≤
-    1.1). The top right singular vector u of W1 comes from power iteration on G = W1ᵀW1 from the
-    all-ones vector, 2^squarings + 1 steps done as repeated squaring of G/‖G‖_F (eigenvalues
-    ≤ 1: no overflow), without autograd; then λ = ‖W1 u‖², a lower bound of ‖W1‖²_op that is
-    exact at convergence. Its gradient 2 (W1 u) uᵀ is the exact gradient of the top eigenvalue
-    (u is stationary for the Rayleigh quotient), so the outer loop still sees that growing W1
-    shrinks the step (module docstring), and the backward pass costs one matvec instead of the
-    squarings' (measured 8 ms → <0.5 ms per call at 160 × 32 × 32 on CPU)."""
-    if len(weights) == 1:
-        return None
-    w1 = weights[1]
+def top_direction(w1, squarings: int = 3):
+    """Cold start of the guard's power iteration: the top right singular vector u [.., hidden] of
+    W1 [.., out, hidden] by 2^squarings + 1 power steps on G = W1ᵀW1 from the all-ones vector,
+    done as repeated squaring of G/‖G‖_F (eigenvalues ≤ 1: no overflow), without autograd."""
     with torch.no_grad():
         gram = w1.transpose(-1, -2) @ w1
         p = gram / gram.flatten(-2).norm(dim=-1).clamp_min(1e-30)[..., None, None]
         for _ in range(squarings):
             p = p @ p
-        u = F.normalize(p.sum(-1, keepdim=True), dim=-2)  # P @ 1
-    return (w1 @ u).square().sum((-2, -1))
+        return F.normalize(p.sum(-1), dim=-1)  # P @ 1
+
+
+def tracked_curvature(w1, u):
+    """λ ≈ ‖W1‖²_op per (batch, head) from the carried estimate u [.., hidden]: one power step
+    u ← G u / ‖G u‖ on the chunk-start W1 (no autograd), then λ = ‖W1 u‖², a lower bound of
+    ‖W1‖²_op, exact at convergence. The Gauss–Newton curvature of L wrt W2 along a unit key is
+    ‖W1 diag σ′(W2 k)‖² ≤ 1.21 λ (SiLU′ ≤ 1.1). λ's gradient 2 (W1 u) uᵀ is the exact gradient of
+    the top eigenvalue (u is stationary for the Rayleigh quotient), so the outer loop sees that
+    growing W1 shrinks the step (module docstring). A 1e-4 share of the all-ones vector enters
+    each step so that an estimate that reached zero (W1 = 0) recovers once W1 grows.
+    Returns (λ, the new u)."""
+    with torch.no_grad():
+        start = u + 1e-4 * F.normalize(torch.ones_like(u), dim=-1)
+        u = F.normalize((w1.transpose(-1, -2) @ (w1 @ start.unsqueeze(-1))).squeeze(-1), dim=-1)
+    return (w1 @ u.unsqueeze(-1)).square().sum((-2, -1)), u
+
+
+def curvature(weights, u=None):
+    """The guard's (λ, new u) for one memory's weights ((None, None) for a linear memory); u is
+    the carried estimate, or None to cold-start it (`top_direction`)."""
+    if len(weights) == 1:
+        return None, None
+    return tracked_curvature(weights[1], top_direction(weights[1]) if u is None else u)
 
 
 def projection_inputs(x, tail, conv_weight, n_heads):
@@ -160,18 +185,20 @@ def gates(p, b_eta, b_alpha):
     return k, v, eta, alpha
 
 
-def fused_chunk_step(weights, zc, qc, b_eta, b_alpha, kernel=dgd_chunk):
+def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk):
     """One chunk of Eq. 84–91 for the five memories stacked [k, v, η, α, mem] (weights: list of
-    [5, B, H, out, in]): the chunk-start projection memories give k, v, η, α (Eq. 84–85), the
-    curvature guard caps η per memory, and one DGD chunk updates all five and reads M_mem.
-    Returns (y [B, H, L, dh], chunk-end weights)."""
+    [5, B, H, out, in]; u: the guard's carried vectors [5, B, H, hidden], None for linear
+    memories): the chunk-start projection memories give k, v, η, α (Eq. 84–85), the curvature
+    guard caps η per memory, and one DGD chunk updates all five and reads M_mem.
+    Returns (y [B, H, L, dh], chunk-end weights, the new u)."""
     n_proj = len(PROJECTION_MEMORIES)
     k, v, eta, alpha = gates(memory_apply([w[:n_proj] for w in weights], zc).unbind(0), b_eta, b_alpha)
     eta = eta.expand(n_proj + 1, *eta.shape)
-    lam = curvature(weights)
-    if lam is not None:
+    if u is not None:
+        lam, u = tracked_curvature(weights[1], u)
         eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
-    return kernel(weights, qc, k, v, eta, alpha, read_index=n_proj)
+    y, new = kernel(weights, qc, k, v, eta, alpha, read_index=n_proj)
+    return y, new, u
 
 
 @functools.cache
@@ -222,10 +249,11 @@ class SelfModifyingTitans(nn.Module):
         return [self.mem0[k] for k in keys]
 
     def init_state(self, batch_size: int) -> dict:
-        state = {
-            name: [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self._weights0(name)]
-            for name in (*PROJECTION_MEMORIES, "mem")
-        }
+        names = (*PROJECTION_MEMORIES, "mem")
+        state = {name: [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self._weights0(name)] for name in names}
+        if self.memory == "mlp":  # per head, then shared by the batch
+            u = top_direction(torch.stack([self.mem0[f"{n}_w1"] for n in names]))  # [5, H, hidden]
+            state["guard"] = u.unsqueeze(1).expand(len(names), batch_size, *u.shape[1:])
         ref, tail = self.w_q.weight, self.conv_q.kernel_size - 1
         state["conv_x"] = ref.new_zeros(batch_size, tail, self.d_model)
         state["conv_q"] = ref.new_zeros(batch_size, tail, self.d_model)
@@ -245,17 +273,20 @@ class SelfModifyingTitans(nn.Module):
         stacked inputs z [4, B, H, L, dh]."""
         return self._gates([memory_apply(mems[n], zz) for n, zz in zip(PROJECTION_MEMORIES, z)])
 
-    def _write(self, weights, q, k, v, eta, alpha, lam=None):
+    def _write(self, weights, q, k, v, eta, alpha, u=None):
         """One chunk of Eq. 86–91 for one memory (reads when q is given), with the curvature
-        guard η ← min(η, GUARD / λ); `lam` = curvature(weights) when the caller batched it."""
-        lam = curvature(weights) if lam is None else lam
+        guard η ← min(η, GUARD / λ) from the carried vector u (cold-started when None).
+        Returns (y or None, chunk-end weights, the new u)."""
+        lam, u = curvature(weights, u)
         if lam is not None:
             eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
         if self.kernel == "reference":
-            return dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2])
-        if self.kernel == "triton":
-            return dgd_chunk_triton(weights, q, k, v, eta, alpha)
-        return dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels)
+            y, new = dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2])
+        elif self.kernel == "triton":
+            y, new = dgd_chunk_triton(weights, q, k, v, eta, alpha)
+        else:
+            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels)
+        return y, new, u
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x, state):
@@ -279,16 +310,14 @@ class SelfModifyingTitans(nn.Module):
         chunks. Any pair of chunk sizes; the per-token reference kernel runs here."""
         # projection memories: chunk by chunk, everything from the chunk-start memories
         mems = {name: state[name] for name in PROJECTION_MEMORIES}
+        us = dict(zip((*PROJECTION_MEMORIES, "mem"), self._guard_vectors(state)))
         ks, vs, etas, alphas = [], [], [], []
         # split once: slicing per chunk would make autograd scatter each chunk's gradient into a
         # zero-filled full-length tensor, O(T²) work in the backward pass
         for zc in z.split(self.chunk_size, dim=-2):
             k, v, eta, alpha = self.projections(mems, zc)
-            lams = [None] * len(PROJECTION_MEMORIES)
-            if self.memory == "mlp":  # one batched power iteration for the four guards
-                lams = curvature([None, torch.stack([mems[n][1] for n in PROJECTION_MEMORIES])]).unbind(0)
-            for name, lam in zip(PROJECTION_MEMORIES, lams):
-                mems[name] = self._write(mems[name], None, k, v, eta, alpha, lam)[1]
+            for name in PROJECTION_MEMORIES:
+                _, mems[name], us[name] = self._write(mems[name], None, k, v, eta, alpha, us[name])
             ks.append(k), vs.append(v), etas.append(eta), alphas.append(alpha)
         k, v, eta, alpha = (torch.cat(t, dim=-2 if t[0].dim() == 4 else -1) for t in (ks, vs, etas, alphas))
 
@@ -296,9 +325,18 @@ class SelfModifyingTitans(nn.Module):
         mem, ys, C = state["mem"], [], self.mem_chunk_size
         chunks = zip(*(t.split(C, dim=-2) for t in (q, k, v)), *(t.split(C, dim=-1) for t in (eta, alpha)))
         for qc, kc, vc, ec, ac in chunks:
-            y, mem = self._write(mem, qc, kc, vc, ec, ac)
+            y, mem, us["mem"] = self._write(mem, qc, kc, vc, ec, ac, us["mem"])
             ys.append(y)
-        return torch.cat(ys, dim=-2), {**mems, "mem": mem}
+        return torch.cat(ys, dim=-2), {**mems, "mem": mem, **self._guard_state(list(us.values()))}
+
+    def _guard_vectors(self, state):
+        """The carried guard vectors, one [B, H, hidden] per memory (k, v, η, α, mem): None for
+        linear memories, and None to cold-start them for a state that has none."""
+        u = state.get("guard")
+        return [None] * (len(PROJECTION_MEMORIES) + 1) if u is None else list(u.unbind(0))
+
+    def _guard_state(self, us):
+        return {"guard": torch.stack(us)} if self.memory == "mlp" else {}
 
     def _memories_fused(self, z, q, state):
         """The same computation as `_memories` when both chunk sizes agree, with the five memories
@@ -308,6 +346,9 @@ class SelfModifyingTitans(nn.Module):
         each chunk step runs through `torch.compile` (`_compiled_fused_chunk_step`)."""
         names = (*PROJECTION_MEMORIES, "mem")
         weights = [torch.stack(ws) for ws in zip(*(state[n] for n in names))]  # each [5, B, H, out, in]
+        u = state.get("guard")
+        if u is None and self.memory == "mlp":
+            u = top_direction(weights[1])
         if self.kernel == "triton":
             step = functools.partial(fused_chunk_step, kernel=dgd_chunk_triton)
         elif self.compile_kernels:
@@ -316,10 +357,10 @@ class SelfModifyingTitans(nn.Module):
             step = fused_chunk_step
         ys = []
         for zc, qc in zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)):
-            y, weights = step(weights, zc, qc, self.b_eta, self.b_alpha)
+            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
             ys.append(y)
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
-        return torch.cat(ys, dim=-2), mems
+        return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
 
     def flops_per_token(self) -> float:
         d, H, dh, h = self.d_model, self.n_heads, self.head_dim, self.mem_hidden
@@ -328,7 +369,6 @@ class SelfModifyingTitans(nn.Module):
         f += H * 4 * per_read  # projections k, v, η, α
         f += H * 4 * dgd_flops_per_token(dh, h, self.chunk_size, reads=False)
         f += H * dgd_flops_per_token(dh, h, self.mem_chunk_size, reads=True)
-        if h is not None:  # curvature guard once per chunk and memory: W1ᵀW1, 3 squarings, W1 u
-            guard = 2 * h * h * dh + 3 * 2 * h ** 3 + 2 * dh * h
-            f += H * guard * (4 / self.chunk_size + 1 / self.mem_chunk_size)
+        if h is not None:  # curvature guard once per chunk and memory: W1ᵀ(W1 u), then W1 u
+            f += H * 3 * 2 * dh * h * (4 / self.chunk_size + 1 / self.mem_chunk_size)
         return float(f)
