@@ -1,7 +1,8 @@
 """The hand-written backward pass of one DGD chunk (`dgd_chunk_grad`) against autograd of the
 plain chunk (`dgd_chunk_autograd`): outputs and every input's gradient, float64, for linear and
 MLP memories, with and without reads / self-targets, single and stacked memories (k, v, q
-shared by the stack, η and α stacked or shared), and `gradcheck` on a small case."""
+shared by the stack, η and α stacked or shared), and `gradcheck` on a small case. The same
+for `dgd_chunk_stacked`, the form of the chunk that Hope's compiled step takes."""
 
 import itertools
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nlbench.kernels.dgd_chunk_grad import dgd_chunk_manual
-from nlbench.kernels.dgd_memory import dgd_chunk, dgd_chunk_autograd
+from nlbench.kernels.dgd_memory import dgd_chunk, dgd_chunk_autograd, dgd_chunk_stacked
 
 DT = torch.float64
 
@@ -80,3 +81,46 @@ def test_dgd_chunk_dispatches_on_dtype():
     half = [x.detach().bfloat16().requires_grad_() for x in leaves]
     y, _ = dgd_chunk(half[:2], *half[2:])
     assert type(y.grad_fn).__name__ != "_DGDChunkBackward"
+
+
+def _bmm_count(fn, leaves, read, self_target, read_index):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten.bmm.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        _run(fn, leaves, read, self_target, read_index)
+    return Count.n
+
+
+@pytest.mark.parametrize("mlp,stack,eta_stacked,alpha_stacked,read,self_target", CASES)
+def test_stacked_chunk_matches_autograd(mlp, stack, eta_stacked, alpha_stacked, read, self_target):
+    """`dgd_chunk_stacked` (W2's and W1's systems as one batch, [k; v] rows through M_b) equals
+    the plain chunk in values and every gradient; with hidden = input width it takes its own
+    path, which the fewer batched matmuls show."""
+    leaves = _leaves(mlp, stack, eta_stacked, alpha_stacked, hid=5)
+    read_index = 1 if stack else None
+    out_a, grad_a = _run(dgd_chunk_autograd, leaves, read, self_target, read_index)
+    out_s, grad_s = _run(dgd_chunk_stacked, leaves, read, self_target, read_index)
+    for a, m in zip(out_a, out_s):
+        torch.testing.assert_close(m, a, rtol=1e-12, atol=1e-12)
+    names = [f"w{i}" for i in range(len(leaves) - 5)] + ["q", "k", "v", "eta", "alpha"]
+    for name, a, m in zip(names, grad_a, grad_s):
+        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10, msg=lambda s, n=name: f"grad {n}: {s}")
+    if mlp:
+        counts = [_bmm_count(f, leaves, read, self_target, read_index) for f in (dgd_chunk_autograd, dgd_chunk_stacked)]
+        assert counts[1] < counts[0], counts
+
+
+def test_stacked_chunk_falls_back_when_widths_differ():
+    """hidden ≠ input width: the matrices' systems differ in shape and the plain chunk runs."""
+    leaves = _leaves(True, 3, True, False, hid=4)
+    out_a, grad_a = _run(dgd_chunk_autograd, leaves, True, True, 1)
+    out_s, grad_s = _run(dgd_chunk_stacked, leaves, True, True, 1)
+    for a, m in zip(out_a + grad_a, out_s + grad_s):
+        torch.testing.assert_close(m, a, rtol=0, atol=0)

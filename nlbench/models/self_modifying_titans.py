@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlbench.kernels.dgd_memory import (
-    dgd_chunk, dgd_chunk_autograd, dgd_flops_per_token, dgd_memory_reference, memory_apply,
+    dgd_chunk, dgd_chunk_stacked, dgd_flops_per_token, dgd_memory_reference, memory_apply,
 )
 from nlbench.kernels.compiling import compile_kernel
 from nlbench.kernels.dispatch import dgd_chunk_triton, resolve_backend
@@ -204,11 +204,12 @@ def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk):
 @functools.cache
 def _compiled_fused_chunk_step(device_type: str):
     """`fused_chunk_step` through `torch.compile`, with the chunk in plain autograd ops
-    (`dgd_chunk_autograd`) so that AOTAutograd derives one fused backward for the whole step;
-    made once per process and shared by every layer of the same shape. One Hope `medium` train
-    step on 2 CPU threads (T=512, batch 4; one run each): eager 1357 ms, the DGD kernel alone
-    compiled 1067 ms, the whole chunk step compiled 838 ms."""
-    return compile_kernel(functools.partial(fused_chunk_step, kernel=dgd_chunk_autograd), device_type)
+    (`dgd_chunk_stacked`: `dgd_chunk_autograd` in fewer, larger matmuls) so that AOTAutograd
+    derives one fused backward for the whole step; made once per process and shared by every
+    layer of the same shape. One Hope `medium` train step on 2 CPU threads (T=512, batch 4; one
+    run each): eager 1357 ms, the DGD kernel alone compiled 1067 ms, the whole chunk step
+    compiled 838 ms."""
+    return compile_kernel(functools.partial(fused_chunk_step, kernel=dgd_chunk_stacked), device_type)
 
 
 def _logit(p: float) -> float:
