@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlbench.baselines.transformer import check_positive_int, check_tokens, scale_residual_init
+from nlbench.kernels.compiling import compile_mode
 from nlbench.kernels.titans_memory import memory_flops_per_token, memory_read, titans_memory_chunked
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
@@ -47,7 +48,7 @@ class NeuralMemory(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
                  memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3):
         super().__init__()
-        self.compile_kernels = False  # torch.compile each memory chunk (`Titans.compiled`)
+        self.compile_kernels = False  # or a compile mode: torch.compile each memory chunk (`Titans.compiled`)
         self.n_heads, self.head_dim, self.chunk_size = n_heads, d_model // n_heads, chunk_size
         self.max_lr = max_lr
         dh = self.head_dim
@@ -290,12 +291,13 @@ class Titans(NLModel):
     def init_state(self, batch_size: int):
         return [block.init_state(batch_size) for block in self.blocks]
 
-    def compiled(self):
-        """Titans with each memory chunk compiled by `torch.compile`, the chunk loop eager
-        (`NLModel.compiled`: tracing the unrolled loop does not finish in useful time)."""
+    def compiled(self, mode: str = "default"):
+        """Titans with each memory chunk compiled by `torch.compile` in `mode`, the chunk loop
+        eager (`NLModel.compiled`: tracing the unrolled loop does not finish in useful time)."""
+        mode = compile_mode(mode)
         for m in self.modules():
             if isinstance(m, NeuralMemory):
-                m.compile_kernels = True
+                m.compile_kernels = mode
         return self
 
     def forward(self, tokens, state=None, update_state: bool = True):

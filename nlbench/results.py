@@ -44,7 +44,10 @@ __all__ = [
     "ResultStore", "ResultsError", "RunRecord", "canonical_json", "run_id_for", "schema_for",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# columns added after schema v1, with the version that added them: files written before it read
+# with the column null (a v1 throughput file has no compile_mode)
+ADDED_IN: dict[tuple[str, str], int] = {("throughput", "compile_mode"): 2}
 SCHEMA_VERSION_KEY = "nlbench.schema_version"
 TABLE_KEY = "nlbench.table"
 RUN_STATUSES = ("completed", "failed", "diverged")
@@ -108,7 +111,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
         "run_id:str model:str size:str seq_len:int batch_size:int phase:str tokens_per_s:float step_ms_p50:float "
         "step_ms_p95:float peak_mem_bytes:int mfu:float mfu_datasheet:float flops_per_token:float device:str "
         "dtype:str torch_version:str triton_version:str command:str compile_s:float timestamp:ts "
-        "params:int steps:int nlbench_version:str python_version:str matmul_peak_flops:float config_name:str",
+        "params:int steps:int nlbench_version:str python_version:str matmul_peak_flops:float config_name:str "
+        "compile_mode:str",
         required={"run_id", "model", "size", "seq_len", "batch_size", "phase", "tokens_per_s", "device", "dtype"},
         allowed={"phase": ("train", "infer")},
     ),
@@ -428,6 +432,8 @@ class ResultStore:
         prefixes = DYNAMIC_PREFIXES.get(table, ())
         expected = schema_for(table)
         for f in expected:
+            if f.name not in data.schema.names and version < ADDED_IN.get((table, f.name), 1):
+                data = data.append_column(f, pa.nulls(len(data), f.type))
             if f.name not in data.schema.names:
                 raise ResultsError(f"results file {path} lacks column {f.name!r} of table {table!r} (schema v{version}).")
             got = data.schema.field(f.name).type

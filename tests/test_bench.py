@@ -44,6 +44,19 @@ def test_bench_cli_writes_throughput_rows(tmp_path):
     # the directory reads whole with pandas too
     assert len(pd.read_parquet(out / "throughput")) == 4
     assert "goal: Hope/Transformer train tokens/s" in proc.stdout
+    assert df.compile_mode.isna().all()  # eager
+
+
+def test_bench_compile_field_takes_a_mode(tmp_path):
+    """`compile:` is false, true (the default mode) or a mode name; anything else names the field
+    and the allowed values."""
+    cfg = tmp_path / "c.yaml"
+    for value, mode in (("false", None), ("true", "default"), ("max-autotune", "max-autotune")):
+        cfg.write_text(f"models: [hope]\ncompile: {value}\n")
+        assert load_bench_config(cfg).compile_mode == mode
+    cfg.write_text("models: [hope]\ncompile: fast\n")
+    with pytest.raises(BenchConfigError, match=r"field 'compile'.*'default', 'max-autotune'.*got 'fast'"):
+        load_bench_config(cfg)
 
 
 def test_bad_bench_config_exits_2_naming_the_field(tmp_path):

@@ -2,14 +2,15 @@
 chunk loops eager — same logits and parameter gradients as the eager model; the compiled
 chunked DGD kernel equals the eager one."""
 
+import pytest
 import torch
 
 from nlbench.models import build_model
 
 
-def _compiled_matches_eager(name):
-    """Compile `name` with `model.compiled()` after one eager step; the compiled step gives the
-    same logits and parameter gradients. Returns the model."""
+def _compiled_matches_eager(name, mode="default"):
+    """Compile `name` with `model.compiled(mode)` after one eager step; the compiled step gives
+    the same logits and parameter gradients. Returns the model."""
     torch.manual_seed(0)
     model = build_model(name, size="tiny", vocab_size=64)
     tokens = torch.randint(0, 64, (2, 32))
@@ -21,7 +22,7 @@ def _compiled_matches_eager(name):
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     logits_e, grads_e = run()
-    assert model.compiled() is model  # the chunk kernels are compiled, not the chunk loop
+    assert model.compiled(mode) is model  # the chunk kernels are compiled, not the chunk loop
     logits_c, grads_c = run()
     torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
     assert grads_c.keys() == grads_e.keys()
@@ -33,6 +34,26 @@ def _compiled_matches_eager(name):
 def test_hope_compiled_kernels_match_eager():
     model = _compiled_matches_eager("hope")
     assert all(b.mixer.compile_kernels for b in model.blocks)
+
+
+@pytest.mark.slow  # ~2.5 min on 2 cores: inductor benchmarks every distinct matmul while compiling
+def test_hope_max_autotune_kernels_match_eager():
+    """`compile: max-autotune`: inductor's own matmul kernels (C++ micro-GEMMs on CPU) where
+    they beat ATen in its autotuning; the layers carry the mode to every chunk step."""
+    from nlbench.kernels.compiling import compile_options
+
+    model = _compiled_matches_eager("hope", "max-autotune")
+    assert all(b.mixer.compile_kernels == "max-autotune" for b in model.blocks)
+    assert compile_options("cpu", "max-autotune")["max_autotune"]
+    assert "max_autotune" not in compile_options("cpu", "default")
+
+
+def test_compile_mode_is_validated():
+    from nlbench.kernels.compiling import compile_mode
+
+    assert (compile_mode(False), compile_mode(True), compile_mode("max-autotune")) == (None, "default", "max-autotune")
+    with pytest.raises(ValueError, match=r"'default', 'max-autotune'.*got 'fast'"):
+        build_model("hope", size="tiny", vocab_size=64).compiled("fast")
 
 
 def test_titans_compiled_kernels_match_eager():

@@ -162,6 +162,26 @@ def test_corrupt_file_error_names_it(tmp_path):
         store.completed_run_ids()
 
 
+def test_v1_throughput_file_reads_with_compile_mode_null(tmp_path):
+    """Schema v2 added throughput.compile_mode: a v1 file (without it) still reads, the column
+    null; a v2 file without it is refused as incomplete."""
+    store = ResultStore(tmp_path)
+    full = schema_for("throughput")
+    v1 = pa.schema([f for f in full if f.name != "compile_mode"],
+                   metadata={SCHEMA_VERSION_KEY: "1", "nlbench.table": "throughput"})
+    row = {"run_id": "r", "model": "hope", "size": "tiny", "seq_len": 8, "batch_size": 1, "phase": "train",
+           "tokens_per_s": 10.0, "device": "cpu", "dtype": "float32"}
+    (tmp_path / "throughput").mkdir()
+    pq.write_table(pa.Table.from_pylist([row], schema=v1), tmp_path / "throughput" / "old.parquet")
+    store.write_rows("throughput", [{**row, "run_id": "s", "compile_mode": "max-autotune"}], key="new")
+    df = store.read("throughput").set_index("run_id")
+    assert pd.isna(df.loc["r", "compile_mode"]) and df.loc["s", "compile_mode"] == "max-autotune"
+    v2 = v1.with_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION), "nlbench.table": "throughput"})
+    pq.write_table(pa.Table.from_pylist([row], schema=v2), tmp_path / "throughput" / "old.parquet")
+    with pytest.raises(ResultsError, match=r"old\.parquet lacks column 'compile_mode'"):
+        store.read("throughput")
+
+
 def test_future_schema_version_is_refused(tmp_path):
     store = ResultStore(tmp_path)
     store.write_run(run_record("now"))

@@ -42,7 +42,7 @@ class BenchConfig(BaseModel):
     phases: list[Literal["train", "infer"]] = ["train", "infer"]
     warmup_steps: int = Field(2, ge=1)
     steps: int = Field(5, ge=1)
-    compile: bool = False
+    compile: bool | str = False  # true (= "default"), or a mode of compiling.COMPILE_MODES
     threads: int | None = Field(None, ge=1)
     # memory-update micro-benchmark: chunked fast path vs token-by-token reference
     kernel_seq_len: int | None = Field(1024, ge=16)
@@ -59,6 +59,23 @@ class BenchConfig(BaseModel):
         if bad:
             raise ValueError(f"unknown size(s) {bad}; allowed: {', '.join(PRESETS)}")
         return v
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v):
+        from nlbench.kernels.compiling import COMPILE_MODES
+
+        if isinstance(v, bool) or v in COMPILE_MODES:
+            return v
+        raise ValueError(f"must be true, false or a compile mode, one of {', '.join(map(repr, COMPILE_MODES))}; "
+                         f"got {v!r}")
+
+    @property
+    def compile_mode(self) -> str | None:
+        """None (eager), or the compile mode every model of the bench is compiled in."""
+        from nlbench.kernels.compiling import compile_mode
+
+        return compile_mode(self.compile)
 
     @field_validator("seq_lens")
     @classmethod

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nlbench.kernels.compiling import compile_mode
 from nlbench.kernels.dispatch import dgd_memory, resolve_backend
 from nlbench.malloc import keep_freed_memory
 
@@ -53,11 +54,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_memory_kernel(backend: str, leaves, chunk_size: int, repeats: int = 3, compiled: bool = False,
+def time_memory_kernel(backend: str, leaves, chunk_size: int, repeats: int = 3, compiled: bool | str = False,
                        first: list | None = None) -> float:
     """Median seconds of forward + backward (after one warm-up call, which also compiles; its
-    seconds are appended to `first` when given). `compiled`: the chunked kernel through
-    torch.compile."""
+    seconds are appended to `first` when given). `compiled` (True or a compile mode): the chunked
+    kernel through torch.compile."""
     n_w = len(leaves) - 5
     ws, (q, k, v, eta, alpha) = leaves[:n_w], leaves[n_w:]
     device = k.device
@@ -87,13 +88,14 @@ def time_memory_kernel(backend: str, leaves, chunk_size: int, repeats: int = 3, 
 
 
 def bench_memory_kernels(device, seq_len: int = 1024, B: int = 4, H: int = 4, d: int = 32,
-                         chunk_sizes=(16, 64), repeats: int = 5, compiled: bool = False) -> list[str]:
+                         chunk_sizes=(16, 64), repeats: int = 5, compiled: bool | str = False) -> list[str]:
     """Time forward + backward per backend; returns the lines to print (speed-ups vs goals).
-    `compiled` adds the chunked kernel through torch.compile (its compile time apart)."""
+    `compiled` (True or a compile mode) adds the chunked kernel through torch.compile (its compile
+    time apart)."""
     device = torch.device(device)
     triton_ok = resolve_backend("auto", device) == "triton"
     lines = [f"memory kernels on {device.type}: B={B} H={H} d={d} T={seq_len}, forward + backward, fp32, "
-             f"median of {repeats} (reference: 3)"]
+             f"median of {repeats} (reference: 3)" + (f"; compile mode {compile_mode(compiled)}" if compiled else "")]
     for kind in ("linear", "mlp"):
         leaves = memory_inputs(kind, B, H, seq_len, d, device)
         # the reference's cost does not depend on the chunk size: one median of 3 serves all C
@@ -106,7 +108,7 @@ def bench_memory_kernels(device, seq_len: int = 1024, B: int = 4, H: int = 4, d:
                          f"(goal >= {GOAL_CHUNKED:.0f}x: {'met' if ratio >= GOAL_CHUNKED else 'NOT met'})")
             if compiled:
                 first = []
-                t_cmp = time_memory_kernel("chunked", leaves, C, repeats, compiled=True, first=first)
+                t_cmp = time_memory_kernel("chunked", leaves, C, repeats, compiled=compiled, first=first)
                 ratio = t_ref / t_cmp
                 lines.append(f"  {kind:<6} compiled C={C:<3}         {1e3 * t_cmp:9.1f} ms   {ratio:6.1f}x vs reference "
                              f"(goal >= {GOAL_CHUNKED:.0f}x: {'met' if ratio >= GOAL_CHUNKED else 'NOT met'}; "

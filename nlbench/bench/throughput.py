@@ -155,10 +155,12 @@ def bench_case(
     warmup_steps: int,
     steps: int,
     phases: list[str],
-    compile: bool,
+    compile: bool | str,
     peak_flops: float,
 ) -> list[dict[str, Any]]:
-    """Measure one (model, size, seq_len); one row per phase."""
+    """Measure one (model, size, seq_len); one row per phase. `compile`: False (eager), True or
+    a mode of `nlbench.kernels.compiling.COMPILE_MODES`."""
+    from nlbench.kernels.compiling import compile_mode
     from nlbench.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -166,7 +168,8 @@ def bench_case(
     fpt = flops_per_token(model, case.seq_len)
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     opt = build_optimizer(optimizer, model, lr=lr)
-    fwd = model.compiled() if compile else model  # Hope: its chunk kernels (NLModel.compiled)
+    mode = compile_mode(compile)
+    fwd = model.compiled(mode) if mode else model  # Hope: its chunk kernels (NLModel.compiled)
     tokens = torch.randint(0, vocab_size, (case.batch_size, case.seq_len), device=device)
     targets = torch.roll(tokens, -1, dims=1)
     autocast = (
@@ -235,6 +238,7 @@ def bench_case(
                 device=device_name(device),
                 dtype=dtype_name,
                 compile_s=compile_s,
+                compile_mode=mode,
                 steps=steps,
             )
         )

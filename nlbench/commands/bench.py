@@ -67,7 +67,7 @@ def bench(config, out, only, device):
                     got = bench_case(
                         case, device=dev, dtype=dtype, vocab_size=cfg.vocab_size, optimizer=cfg.optimizer,
                         lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, phases=list(cfg.phases),
-                        compile=cfg.compile, peak_flops=peak,
+                        compile=cfg.compile_mode or False, peak_flops=peak,
                     )
                 except torch.OutOfMemoryError as e:
                     console.print(f"[yellow]skip[/yellow] {m.name}/{size}/T={seq_len}: out of memory ({e})")
@@ -96,7 +96,7 @@ def bench(config, out, only, device):
     if cfg.kernel_seq_len:
         from nlbench.bench.kernels import bench_memory_kernels
 
-        for line in bench_memory_kernels(dev, seq_len=cfg.kernel_seq_len, compiled=cfg.compile):
+        for line in bench_memory_kernels(dev, seq_len=cfg.kernel_seq_len, compiled=cfg.compile_mode or False):
             console.print(line)
     console.print(f"wrote {len(rows)} rows to {Path(out) / 'throughput'}")
 

@@ -30,6 +30,8 @@ import functools
 
 import torch
 
+from nlbench.kernels.compiling import compile_mode
+
 __all__ = ["dgd_chunk_manual"]
 
 
@@ -293,18 +295,18 @@ def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
 
 
 @functools.cache
-def _compiled(device_type: str):
+def _compiled(device_type: str, mode: str = "default"):
     """(forward, backward) through `torch.compile` (`compiling.compile_kernel`), made once per
-    process and device type; each new shape compiles again."""
+    process, device type and compile mode; each new shape compiles again."""
     from nlbench.kernels.compiling import compile_kernel
 
-    return compile_kernel(_forward, device_type), compile_kernel(_backward, device_type)
+    return compile_kernel(_forward, device_type, mode), compile_kernel(_backward, device_type, mode)
 
 
 class _DGDChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, self_target, read_index, compiled, q, k, v, eta, alpha, *weights):
-        fwd = _compiled(k.device.type)[0] if compiled else _forward
+        fwd = _compiled(k.device.type, compile_mode(compiled))[0] if compiled else _forward
         from nlbench.kernels.dgd_memory import _strictly_lower
 
         strict = _strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
@@ -316,14 +318,15 @@ class _DGDChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         q, k, v, eta, alpha, *weights = ctx.saved_tensors
-        bwd = _compiled(k.device.type)[1] if ctx.compiled else _backward
+        bwd = _compiled(k.device.type, compile_mode(ctx.compiled))[1] if ctx.compiled else _backward
         return (None, None, None, *bwd(ctx.self_target, ctx.saved, q, k, v, eta, alpha, weights, grads))
 
 
 def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
                      compiled: bool = False):
     """`dgd_memory.dgd_chunk` with the hand-written backward pass; same arguments and returns
-    (y or None, weights at chunk end). `compiled=True`: both passes through `torch.compile`."""
+    (y or None, weights at chunk end). `compiled=True` (or a mode of `compiling.COMPILE_MODES`):
+    both passes through `torch.compile`."""
     if len(weights) not in (1, 2):
         raise ValueError(f"weights: expected 1 (linear) or 2 (MLP) matrices, got {len(weights)}.")
     out = _DGDChunk.apply(self_target, read_index, compiled, q, k, v, eta, alpha, *weights)

@@ -218,13 +218,14 @@ def _read(w, x, d, r, g_prev, gamma):
 
 
 def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
-              compiled: bool = False):
+              compiled: bool | str = False):
     """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
 
     fp32 / fp64 run `dgd_chunk_grad.dgd_chunk_manual`, the same equations with a hand-written
     backward pass (one Hope `medium` layer, T=512, batch 4, 2 CPU threads: backward 188 → 142 ms,
     forward 110 → 105 ms, one A/B run); half precision runs `dgd_chunk_autograd`.
-    `compiled=True` runs that chunk's forward and backward functions through `torch.compile`.
+    `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs that chunk's forward and
+    backward functions through `torch.compile`.
     """
     if k.dtype in (torch.float32, torch.float64):
         from nlbench.kernels.dgd_chunk_grad import dgd_chunk_manual
@@ -316,9 +317,9 @@ def _check_chunk(chunk_size):
 
 
 def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True,
-                       compiled: bool = False):
+                       compiled: bool | str = False):
     """DGD memory over a sequence, chunk by chunk (matmuls inside a chunk). Returns (y, weights).
-    `compiled=True`: each chunk through `torch.compile` (`dgd_chunk`)."""
+    `compiled=True` (or a compile mode): each chunk through `torch.compile` (`dgd_chunk`)."""
     _check_chunk(chunk_size)
     # split once: slicing per chunk would make autograd scatter each chunk's gradient into a
     # zero-filled full-length tensor, O(T²/C) work in the backward pass

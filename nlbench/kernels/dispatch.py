@@ -73,7 +73,7 @@ def _triton_fits(weights, k) -> bool:
 
 
 def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto",
-               compiled: bool = False):
+               compiled: bool | str = False):
     """DGD memory over a sequence (Eq. 86–93) with the chosen backend. Returns (y or None, weights).
     `compiled=True` runs the chunked backend's per-chunk kernel through `torch.compile`.
 

@@ -41,6 +41,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from nlbench.kernels.compiling import compile_mode
+
 __all__ = [
     "memory_forward", "memory_read", "titans_memory_chunked", "titans_memory_reference",
     "memory_flops_per_token",
@@ -143,25 +145,26 @@ def _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size):
 
 
 @functools.cache
-def _compiled_chunk(device_type: str):
+def _compiled_chunk(device_type: str, mode: str = "default"):
     """`_chunk` through `torch.compile` (forward and its autograd backward; `compiling.compile_kernel`),
-    made once per process and device type."""
+    made once per process, device type and compile mode."""
     from nlbench.kernels.compiling import compile_kernel
 
-    return compile_kernel(_chunk, device_type)
+    return compile_kernel(_chunk, device_type, mode)
 
 
 def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_size: int = 16,
-                          compiled: bool = False):
+                          compiled: bool | str = False):
     """Titans memory over a sequence, chunk by chunk (parallel inside a chunk).
 
     Returns (y [B, H, T, out], weights, momentum) -- the state after the last token. A trailing
     partial chunk is processed as a shorter chunk, so the next call starts a fresh chunk.
-    `compiled=True` runs each chunk through `torch.compile` (`NLModel.compiled`).
+    `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs each chunk through
+    `torch.compile` (`NLModel.compiled`).
     """
     _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
     weights, momentum, ys = list(weights), list(momentum), []
-    chunk = _compiled_chunk(k.device.type) if compiled else _chunk
+    chunk = _compiled_chunk(k.device.type, compile_mode(compiled)) if compiled else _chunk
     # split once (not a slice per chunk, whose backward zero-fills a full-length tensor each time)
     for qc, kc, vc, ec, tc, ac in zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, eta, theta, alpha))):
         y, weights, momentum = chunk(weights, momentum, qc, kc, vc, ec, tc, ac)

@@ -76,12 +76,15 @@ class NLModel(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         raise NotImplementedError
 
-    def compiled(self):
-        """The callable `torch.compile` makes of this model (`compile: true` in a bench config):
-        the whole model by default. Models whose forward pass is a Python loop over chunks
-        override it to compile their per-chunk kernels instead; tracing Hope's unrolled loop
-        (4 layers × 32 chunks at T=512) had not finished after 10 minutes."""
-        return torch.compile(self)
+    def compiled(self, mode: str = "default"):
+        """The callable `torch.compile` makes of this model (`compile:` in a bench config), in one
+        of `nlbench.kernels.compiling.COMPILE_MODES`: the whole model by default. Models whose
+        forward pass is a Python loop over chunks override it to compile their per-chunk kernels
+        instead; tracing Hope's unrolled loop (4 layers × 32 chunks at T=512) had not finished
+        after 10 minutes."""
+        from nlbench.kernels.compiling import autotune_options
+
+        return torch.compile(self, options=autotune_options(mode) or None)
 
     @property
     def device(self) -> torch.device:

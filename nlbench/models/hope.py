@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from nlbench.kernels.compiling import compile_mode
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.cms import CMS, CMS_MODES, CMS_VARIANTS
@@ -121,16 +122,17 @@ class Hope(NLModel):
         stateless = all(s["smt"] is None and s["cms"] is None for s in new)
         return ModelOutput(logits, None if stateless else new)
 
-    def compiled(self):
+    def compiled(self, mode: str = "default"):
         """Hope with each chunk step of its self-modifying layers compiled by `torch.compile`
         (projections, gates, curvature guard and DGD chunk in one graph with one fused backward;
         `self_modifying_titans._compiled_fused_chunk_step`, or the DGD kernel alone when the two
         chunk sizes differ); the chunk loop and everything else run eagerly. Hope-Attention has
         no chunk loop and compiles whole."""
         if self.family != "hope":
-            return super().compiled()
+            return super().compiled(mode)
+        mode = compile_mode(mode)
         for b in self.blocks:
-            b.mixer.compile_kernels = True
+            b.mixer.compile_kernels = mode
         return self
 
     def set_kernel(self, kernel: str):

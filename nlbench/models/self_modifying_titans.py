@@ -94,7 +94,7 @@ from torch import nn
 from nlbench.kernels.dgd_memory import (
     dgd_chunk, dgd_chunk_stacked, dgd_flops_per_token, dgd_memory_reference, memory_apply,
 )
-from nlbench.kernels.compiling import compile_kernel
+from nlbench.kernels.compiling import compile_kernel, compile_mode
 from nlbench.kernels.dispatch import dgd_chunk_triton, resolve_backend
 from nlbench.models.layers import ShortConv, causal_conv
 
@@ -170,10 +170,10 @@ def layer_output(y, w_o):
 
 
 @functools.cache
-def _compiled_layer_io(device_type: str):
+def _compiled_layer_io(device_type: str, mode: str = "default"):
     """(`layer_inputs`, `layer_output`) through `torch.compile` for `compile_kernels`: one Hope
     `medium` train step, three A/B pairs on 2 CPU threads: 745/758/901 → 720/722/865 ms."""
-    return compile_kernel(layer_inputs, device_type), compile_kernel(layer_output, device_type)
+    return compile_kernel(layer_inputs, device_type, mode), compile_kernel(layer_output, device_type, mode)
 
 
 def gates(p, b_eta, b_alpha):
@@ -202,14 +202,14 @@ def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk):
 
 
 @functools.cache
-def _compiled_fused_chunk_step(device_type: str):
+def _compiled_fused_chunk_step(device_type: str, mode: str = "default"):
     """`fused_chunk_step` through `torch.compile`, with the chunk in plain autograd ops
     (`dgd_chunk_stacked`: `dgd_chunk_autograd` in fewer, larger matmuls) so that AOTAutograd
     derives one fused backward for the whole step; made once per process and shared by every
     layer of the same shape. One Hope `medium` train step on 2 CPU threads (T=512, batch 4; one
     run each): eager 1357 ms, the DGD kernel alone compiled 1067 ms, the whole chunk step
     compiled 838 ms."""
-    return compile_kernel(functools.partial(fused_chunk_step, kernel=dgd_chunk_stacked), device_type)
+    return compile_kernel(functools.partial(fused_chunk_step, kernel=dgd_chunk_stacked), device_type, mode)
 
 
 def _logit(p: float) -> float:
@@ -227,7 +227,7 @@ class SelfModifyingTitans(nn.Module):
         self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
         self.kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
         self.fuse = True  # stack the five memories when both chunk sizes agree (`_memories_fused`)
-        self.compile_kernels = False  # torch.compile each chunk step (`Hope.compiled`)
+        self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
         # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3)
@@ -291,7 +291,8 @@ class SelfModifyingTitans(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x, state):
-        inputs, output = _compiled_layer_io(x.device.type) if self.compile_kernels else (layer_inputs, layer_output)
+        mode = compile_mode(self.compile_kernels)
+        inputs, output = _compiled_layer_io(x.device.type, mode) if mode else (layer_inputs, layer_output)
         z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
                                       self.conv_q.conv.weight, self.n_heads)
         if self.kernel == "triton":
@@ -353,7 +354,7 @@ class SelfModifyingTitans(nn.Module):
         if self.kernel == "triton":
             step = functools.partial(fused_chunk_step, kernel=dgd_chunk_triton)
         elif self.compile_kernels:
-            step = _compiled_fused_chunk_step(z.device.type)
+            step = _compiled_fused_chunk_step(z.device.type, compile_mode(self.compile_kernels))
         else:
             step = fused_chunk_step
         ys = []
