@@ -43,7 +43,7 @@ def test_bench_cli_writes_throughput_rows(tmp_path):
     assert df.command.str.contains("bench").all() and (df.torch_version == torch.__version__).all()
     # the directory reads whole with pandas too
     assert len(pd.read_parquet(out / "throughput")) == 4
-    assert "goal: Hope/Transformer train tokens/s" in proc.stdout
+    assert "goal: Hope/Transformer train tokens/s" in proc.stdout and "median step times:" in proc.stdout
     assert df.compile_mode.isna().all()  # eager
 
 
