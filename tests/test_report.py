@@ -96,11 +96,11 @@ def make_results(out: Path) -> Path:
     return out
 
 
-def write_throughput(out: Path, device: str, dtype: str, rows: list[tuple], key: str):
+def write_throughput(out: Path, device: str, dtype: str, rows: list[tuple], key: str, compile_mode=None):
     """rows: (model, size, seq_len, phase, tokens_per_s)."""
     recs = [dict(run_id=f"{key}:{m}:{s}:{t}:{ph}", model=m, size=s, seq_len=t, batch_size=8, phase=ph, tokens_per_s=tps,
                  step_ms_p50=8 * t / tps * 1e3, step_ms_p95=1.1 * 8 * t / tps * 1e3, peak_mem_bytes=2**20 * 100, mfu=0.1,
-                 device=device, dtype=dtype) for m, s, t, ph, tps in rows]
+                 device=device, dtype=dtype, compile_mode=compile_mode) for m, s, t, ph, tps in rows]
     ResultStore(out).write_rows("throughput", recs, key=key)
 
 
@@ -313,6 +313,20 @@ def test_throughput_devices_side_by_side_with_speedup(tmp_path):
     md = (tmp_path / "rep" / "throughput.md").read_text()
     assert "50.00×" in md and "100.00×" in md and "speed-up H100 bf16 / cpu 2t fp32" in md
     assert any(p.endswith("throughput.png") for p in got["files"])
+
+
+def test_throughput_compiled_runs_get_their_own_column(tmp_path):
+    """Rows measured through torch.compile (`compile_mode`) are a column of their own next to the
+    eager rows of the same device, with the speed-up over eager."""
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    write_throughput(eager, "cpu:x86_64:2threads", "float32", [("hope", "medium", 512, "train", 1800.0)], "e")
+    write_throughput(comp, "cpu:x86_64:2threads", "float32", [("hope", "medium", 512, "train", 3000.0)], "c",
+                     compile_mode="max-autotune")
+    rep = throughput_report(load_results([eager, comp]).throughput)
+    cpu_l, comp_l = "cpu:x86_64:2threads (float32)", "cpu:x86_64:2threads (float32) [max-autotune]"
+    assert rep["devices"] == [cpu_l, comp_l] and rep["baseline"] == cpu_l
+    assert rep["short"] == {cpu_l: "cpu 2t fp32", comp_l: "cpu 2t fp32 max-autotune"}
+    assert rep["rows"][0]["speedup"][comp_l] == pytest.approx(3000 / 1800)
 
 
 # ----------------------------------------------------------------------------- the command end to end

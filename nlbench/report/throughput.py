@@ -3,7 +3,9 @@
 Rows of the ``throughput`` table (``nlbench bench``) from any number of result directories — e.g.
 one measured on a CPU, one on an H100 — are lined up on the case key ``(model, size, seq_len,
 batch_size, phase)``; a case measured on only one device keeps empty cells for the others (a
-speed-up needs the same case on both). Each device column is ``device (dtype)``; repeated
+speed-up needs the same case on both). Each device column is ``device (dtype)``, with
+`` [compile mode]`` appended for rows measured through ``torch.compile`` (``compile:`` in the
+bench config), so eager and compiled runs of one device sit side by side; repeated
 measurements of one case on one device are summarised by their median (``n`` says how many).
 Speed-up = tokens/s on the device ÷ tokens/s on the baseline device (the CPU one when there is
 one, else the first in name order).
@@ -22,18 +24,21 @@ REQUIRED = (*CASE, "tokens_per_s", "device", "dtype")
 VALUES = ("tokens_per_s", "step_ms_p50", "step_ms_p95", "peak_mem_bytes", "mfu")
 
 
-def device_label(device: str, dtype: str) -> str:
-    return f"{device} ({dtype})"
+def device_label(device: str, dtype: str, compile_mode=None) -> str:
+    mode = "" if compile_mode is None or pd.isna(compile_mode) else f" [{compile_mode}]"
+    return f"{device} ({dtype}){mode}"
 
 
 _DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def short_names(devices: list[str]) -> dict[str, str]:
-    """Column-header names: 'cpu fp32', 'H100 bf16' (vendor words dropped), numbered on collision."""
+    """Column-header names: 'cpu fp32', 'H100 bf16', 'cpu 2t fp32 max-autotune' (vendor words
+    dropped), numbered on collision."""
     out = {}
     for d in devices:
-        name, _, dtype = d.rpartition(" (")
+        label, mode = (d[:-1].rsplit(" [", 1) if d.endswith("]") else (d, ""))
+        name, _, dtype = label.rpartition(" (")
         dtype = dtype.rstrip(")")
         words = [w for w in name.replace(":", " ").split() if w.upper() not in ("NVIDIA", "GEFORCE", "AMD", "TESLA")]
         threads = [w[: -len("threads")] for w in words if w.endswith("threads")]
@@ -41,7 +46,7 @@ def short_names(devices: list[str]) -> dict[str, str]:
             head = f"cpu {threads[0]}t" if threads else "cpu"
         else:
             head = words[0] if words else name
-        out[d] = f"{head} {_DTYPE_SHORT.get(dtype, dtype)}"
+        out[d] = f"{head} {_DTYPE_SHORT.get(dtype, dtype)}" + (f" {mode}" if mode else "")
     counts = pd.Series(list(out.values())).value_counts()
     seen: dict[str, int] = {}
     for d, s in out.items():
@@ -60,7 +65,8 @@ def throughput_report(df: pd.DataFrame) -> dict:
             "(written by `nlbench bench`)"
         )
     df = df.copy()
-    df["device_label"] = [device_label(str(d), str(t)) for d, t in zip(df["device"], df["dtype"])]
+    modes = df["compile_mode"] if "compile_mode" in df.columns else [None] * len(df)
+    df["device_label"] = [device_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
     devices = sorted(df["device_label"].unique(), key=lambda d: (not d.lower().startswith("cpu"), d))
     baseline = devices[0]
     rows = []
