@@ -48,17 +48,21 @@ CASES = [c for c in itertools.product([False, True], [0, 3], [False, True], [Fal
          if c[1] or not (c[2] or c[3])]  # stacked η / α only with a stack
 
 
+def _assert_matches_autograd(fn, leaves, read, self_target, read_index):
+    """`fn` gives `dgd_chunk_autograd`'s outputs and every input's gradient (float64)."""
+    out_a, grad_a = _run(dgd_chunk_autograd, leaves, read, self_target, read_index)
+    out_f, grad_f = _run(fn, leaves, read, self_target, read_index)
+    for a, m in zip(out_a, out_f):
+        torch.testing.assert_close(m, a, rtol=1e-12, atol=1e-12)
+    names = [f"w{i}" for i in range(len(leaves) - 5)] + ["q", "k", "v", "eta", "alpha"]
+    for name, a, m in zip(names, grad_a, grad_f):
+        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10, msg=lambda s, n=name: f"grad {n}: {s}")
+
+
 @pytest.mark.parametrize("mlp,stack,eta_stacked,alpha_stacked,read,self_target", CASES)
 def test_manual_backward_matches_autograd(mlp, stack, eta_stacked, alpha_stacked, read, self_target):
     leaves = _leaves(mlp, stack, eta_stacked, alpha_stacked)
-    read_index = 1 if stack else None
-    out_a, grad_a = _run(dgd_chunk_autograd, leaves, read, self_target, read_index)
-    out_m, grad_m = _run(dgd_chunk_manual, leaves, read, self_target, read_index)
-    for a, m in zip(out_a, out_m):
-        torch.testing.assert_close(m, a, rtol=1e-12, atol=1e-12)
-    names = [f"w{i}" for i in range(len(leaves) - 5)] + ["q", "k", "v", "eta", "alpha"]
-    for name, a, m in zip(names, grad_a, grad_m):
-        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10, msg=lambda s, n=name: f"grad {n}: {s}")
+    _assert_matches_autograd(dgd_chunk_manual, leaves, read, self_target, 1 if stack else None)
 
 
 @pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
@@ -105,13 +109,7 @@ def test_stacked_chunk_matches_autograd(mlp, stack, eta_stacked, alpha_stacked, 
     path, which the fewer batched matmuls show."""
     leaves = _leaves(mlp, stack, eta_stacked, alpha_stacked, hid=5)
     read_index = 1 if stack else None
-    out_a, grad_a = _run(dgd_chunk_autograd, leaves, read, self_target, read_index)
-    out_s, grad_s = _run(dgd_chunk_stacked, leaves, read, self_target, read_index)
-    for a, m in zip(out_a, out_s):
-        torch.testing.assert_close(m, a, rtol=1e-12, atol=1e-12)
-    names = [f"w{i}" for i in range(len(leaves) - 5)] + ["q", "k", "v", "eta", "alpha"]
-    for name, a, m in zip(names, grad_a, grad_s):
-        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10, msg=lambda s, n=name: f"grad {n}: {s}")
+    _assert_matches_autograd(dgd_chunk_stacked, leaves, read, self_target, read_index)
     if mlp:
         counts = [_bmm_count(f, leaves, read, self_target, read_index) for f in (dgd_chunk_autograd, dgd_chunk_stacked)]
         assert counts[1] < counts[0], counts
