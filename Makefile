@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine:
 #   make quick   -> installs into .venv (first time) and runs the main job (configs/quick.yaml)
-#   make test    -> installs into .venv (first time) and runs the test suite
+#   make test    -> installs into .venv (first time) and runs the whole test suite (CI runs this)
+#   make test-fast -> the unit tier only: no slow, Ray, browser, compile or GPU tests (about 2 minutes)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/quick
 
-.PHONY: install quick test leaderboard clean
+.PHONY: install quick test test-fast leaderboard clean
 
 $(BIN)/nlbench: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +24,9 @@ quick: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not ray and not browser and not compile and not gpu"
 
 # the published leaderboard in reports/ (about an hour on 2 CPU cores; re-runs skip finished runs)
 leaderboard: install

@@ -63,3 +63,25 @@ def tiny_specs():
         return expand_runs(validate_config(tiny_config(**knobs)))
 
     return make
+
+
+# Test tiers. `make test-fast` runs the unit tier: `-m "not slow and not ray and not browser and
+# not compile and not gpu"`; `make test` runs everything. Tests that take the shared Ray runtime
+# are in the `ray` tier by construction; whole modules that start their own services are tiered
+# here, so a new test in them cannot slip into the unit tier unmarked.
+MODULE_TIERS = {
+    "test_cluster": "ray",
+    "test_multinode": "ray",
+    "test_faults": "ray",
+    "test_report_html": "browser",
+    "test_compiled_kernels": "compile",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        tier = MODULE_TIERS.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
