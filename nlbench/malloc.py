@@ -3,12 +3,11 @@ again every step (glibc `mallopt`).
 
 PyTorch's CPU allocator is plain `malloc`. With glibc's defaults, blocks above a dynamic
 threshold are served by `mmap` and unmapped when freed, and free memory at the top of the heap
-above the trim threshold is handed back to the OS. A training step allocates its activations
-in the forward pass and frees them in the backward pass, so the next step touches fresh pages
-again: a Hope `medium` step (T=512, batch 4) took ~30–55 thousand minor page faults, every one
-zero-filling 4 KiB. With trimming off and the mmap threshold at its 32 MiB maximum it takes
-~0–5 thousand, and the step ran 12% faster (1201 → 1051 ms, one run each on 2 cores; the
-Transformer step is unchanged). The price is that the process keeps its peak heap size.
+is handed back to the OS. A training step allocates its activations in the forward pass and
+frees them in the backward pass, so every step would zero-fill fresh pages again. With trimming
+off and the mmap threshold at its 32 MiB maximum, freed memory stays in the process for the next
+step; the price is that the process keeps its peak heap size. `python -m nlbench.bench.malloc`
+measures what it buys (page faults and step time, off vs on); docs/decisions.md has the figures.
 
 `keep_freed_memory()` is called where nlbench trains or benchmarks (`runner.execute_run`, in
 every Ray worker, and `nlbench bench`). NLBENCH_MALLOC_TUNING=0 turns it off; off glibc (macOS,
