@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.titans_memory import titans_memory_chunked, titans_memory_reference
+from nlbench.kernels.titans import titans_memory_chunked, titans_memory_reference
 from nlbench.models import ModelConfigError, build_model
 
 torch.set_num_threads(1)
