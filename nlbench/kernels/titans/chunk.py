@@ -66,9 +66,11 @@ def _chunk(weights, momentum, q, k, v, eta, theta, alpha):
     us, deltas = _grad_factors(weights, k, v)
     # clamps: a saturated sigmoid gives exactly 0 or 1 in fp32, and log 0 would turn the
     # masked differences below into −inf − (−inf) = NaN.
-    # Cumulative log-gates in fp32 even under bf16 autocast: they are long sums.
-    LP = torch.log(eta.float().clamp_min(1e-30)).cumsum(-1)                 # log P_t
-    LQ = torch.log1p(-alpha.float().clamp_max(1 - 1e-6)).cumsum(-1)         # log Q_t
+    # Cumulative log-gates are long sums: half-precision gates are summed in fp32, fp32 / fp64
+    # in their own dtype (an fp32 sum would cost fp64 inputs ~1e-7 relative).
+    acc = torch.promote_types(eta.dtype, torch.float32)
+    LP = torch.log(eta.to(acc).clamp_min(1e-30)).cumsum(-1)                 # log P_t
+    LQ = torch.log1p(-alpha.to(acc).clamp_max(1 - 1e-6)).cumsum(-1)         # log Q_t
     Lq, Lp = _decay_matrix(LQ), _decay_matrix(LP)
     dt = q.dtype
     D = (Lq @ Lp).to(dt)                          # D[t, s] = Σ_{s≤r≤t} Q_t/Q_r · P_r/P_s
