@@ -24,7 +24,7 @@ from torch import nn
 
 from nlbench.baselines.transformer import check_positive_int, check_tokens, scale_residual_init
 from nlbench.kernels.compiling import compile_mode
-from nlbench.kernels.titans_memory import memory_flops_per_token, memory_read, titans_memory_chunked
+from nlbench.kernels.titans import memory_flops_per_token, memory_read, titans_memory_chunked
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.layers import (

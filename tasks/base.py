@@ -93,12 +93,13 @@ class Task:
         self._eval_builder = eval_builder
         self._eval: Batch | None = None
         self.recipe: dict | None = None      # set by build_stream: how to rebuild this task
+        self.rebuild: Callable | None = None  # set with it: (recipe, index) -> Task (registry.rebuild_task)
 
     def __reduce__(self):
         # samplers are closures; a task pickles as its recipe and is rebuilt (deterministically)
         if self.recipe is None:
             raise TypeError(f"task {self.name!r} was not made by build_stream and cannot be pickled")
-        return _rebuild_task, (self.recipe, self.index)
+        return self.rebuild, (self.recipe, self.index)
 
     def train_batches(self, batch_size: int, seed: int = 0) -> Iterator[Batch]:
         check_int("batch_size", batch_size, 1, None, where=f"task {self.name!r}")
@@ -133,6 +134,8 @@ class Stream:
     knobs: dict = field(default_factory=dict)
 
     recipe: dict | None = None     # the build_stream arguments that rebuild this stream
+    # set with it: recipe -> Stream (registry.rebuild_stream; base does not import the registry)
+    rebuild: Callable | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -141,19 +144,10 @@ class Stream:
         if self.recipe is None:
             raise TypeError(f"stream {self.name!r} was not made by build_stream and cannot be "
                             f"pickled")
-        return _rebuild_stream, (self.recipe,)
+        return self.rebuild, (self.recipe,)
 
     def __iter__(self):
         return iter(self.tasks)
-
-
-def _rebuild_stream(recipe: dict) -> Stream:
-    from .registry import build_stream
-    return build_stream(**recipe)
-
-
-def _rebuild_task(recipe: dict, index: int) -> Task:
-    return _rebuild_stream(recipe).tasks[index]
 
 
 # ---- validation: one-paragraph errors naming the field and the allowed values ----------------

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .arithmetic import OPERATIONS, build_modular_arithmetic
-from .base import Stream, check_int
+from .base import Stream, Task, check_int
 from .digits import build_permuted_digits, build_split_digits
 from .markov import build_markov_languages, build_permuted_tokens
 from .passkey import build_passkey
@@ -97,6 +97,16 @@ def build_stream(name: str, num_tasks: int | None = None, seq_len: int | None = 
                           **knobs)
     stream.recipe = dict(name=name, num_tasks=len(stream.tasks), seq_len=seq_len, seed=seed,
                          eval_size=eval_size, **knobs)
+    stream.rebuild = rebuild_stream
     for task in stream.tasks:
-        task.recipe = stream.recipe
+        task.recipe, task.rebuild = stream.recipe, rebuild_task
     return stream
+
+
+def rebuild_stream(recipe: dict) -> Stream:
+    """The stream `recipe` (build_stream's arguments) describes: how a stream unpickles."""
+    return build_stream(**recipe)
+
+
+def rebuild_task(recipe: dict, index: int) -> Task:
+    return rebuild_stream(recipe).tasks[index]

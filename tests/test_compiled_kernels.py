@@ -73,7 +73,7 @@ def test_compiled_chunked_memory_matches_eager_and_is_benchmarked():
     import torch.nn.functional as F
 
     from nlbench.bench.kernels import bench_memory_kernels
-    from nlbench.kernels.dispatch import dgd_memory
+    from nlbench.kernels.dgd import dgd_memory
 
     g = torch.Generator().manual_seed(0)
     w = torch.eye(4).expand(1, 2, 4, 4) + 0.1 * torch.randn(1, 2, 4, 4, generator=g)

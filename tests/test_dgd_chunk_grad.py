@@ -1,4 +1,4 @@
-"""The hand-written backward pass of one DGD chunk (`dgd_chunk_grad`) against autograd of the
+"""The hand-written backward pass of one DGD chunk (`kernels/dgd/chunk_grad.py`) against autograd of the
 plain chunk (`dgd_chunk_autograd`): outputs and every input's gradient, float64, for linear and
 MLP memories, with and without reads / self-targets, single and stacked memories (k, v, q
 shared by the stack, η and α stacked or shared), and `gradcheck` on a small case. The same
@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.dgd_chunk_grad import dgd_chunk_manual
-from nlbench.kernels.dgd_memory import dgd_chunk, dgd_chunk_autograd, dgd_chunk_stacked
+from nlbench.kernels.dgd import dgd_chunk, dgd_chunk_autograd, dgd_chunk_manual, dgd_chunk_stacked
 
 DT = torch.float64
 

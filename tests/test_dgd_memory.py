@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference, unit_lower_solve
+from nlbench.kernels.dgd import dgd_memory_chunked, dgd_memory_reference, unit_lower_solve
 
 torch.set_num_threads(1)
 
@@ -110,7 +110,7 @@ def test_bad_chunk_size_raises():
 @pytest.mark.parametrize("mlp", [False, True])
 def test_memory_gradients_are_the_autograd_gradients(mlp):
     """∇_W L = Σ_t g_t x_tᵀ for L = ½ Σ_t ‖M(k_t) − v̂_t‖², checked against autograd (Eq. 87)."""
-    from nlbench.kernels.dgd_memory import memory_apply, memory_gradients
+    from nlbench.kernels.dgd import memory_apply, memory_gradients
 
     ws, _, k, v, _, _ = _inputs(mlp=mlp)
     ws = [w.detach().clone().requires_grad_() for w in ws]
@@ -123,7 +123,7 @@ def test_memory_gradients_are_the_autograd_gradients(mlp):
 def test_memory_gradients_are_differentiable():
     """The outer loop differentiates through the inner gradients (meta-gradients): gradcheck in
     float64 of the rank-one factors wrt the weights and keys (second derivatives of SiLU)."""
-    from nlbench.kernels.dgd_memory import memory_gradients
+    from nlbench.kernels.dgd import memory_gradients
 
     ws, _, k, v, _, _ = _inputs(mlp=True, B=1, H=1, T=3, d=3, h=4)
     args = [w.double().requires_grad_() for w in ws] + [k.double().requires_grad_(), v.double()]
@@ -139,7 +139,7 @@ def test_stacked_memories_equal_separate_chunks(mlp):
     """Memories stacked on a leading axis (Hope's fused path) with their own η and a shared α,
     k, v: each memory's chunk-end state equals its own `dgd_chunk` call, and `read_index` reads
     exactly that memory."""
-    from nlbench.kernels.dgd_memory import dgd_chunk
+    from nlbench.kernels.dgd import dgd_chunk
 
     per = [_inputs(mlp=mlp, T=6, seed=s) for s in range(3)]
     _, q, k, v, _, alpha = per[0]
@@ -157,7 +157,7 @@ def test_stacked_memories_equal_separate_chunks(mlp):
 def test_bfloat16_inputs_run_and_stay_close_to_fp32():
     """A bf16 model (no autocast) reaches the triangular solve with bf16 tensors, which torch has
     no kernel for: the solve runs in fp32 inside and the result keeps the input dtype."""
-    from nlbench.kernels.dgd_memory import dgd_chunk
+    from nlbench.kernels.dgd import dgd_chunk
 
     ws, q, k, v, eta, alpha = _inputs(mlp=True, T=8)
     y32, new32 = dgd_chunk(ws, q, k, v, eta, alpha)

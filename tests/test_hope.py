@@ -127,7 +127,7 @@ def test_one_write_moves_the_memory_toward_its_target():
     """Write strength at init (the fix for "Hope does not learn the copy task"): one in-context
     DGD write of (k, v) with the default η moves M_mem(k) at least 10% of the way to
     v̂ = M_mem(v). Measured 17%; the old fan-in init of W2 (‖σ(W2 k)‖² ≈ 0.3) with η = 0.1 gave 2.6%."""
-    from nlbench.kernels.dgd_memory import memory_apply
+    from nlbench.kernels.dgd import memory_apply
 
     smt, state, (k, v, eta, alpha) = _init_projections(build_model("hope", size="tiny", vocab_size=V), T=1)
     W = state["mem"]
@@ -142,7 +142,7 @@ def test_one_write_moves_the_memory_toward_its_target():
 
 def test_curvature_guard_caps_the_step_by_the_w1_curvature():
     """η ← min(η, GUARD / ‖W1_b‖²_op) per chunk: inactive for a small W1, exact cap for a large one."""
-    from nlbench.kernels.dgd_memory import dgd_chunk
+    from nlbench.kernels.dgd import dgd_chunk
     from nlbench.models import self_modifying_titans as smt_mod
 
     g = torch.Generator().manual_seed(0)

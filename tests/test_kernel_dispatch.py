@@ -1,4 +1,4 @@
-"""Backend dispatch of the DGD memory (nlbench.kernels.dispatch) and the memory-kernel benchmark.
+"""Backend dispatch of the DGD memory (nlbench.kernels.dgd) and the memory-kernel benchmark.
 
 Runs in this pytest process WITHOUT the Triton interpreter: the triton backend on CPU must be
 refused with an explanation; the interpreted path is tested in test_triton_kernels.py.
@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
-from nlbench.kernels.dispatch import BACKENDS, dgd_memory, resolve_backend, triton_status
+from nlbench.kernels.dgd import BACKENDS, dgd_memory, dgd_memory_chunked, dgd_memory_reference, resolve_backend, triton_status
 
 torch.set_num_threads(1)
 
@@ -85,7 +84,7 @@ def test_bench_memory_kernels_reports_speedups():
 
 
 def test_auto_keeps_chunked_for_inputs_the_fused_kernel_does_not_take():
-    from nlbench.kernels.dispatch import _triton_fits
+    from nlbench.kernels.dgd import _triton_fits
 
     ws, q, k, v, eta, alpha = _inputs()
     assert _triton_fits(ws, k) and _triton_fits(ws, k.bfloat16())

@@ -26,9 +26,8 @@ SCRIPT = textwrap.dedent(r'''
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(1)
-    from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
-    from nlbench.kernels.dgd_triton import dgd_forward_triton, dgd_memory_triton
-    from nlbench.kernels.dispatch import dgd_memory, resolve_backend
+    from nlbench.kernels.dgd import dgd_memory, dgd_memory_chunked, dgd_memory_reference, resolve_backend
+    from nlbench.kernels.dgd.triton import dgd_forward_triton, dgd_memory_triton
 
     def inputs(mlp, B=1, H=2, T=10, d=8, h=12, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -128,8 +127,7 @@ SCRIPT = textwrap.dedent(r'''
     out["hope-two-chunk-sizes"] = compare(smt("triton", 2), smt("chunked", 2))
 
     # a stack read in the middle (memory 1 of 3): the others' order is restored
-    from nlbench.kernels.dgd_memory import dgd_chunk
-    from nlbench.kernels.dispatch import dgd_chunk_triton
+    from nlbench.kernels.dgd import dgd_chunk, dgd_chunk_triton
 
     def stacked(fn):
         ws, q, k, v, eta, alpha = inputs(True, T=6)
@@ -194,7 +192,7 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from nlbench.kernels import dgd_triton as m
+    from nlbench.kernels.dgd import triton as m
 
     base = dict(C=16, BC=16, BD=16, HAS_Q=True, SELF_TARGET=True, PREC="ieee")
     specs = [
@@ -248,8 +246,8 @@ def _cuda_inputs(mlp, dtype, B=2, H=4, T=200, d=64, seed=0):
 @pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 def test_cuda_triton_matches_chunked(mlp, dtype, tol):
-    from nlbench.kernels.dgd_memory import dgd_memory_chunked
-    from nlbench.kernels.dgd_triton import dgd_memory_triton
+    from nlbench.kernels.dgd import dgd_memory_chunked
+    from nlbench.kernels.dgd.triton import dgd_memory_triton
 
     results = []
     for fn, dt in ((dgd_memory_triton, dtype), (dgd_memory_chunked, torch.float32)):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from nlbench.bench.kernels import bench_memory_kernels
-from nlbench.kernels.dispatch import resolve_backend
+from nlbench.kernels.dgd import resolve_backend
 from nlbench.bench.throughput import (
     BenchCase, bench_case, datasheet_peak, device_name, measure_matmul_peak, versions,
 )

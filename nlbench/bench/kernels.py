@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nlbench.kernels.compiling import compile_mode
-from nlbench.kernels.dispatch import dgd_memory, resolve_backend
+from nlbench.kernels.dgd import dgd_memory, resolve_backend
 from nlbench.malloc import keep_freed_memory
 
 __all__ = ["bench_memory_kernels", "memory_inputs", "time_memory_kernel"]

@@ -13,7 +13,7 @@ Per head h (head dim d_h = d_model / n_heads), read top to bottom:
 
 Every memory is a residual MLP M(z) = z + W1 σ(W2 z) (Eq. 89) or, with `memory="linear"`, one
 matrix (Eq. 93); the DGD rule applies per weight matrix with its own input
-(`nlbench.kernels.dgd_memory`). Initial states M_{□,0} are nn.Parameters (per head), so the
+(`nlbench.kernels.dgd`). Initial states M_{□,0} are nn.Parameters (per head), so the
 outer optimizer meta-learns them through the in-context updates.
 
 Chunked training (Eq. 90–91) with two chunk sizes: `chunk_size` for the projection memories
@@ -74,7 +74,7 @@ copy test, tests/test_models_common.py, and on carried streams of 8 × 512 token
   (a second compiled run: 805 → 816 median, 706 → 675 ms fastest).
   The guard uses only the chunk-start state, so chunked == reference still holds, and with
   `memory_kernel="triton"` the capped η is computed here and handed to the Triton kernel one
-  chunk at a time (`nlbench.kernels.dispatch.dgd_chunk_triton`).
+  chunk at a time (`nlbench.kernels.dgd.dgd_chunk_triton`).
 
 State: {"k"|"v"|"eta"|"alpha"|"mem": list of [B, H, out, in] weights, "guard" (MLP memories
 only): the carried singular-vector estimates u [5, B, H, hidden] in the order k, v, η, α, mem,
@@ -91,11 +91,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlbench.kernels.dgd_memory import (
-    dgd_chunk, dgd_chunk_stacked, dgd_flops_per_token, dgd_memory_reference, memory_apply,
-)
 from nlbench.kernels.compiling import compile_kernel, compile_mode
-from nlbench.kernels.dispatch import dgd_chunk_triton, resolve_backend
+from nlbench.kernels.dgd import (
+    dgd_chunk, dgd_chunk_stacked, dgd_chunk_triton, dgd_flops_per_token, dgd_memory_reference, memory_apply,
+    resolve_backend,
+)
 from nlbench.models.layers import ShortConv, causal_conv
 
 __all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PROJECTION_MEMORIES"]

@@ -1,17 +1,8 @@
-"""Titans neural long-term memory (LMM) update, spec §1 (algorithms.md).
+"""Titans LMM update, chunked parallel form (spec §1, "Parallel training"); the per-token rule
+is stated in `naive`.
 
-Per head, the memory M is a stack of weight matrices W^1..W^L (L = 1: linear memory
-M(z) = W z; L >= 2: MLP M(z) = W^L σ(... σ(W^1 z)), σ = SiLU). For every token t:
-
-    read     y_t = M_{t-1}(q_t)                                  (state before token t)
-    surprise S_t = η_t S_{t-1} − θ_t ∇ℓ(M_{t-1}; k_t, v_t),   ℓ = ‖M(k_t) − v_t‖²
-    forget   M_t = (1 − α_t) M_{t-1} + S_t
-
-applied to every weight matrix (S is one momentum tensor per matrix).
-
-Chunked parallel form (spec §1, "Parallel training"): inside a chunk of C tokens every
-gradient is taken at the chunk-start state M_b. For one matrix the gradient of token s is
-rank one, G_s = δ_s u_sᵀ (δ_s the output error of that layer, u_s its input, both computed
+Inside a chunk of C tokens every gradient is taken at the chunk-start state M_b. For one
+matrix the gradient of token s is rank one, G_s = δ_s u_sᵀ (δ_s the output error of that layer, u_s its input, both computed
 at M_b). Momentum and decay are then a linear recurrence, solved in closed form: with
 P_t = Π_{j≤t} η_j and Q_t = Π_{j≤t} (1 − α_j) (chunk-local, t = 1..C),
 
@@ -27,9 +18,6 @@ cumulative products are exp of differences of cumulative log-gates, masked befor
 long chunks with small gates cannot underflow or overflow. No per-token loop runs inside a
 chunk; with C = 1 this is exact per-token Titans.
 
-`titans_memory_reference` is the same computation as a per-token loop that reads like the
-equations (gradients by autograd); tests check the two agree, forward and backward.
-
 Shapes: q, k [B, H, T, d_in]; v [B, H, T, d_out]; gates η, θ, α [B, H, T] in (0, 1);
 weights / momentum: lists of [B, H, out, in] tensors (layer order, input side first).
 """
@@ -41,31 +29,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.compiling import compile_mode
+from nlbench.kernels.activations import silu_grad
+from nlbench.kernels.compiling import compile_kernel, compile_mode
+from nlbench.kernels.titans.naive import check_inputs
 
-__all__ = [
-    "memory_forward", "memory_read", "titans_memory_chunked", "titans_memory_reference",
-    "memory_flops_per_token",
-]
-
-
-def _dsilu(x):
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
-def memory_forward(weights, z):
-    """M(z) for per-(batch, head) weights: z [B, H, N, in] -> [B, H, N, out]."""
-    for i, w in enumerate(weights):
-        z = z @ w.transpose(-1, -2)
-        if i < len(weights) - 1:
-            z = F.silu(z)
-    return z
-
-
-def memory_read(weights, q):
-    """y = M(q) at a fixed state (no update): MAC reads the segment-start memory this way."""
-    return memory_forward(weights, q)
+__all__ = ["memory_flops_per_token", "titans_memory_chunked"]
 
 
 def _grad_factors(weights, k, v):
@@ -81,7 +49,7 @@ def _grad_factors(weights, k, v):
     for i in reversed(range(len(weights))):
         deltas[i] = d
         if i > 0:
-            d = (d @ weights[i]) * _dsilu(pres[i - 1])
+            d = (d @ weights[i]) * silu_grad(pres[i - 1])
     return us, deltas
 
 
@@ -98,9 +66,11 @@ def _chunk(weights, momentum, q, k, v, eta, theta, alpha):
     us, deltas = _grad_factors(weights, k, v)
     # clamps: a saturated sigmoid gives exactly 0 or 1 in fp32, and log 0 would turn the
     # masked differences below into −inf − (−inf) = NaN.
-    # Cumulative log-gates in fp32 even under bf16 autocast: they are long sums.
-    LP = torch.log(eta.float().clamp_min(1e-30)).cumsum(-1)                 # log P_t
-    LQ = torch.log1p(-alpha.float().clamp_max(1 - 1e-6)).cumsum(-1)         # log Q_t
+    # Cumulative log-gates are long sums: half-precision gates are summed in fp32, fp32 / fp64
+    # in their own dtype (an fp32 sum would cost fp64 inputs ~1e-7 relative).
+    acc = torch.promote_types(eta.dtype, torch.float32)
+    LP = torch.log(eta.to(acc).clamp_min(1e-30)).cumsum(-1)                 # log P_t
+    LQ = torch.log1p(-alpha.to(acc).clamp_max(1 - 1e-6)).cumsum(-1)         # log Q_t
     Lq, Lp = _decay_matrix(LQ), _decay_matrix(LP)
     dt = q.dtype
     D = (Lq @ Lp).to(dt)                          # D[t, s] = Σ_{s≤r≤t} Q_t/Q_r · P_r/P_s
@@ -131,24 +101,11 @@ def _chunk(weights, momentum, q, k, v, eta, theta, alpha):
     return y, new_w, new_s
 
 
-def _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size):
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}.")
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k must be [B, H, T, d] and v [B, H, T, d_out]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}.")
-    for name, g in (("eta", eta), ("theta", theta), ("alpha", alpha)):
-        if g.shape != q.shape[:3]:
-            raise ValueError(f"gate {name} must be [B, H, T] = {tuple(q.shape[:3])}, got {tuple(g.shape)}.")
-    if len(weights) != len(momentum) or not weights:
-        raise ValueError("weights and momentum must be non-empty lists of the same length (one per layer).")
-
 
 @functools.cache
 def _compiled_chunk(device_type: str, mode: str = "default"):
     """`_chunk` through `torch.compile` (forward and its autograd backward; `compiling.compile_kernel`),
     made once per process, device type and compile mode."""
-    from nlbench.kernels.compiling import compile_kernel
 
     return compile_kernel(_chunk, device_type, mode)
 
@@ -162,7 +119,7 @@ def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_s
     `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs each chunk through
     `torch.compile` (`NLModel.compiled`).
     """
-    _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
+    check_inputs(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
     weights, momentum, ys = list(weights), list(momentum), []
     chunk = _compiled_chunk(k.device.type, compile_mode(compiled)) if compiled else _chunk
     # split once (not a slice per chunk, whose backward zero-fills a full-length tensor each time)
@@ -171,24 +128,6 @@ def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_s
         ys.append(y)
     return torch.cat(ys, dim=2), weights, momentum
 
-
-def titans_memory_reference(q, k, v, eta, theta, alpha, weights, momentum, chunk_size: int = 1):
-    """Per-token loop, literally the equations of spec §1 (gradient at the chunk-start state)."""
-    _check(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
-    M, S, ys = list(weights), list(momentum), []
-    with torch.enable_grad():
-        for t in range(q.shape[2]):
-            if t % chunk_size == 0:
-                # gradients inside this chunk are taken at M_b (the chunk-start memory)
-                M_b = [m if m.requires_grad else m.detach().requires_grad_() for m in M]
-                M = M_b
-            ys.append(memory_forward(M, q[:, :, t : t + 1]))                       # y_t = M_{t-1}(q_t)
-            loss = (memory_forward(M_b, k[:, :, t : t + 1]) - v[:, :, t : t + 1]).pow(2).sum()
-            grads = torch.autograd.grad(loss, M_b, create_graph=True)             # ∇ℓ(M_b; x_t)
-            e, th, al = (g[:, :, t, None, None] for g in (eta, theta, alpha))
-            S = [e * s - th * g for s, g in zip(S, grads)]                         # S_t
-            M = [(1 - al) * m + s for m, s in zip(M, S)]                           # M_t
-    return torch.cat(ys, dim=2), M, S
 
 
 def memory_flops_per_token(dims: list[tuple[int, int]], chunk_size: int) -> float:

@@ -1,6 +1,6 @@
 """Triton kernels for the chunked DGD memory update (spec §2–§3, Eq. 86–93).
 
-Same computation as `nlbench.kernels.dgd_memory.dgd_chunk` / `dgd_memory_chunked` (read that
+Same computation as `chunk.dgd_chunk` / `dgd_memory_chunked` (read that
 module's docstring for the derivation), fused into one kernel launch per sequence: one program
 per (batch, head) keeps the memory state on chip (registers / shared memory) and loops over the
 chunks of the sequence. Per chunk of L tokens, for each weight matrix W with input rows X:
@@ -33,9 +33,9 @@ factors and the decays (reverse cumulative sum for d log α), and carry dW_b on 
 The step's max(1, ‖x‖²) passes its gradient at ‖x‖² = 1 like torch.clamp_min; for L2-normalized
 k this radial term is annihilated by the normalization's Jacobian upstream.
 
-Shapes as in dgd_memory: q, k, v [B, H, T, d]; η, α [B, H, T]; weights list of [B, H, out, in].
+Shapes as in `chunk`: q, k, v [B, H, T, d]; η, α [B, H, T]; weights list of [B, H, out, in].
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before triton
-is imported); `nlbench.kernels.dispatch` checks that and explains.
+is imported); `nlbench.kernels.dgd` (the backend choice) checks that and explains.
 """
 
 from __future__ import annotations

@@ -1,8 +1,21 @@
-"""Backend selection for the DGD memory update (spec §2–§3): one entry point, three implementations.
+"""DGD memory update (spec §2–§3, Eq. 86–93), one module per form, laid out as in
+flash-linear-attention:
 
-    reference   per-token loop, literally Eq. 86–91 (`dgd_memory_reference`): the ground truth
+    naive.py       per-token reference, literally Eq. 86–91 (`dgd_memory_reference`), and the
+                   definitions every form shares (`memory_apply`, `memory_gradients`, `step_size`)
+    chunk.py       chunked WY form in PyTorch ops (`dgd_chunk_autograd`, `dgd_memory_chunked`)
+    chunk_grad.py  the same chunk with a hand-written backward pass (`dgd_chunk_manual`; `dgd_chunk`
+                   picks it for fp32 / fp64)
+    solve.py       the unit-lower-triangular (WY) solve by an explicit matmul inverse
+    stacked.py     Hope's stacked chunk: five memories in one step (`dgd_chunk_stacked`, and
+                   `dgd_chunk_triton` on the Triton kernel)
+    triton.py      fused Triton forward and backward (imports triton: loaded only when used)
+
+This module chooses the backend of `dgd_memory`:
+
+    reference   per-token loop (`dgd_memory_reference`): the ground truth
     chunked     matmuls per chunk, WY form (`dgd_memory_chunked`): any device, any dtype
-    triton      fused Triton forward, one program per (batch, head) (`nlbench.kernels.dgd_triton`):
+    triton      fused Triton kernels, one program per (batch, head) (`triton.py`):
                 CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
                 set before triton is first imported — tests only, ~1000× slower)
     auto        triton when the tensors are on CUDA, triton imports and the kernel takes the
@@ -17,9 +30,17 @@ import os
 
 import torch
 
-from nlbench.kernels.dgd_memory import dgd_memory_chunked, dgd_memory_reference
+from nlbench.kernels.dgd.chunk import dgd_chunk, dgd_chunk_autograd, dgd_flops_per_token, dgd_memory_chunked
+from nlbench.kernels.dgd.chunk_grad import dgd_chunk_manual
+from nlbench.kernels.dgd.naive import dgd_memory_reference, memory_apply, memory_gradients
+from nlbench.kernels.dgd.solve import unit_lower_solve
+from nlbench.kernels.dgd.stacked import dgd_chunk_stacked, dgd_chunk_triton
 
-__all__ = ["BACKENDS", "dgd_chunk_triton", "dgd_memory", "resolve_backend", "triton_status"]
+__all__ = [
+    "BACKENDS", "dgd_chunk", "dgd_chunk_autograd", "dgd_chunk_manual", "dgd_chunk_stacked", "dgd_chunk_triton",
+    "dgd_flops_per_token", "dgd_memory", "dgd_memory_chunked", "dgd_memory_reference", "memory_apply",
+    "memory_gradients", "resolve_backend", "triton_status", "unit_lower_solve",
+]
 
 BACKENDS = ("reference", "chunked", "triton", "auto")
 
@@ -28,7 +49,7 @@ def triton_status() -> tuple[bool, bool, str]:
     """(importable, interpreted, reason): whether the Triton kernels load, whether they were
     built for the CPU interpreter, and why not when they don't load."""
     try:
-        from nlbench.kernels import dgd_triton
+        from nlbench.kernels.dgd import triton as dgd_triton
     except Exception as e:  # ImportError, or a triton install without a backend
         return False, False, f"{type(e).__name__}: {e}"
     from triton.runtime.interpreter import InterpretedFunction
@@ -66,7 +87,7 @@ def resolve_backend(backend: str, device) -> str:
 def _triton_fits(weights, k) -> bool:
     """Whether the fused kernel takes these inputs: state kept on chip (dims ≤ MAX_DIM), and a
     dtype it accumulates in fp32 without losing precision (not float64)."""
-    from nlbench.kernels.dgd_triton import MAX_DIM
+    from nlbench.kernels.dgd.triton import MAX_DIM
 
     dims = [k.shape[-1]] + [s for w in weights for s in w.shape[-2:]]
     return max(dims) <= MAX_DIM and k.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -87,44 +108,6 @@ def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool 
         return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target)
     if name == "chunked":
         return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target, compiled)
-    from nlbench.kernels.dgd_triton import dgd_memory_triton
+    from nlbench.kernels.dgd.triton import dgd_memory_triton
 
     return dgd_memory_triton(weights, q, k, v, eta, alpha, chunk_size, self_target)
-
-
-def dgd_chunk_triton(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
-    """`dgd_memory.dgd_chunk` on the fused Triton kernel: one chunk (the whole sequence given is
-    one chunk). Stacked memories (a leading axis on the weights, η and α maybe, k / v / q shared)
-    are flattened into the kernel's batch; with `read_index` the read memory runs in a call of
-    its own with q and the others without reads, so no read is computed that nobody uses."""
-    from nlbench.kernels.dgd_triton import dgd_memory_triton
-
-    L = k.shape[-2]
-    if weights[0].dim() == k.dim():  # one memory, no stack
-        return dgd_memory_triton(weights, q, k, v, eta, alpha, L, self_target)
-    S = weights[0].shape[0]
-
-    def take(t, idx, rank):  # the memories `idx` of a stacked (or shared) tensor, flattened into the batch
-        t = t[idx] if t.dim() > rank else t.expand(len(idx), *t.shape)
-        return t.reshape(-1, *t.shape[2:]).contiguous()
-
-    def run(idx, reads):
-        ws = [take(w, idx, k.dim()) for w in weights]
-        y, new = dgd_memory_triton(ws, take(q, idx, q.dim()) if reads else None, take(k, idx, k.dim()),
-                                   take(v, idx, v.dim()), take(eta, idx, k.dim() - 1), take(alpha, idx, k.dim() - 1),
-                                   L, self_target)
-        return y, [w.unflatten(0, (len(idx), -1)) for w in new]
-
-    read = read_index if q is not None else None
-    others = [i for i in range(S) if i != read]
-    y, new_o = run(others, False)
-    if read is None:
-        return None, new_o
-    y, new_r = run([read], True)
-    y = y.unflatten(0, (1, -1))[0]
-    order = others + [read]
-    new = [torch.cat([a, b]) for a, b in zip(new_o, new_r)]
-    if order != list(range(S)):  # back to the stack's order
-        inverse = torch.argsort(torch.tensor(order, device=k.device))
-        new = [w[inverse] for w in new]
-    return y, new

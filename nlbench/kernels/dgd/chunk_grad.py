@@ -1,6 +1,6 @@
 """One chunk of the DGD memory update (Eq. 86–93) with a hand-written backward pass.
 
-`dgd_memory.dgd_chunk_autograd` states the chunk in PyTorch ops and lets autograd derive the
+`chunk.dgd_chunk_autograd` states the chunk in PyTorch ops and lets autograd derive the
 backward pass; on CPU, at Hope's sizes (5 stacked memories × batch × heads of 32 × 32
 matrices, chunks of 16 tokens), that backward pass was mostly per-op and graph overhead:
 ~200 autograd nodes per chunk, weight gradients accumulated a dozen times over, broadcast
@@ -8,7 +8,7 @@ inputs (k shared by the five memories) reduced once per use. Here the forward pa
 without a graph, keeps the few intermediates the backward pass needs, and the backward pass
 is the chain rule written out once, in the reverse order of the forward equations:
 
-    forward (per memory; module docstring of `dgd_memory` for the derivation)
+    forward (per memory; `chunk` module docstring for the derivation)
       decays   γ_prev, Γ, γ_L/γ_i, γ_L from cumulative log α
       target   v̂ = M_b(v)                                          (Eq. 88)
       grads    MLP: a = k W2ᵀ, s = σ(a), e = k + s W1ᵀ − v̂, g2 = (e W1) ⊙ σ′(a)
@@ -30,21 +30,11 @@ import functools
 
 import torch
 
-from nlbench.kernels.compiling import compile_mode
+from nlbench.kernels.activations import silu_and_grad, silu_grad, silu_grad2
+from nlbench.kernels.compiling import compile_kernel, compile_mode
+from nlbench.kernels.dgd.solve import strictly_lower, unit_lower_inverse
 
 __all__ = ["dgd_chunk_manual"]
-
-
-def _silu(a):
-    """σ(a) = a·sigmoid(a) and σ′(a) from one sigmoid."""
-    sg = torch.sigmoid(a)
-    return a * sg, sg * (1 + a * (1 - sg))
-
-
-def _silu_dd(a):
-    """σ″(a) = s(1 − s)(2 + a(1 − 2s)), s = sigmoid(a)."""
-    sg = torch.sigmoid(a)
-    return sg * (1 - sg) * (2 + a * (1 - 2 * sg))
 
 
 def _t(x):
@@ -70,8 +60,6 @@ def _rev_cumsum(x):
 def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
     """The chunk's outputs (y and/or the chunk-end weights) and what the backward pass needs;
     `strict` is the [L, L] strictly-lower mask."""
-    from nlbench.kernels.dgd_memory import _unit_lower_inverse
-
     mlp = len(weights) == 2
     log_a = alpha.log()
     lg = log_a.cumsum(-1)
@@ -88,10 +76,10 @@ def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
         v_hat = v
         if self_target:
             av = v @ _t(w2)
-            sv, _ = _silu(av)
+            sv, _ = silu_and_grad(av)
             v_hat = v + sv @ _t(w1)
         a = k @ _t(w2)
-        s, d1a = _silu(a)
+        s, d1a = silu_and_grad(a)
         p1 = s @ _t(w1)
         e = k + p1 - v_hat
         h = e @ w1
@@ -113,7 +101,7 @@ def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
         kx = x @ _t(x)
         gk_ = gam * kx
         inner = g + gp_u * xw
-        inv = _unit_lower_inverse(eta_s.unsqueeze(-1) * gk_)
+        inv = unit_lower_inverse(eta_s.unsqueeze(-1) * gk_)
         d = inv @ (-eta_s.unsqueeze(-1) * inner)
         dd = d * tail.unsqueeze(-1)
         new.append(gl.unsqueeze(-1) * wm + _t(dd) @ x)
@@ -137,7 +125,7 @@ def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
             qk_raw = q @ _t(xkr)
             qk = gamr * qk_raw
             hr = gpr_u * qw + qk @ d2r
-            sr, d1hr = _silu(hr)
+            sr, d1hr = silu_and_grad(hr)
             sw = sr @ _t(w1r)
             ss_raw = sr @ _t(xsr)
             ss = gamr * ss_raw
@@ -246,7 +234,7 @@ def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
         w2, w1 = weights
         h, d1a, e, s = S["h"], S["d1a"], S["e"], S["s"]
         g_h = g_g[0] * d1a
-        g_a = g_xw[0] + g_g[0] * h * _silu_dd(S["a"])
+        g_a = g_xw[0] + g_g[0] * h * silu_grad2(S["a"])
         g_e = g_g[1] + g_h @ _t(w1)
         g_w[1] = g_w[1] + _t(e) @ g_h
         g_p1 = g_xw[1] + g_e
@@ -259,7 +247,7 @@ def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
         if self_target:
             g_v = g_vh
             g_w[1] = g_w[1] + _t(g_vh) @ S["sv"]
-            g_av = (g_vh @ w1) * _silu(S["av"])[1]
+            g_av = (g_vh @ w1) * silu_grad(S["av"])
             g_w[0] = g_w[0] + _t(g_av) @ v
             g_v = g_v + g_av @ w2
         else:
@@ -298,8 +286,6 @@ def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
 def _compiled(device_type: str, mode: str = "default"):
     """(forward, backward) through `torch.compile` (`compiling.compile_kernel`), made once per
     process, device type and compile mode; each new shape compiles again."""
-    from nlbench.kernels.compiling import compile_kernel
-
     return compile_kernel(_forward, device_type, mode), compile_kernel(_backward, device_type, mode)
 
 
@@ -307,9 +293,7 @@ class _DGDChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, self_target, read_index, compiled, q, k, v, eta, alpha, *weights):
         fwd = _compiled(k.device.type, compile_mode(compiled))[0] if compiled else _forward
-        from nlbench.kernels.dgd_memory import _strictly_lower
-
-        strict = _strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
+        strict = strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
         outs, saved = fwd(self_target, read_index, q, k, v, eta, alpha, list(weights), strict)
         ctx.save_for_backward(q, k, v, eta, alpha, *weights)
         ctx.self_target, ctx.saved, ctx.compiled = self_target, saved, compiled
@@ -324,7 +308,7 @@ class _DGDChunk(torch.autograd.Function):
 
 def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
                      compiled: bool = False):
-    """`dgd_memory.dgd_chunk` with the hand-written backward pass; same arguments and returns
+    """`chunk.dgd_chunk` with the hand-written backward pass; same arguments and returns
     (y or None, weights at chunk end). `compiled=True` (or a mode of `compiling.COMPILE_MODES`):
     both passes through `torch.compile`."""
     if len(weights) not in (1, 2):
