@@ -46,14 +46,16 @@ from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.cms import CMS, CMS_MODES, CMS_VARIANTS
 from nlbench.models.layers import CausalSelfAttention, RMSNorm, attention_flops, init_weights, swiglu_hidden
-from nlbench.models.self_modifying_titans import MEMORY_KERNELS, MEMORY_KINDS, SelfModifyingTitans
+from nlbench.models.self_modifying_titans import (
+    MEMORY_KERNELS, MEMORY_KINDS, PAPER_FORM, STABILISERS, SelfModifyingTitans,
+)
 
 __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
                     cms_hidden=None, cms_lr=0.5)
 SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.7,
-                    alpha_init=0.99, memory_kernel="chunked")
+                    alpha_init=0.99, memory_kernel="chunked", **STABILISERS)
 
 
 class HopeBlock(nn.Module):
@@ -185,8 +187,9 @@ def _cms_periods(model, opts):
             isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in periods
         ):
             raise _err(model, "cms_periods", "a non-empty list of positive integers", periods)
-        if any(b <= a for a, b in zip(periods, periods[1:])):
-            raise _err(model, "cms_periods", "strictly increasing (one period per level, fastest first)", periods)
+        if any(b < a for a, b in zip(periods, periods[1:])):
+            raise _err(model, "cms_periods", "non-decreasing (one period per level, fastest first; equal "
+                       "periods such as [1, 1, 1] are the all-fast control)", periods)
         if K is not None and len(periods) != K:
             raise ModelConfigError(
                 f"model '{model}': option 'cms_periods' must have one period per level, i.e. "
@@ -202,9 +205,33 @@ def _cms_hidden(d_model, n_heads, n_levels, mixer_params):
     return max(8, 8 * round(budget / (3 * d_model * n_levels) / 8))
 
 
+def _bool(model, field, value):
+    if not isinstance(value, bool):
+        raise _err(model, field, "true or false", value)
+    return value
+
+
+def _resolve(model, overrides, allowed):
+    """Defaults, then `paper_exact: true`'s paper values of the stabilisers, then the options
+    given explicitly (an explicit stabiliser wins over paper_exact: one-at-a-time ablations)."""
+    check_overrides(model, overrides, {**allowed, "paper_exact": False})
+    paper = _bool(model, "paper_exact", overrides.get("paper_exact", False))
+    opts = {**allowed, "paper_exact": paper}
+    if paper:
+        opts.update({k: v for k, v in PAPER_FORM.items() if k in allowed})
+    opts.update(overrides)
+    for field in STABILISERS:
+        if field in allowed and field != "w2_init_std":
+            _bool(model, field, opts[field])
+    std = opts.get("w2_init_std")
+    if "w2_init_std" in allowed and std is not None and (
+            not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0):
+        raise _err(model, "w2_init_std", "a positive number, or null for the fan-in init 1/sqrt(head dim)", std)
+    return opts
+
+
 def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allowed):
-    check_overrides(model, overrides, allowed)
-    opts = {**allowed, **overrides}
+    opts = _resolve(model, overrides, allowed)
     for field, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
         _pos_int(model, field, value)
     if d_model % n_heads:
@@ -234,7 +261,10 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
         _pos_int(model, "cms_hidden", hidden)
     cms_kw = dict(hidden=hidden, periods=periods, mode=opts["cms_mode"], variant=opts["cms_variant"],
                   lr=lr)
-    return Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
+    hope = Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
+    hope.options = {**opts, "cms_periods": periods, "cms_levels": len(periods), "cms_lr": lr, "cms_hidden": hidden,
+                    **({"mem_hidden": hope.blocks[0].mixer.mem_hidden} if mixer == "smt" else {})}
+    return hope
 
 
 def _cms_lr(model, lr, K):
