@@ -350,6 +350,15 @@ def run_sweep(
             f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; lower the per-run "
             f"resources (config `resources:` section) or add nodes."
         )
+    try:  # pretrained checkpoints the runs name: each computed once, as a Ray task, before any actor holds CPUs
+        from nlbench.pretrain.remote import pretrain_jobs, run_pretrain_jobs
+
+        run_pretrain_jobs(pretrain_jobs(pending), out / "pretrained", cpus=cpus_per_run, gpus=gpus_per_run,
+                          max_failures=max_failures)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     if max_concurrent is not None:
         width = max(1, min(width, int(max_concurrent)))
     width = min(width, len(pending))

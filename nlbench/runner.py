@@ -177,15 +177,38 @@ def _error_text(e: BaseException) -> str:
     return f"{head}\n--- traceback (tail) ---\n{tail}"
 
 
+def pretrained_root(checkpoint_dir, pretrained_dir) -> Path | None:
+    """Where pretrained checkpoints live: `pretrained_dir`, else OUT/pretrained beside OUT/checkpoints."""
+    if pretrained_dir is not None:
+        return Path(pretrained_dir)
+    return None if checkpoint_dir is None else Path(checkpoint_dir).parent / "pretrained"
+
+
+def load_pretrained_into(model, config: dict, root: Path | None, device) -> str:
+    """Start `model` from the run's pretrained checkpoint (computed first if missing); its key."""
+    from nlbench.pretrain import ensure_pretrained, load_pretrained, pretrain_key
+
+    if root is None:
+        raise RuntimeError("this run names a pretrain block but no directory for pretrained checkpoints was given "
+                           "(execute_run needs checkpoint_dir or pretrained_dir).")
+    key = pretrain_key(config["model"], config["pretrain"])
+    path, _ = ensure_pretrained(config["model"], config["pretrain"], root, device=device)
+    load_pretrained(path, key, model)
+    return key
+
+
 def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, device: str | None = None,
                 progress: Callable | None = None, threads: int | None = None,
-                stop_after_task: int | None = None) -> "RunRecord":  # noqa: F821
+                stop_after_task: int | None = None, pretrained_dir: str | os.PathLike | None = None) -> "RunRecord":  # noqa: F821
     """Run one spec; never raises for a failing run (see module docstring).
 
     device: 'cpu', 'cuda', 'cuda:1', 'auto' or None (= the config's train.device).
     threads: torch CPU threads for this run (None leaves torch's setting).
     progress: called with nlbench.protocol.Progress(done, total, message) after every step.
     stop_after_task: test hook; stop (status failed, checkpoint kept) after that task.
+    pretrained_dir: pretrained checkpoints (default: checkpoint_dir's parent / "pretrained");
+    a run whose config has a `pretrain` block starts from that checkpoint, computing it first
+    if it is missing, and names its key in the `pretrain` column.
     """
     from nlbench.malloc import keep_freed_memory
     from nlbench.results import RunRecord
@@ -203,7 +226,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
         train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, model_options=None,
+        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None,
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -219,6 +242,8 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         run["params"] = int(model.num_params())
         # every model option after defaults and paper_exact, e.g. Hope's stabilisers
         run["model_options"] = json.dumps(getattr(model, "options", None), sort_keys=True)
+        if config.get("pretrain"):
+            run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
 
         resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None

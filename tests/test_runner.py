@@ -38,7 +38,7 @@ def test_record_fills_every_runs_column(tmp_path):
     run = rec.run
     assert run["status"] == "completed" and run["error"] is None
     for col in TABLES["runs"]:
-        if col.name not in ("git_sha", "error"):  # git_sha: None outside a git checkout
+        if col.name not in ("git_sha", "error", "pretrain"):  # git_sha: None outside a git checkout; pretrain: none named
             assert run[col.name] is not None, col.name
     assert run["run_id"] == spec.run_id and run["model"] == "transformer" and run["seed"] == 1
     assert json.loads(run["config"]) == spec.config

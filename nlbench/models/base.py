@@ -80,8 +80,7 @@ class NLModel(nn.Module):
         """The callable `torch.compile` makes of this model (`compile:` in a bench config), in one
         of `nlbench.kernels.compiling.COMPILE_MODES`: the whole model by default. Models whose
         forward pass is a Python loop over chunks override it to compile their per-chunk kernels
-        instead; tracing Hope's unrolled loop (4 layers × 32 chunks at T=512) had not finished
-        after 10 minutes."""
+        instead: tracing Hope's whole unrolled chunk loop takes too long to be usable."""
         from nlbench.kernels.compiling import autotune_options
 
         return torch.compile(self, options=autotune_options(mode) or None)

@@ -1,4 +1,4 @@
-"""Continuum Memory System (CMS), spec §4 (algorithms.md, Eq. 70–74 and Eq. 96).
+"""Continuum Memory System (CMS), docs/ALGORITHMS.md §4 (Eq. 70–74 and Eq. 96).
 
 K MLP levels; level ℓ has update period C^(ℓ) (frequency 1/C^(ℓ)). Wiring, pre-norm residual:
     sequential (default, Eq. 96 chain):  x ← x + MLP^(ℓ)(norm_ℓ(x))  for ℓ = 1..K in turn

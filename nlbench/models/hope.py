@@ -1,4 +1,4 @@
-"""Hope and Hope-Attention, spec §5 (algorithms.md, Eq. 94–97).
+"""Hope and Hope-Attention, docs/ALGORITHMS.md §5 (Eq. 94–97).
 
 Hope block, pre-norm residual (nanoGPT-like):
     x = x + SelfModifyingTitans(norm(x))        (Eq. 94–95; self_modifying_titans.py)

@@ -1,4 +1,4 @@
-"""Self-modifying Titans, spec §3 (algorithms.md, Eq. 83–91), the sequence mixer of Hope.
+"""Self-modifying Titans, docs/ALGORITHMS.md §3 (Eq. 83–91), the sequence mixer of Hope.
 
 Per head h (head dim d_h = d_model / n_heads), read top to bottom:
 

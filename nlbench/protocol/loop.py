@@ -6,7 +6,7 @@ Rows it records (the runner adds run_id, model, stream, seed):
     curves: train_task, tokens_seen, eval_task, metric, value
 `tokens_seen` counts the new-task training tokens consumed since the start of the run (B·T per
 step; replayed sequences are not new tokens). A task's curve starts with the score measured
-before its first step (A-GEM's Z_0, metrics.md), then one point every `eval_every` tokens.
+before its first step (A-GEM's Z_0, docs/METRICS.md), then one point every `eval_every` tokens.
 """
 
 from __future__ import annotations

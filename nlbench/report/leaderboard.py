@@ -5,7 +5,7 @@ strategy, and — when runs of the same label differ in anything else (learning 
 task, …) — a short fingerprint of that configuration, so two configurations are never pooled as
 if they were seeds of one.
 
-Per-run metrics come from :func:`nlbench.metrics.per_run_metrics` (``shared/metrics.md``), seed
+Per-run metrics come from :func:`nlbench.metrics.per_run_metrics` (``docs/METRICS.md``), seed
 aggregation from :func:`nlbench.metrics.aggregate` (:data:`nlbench.metrics.CI_METHOD`). Sections
 are per (stream, score): ``accuracy`` (higher is better) and, for language-modelling streams,
 ``loss`` (lower is better; the transfer metrics are computed on −R so a positive BWT/FWT still

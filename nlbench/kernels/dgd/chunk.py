@@ -73,8 +73,7 @@ def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index
     """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
 
     fp32 / fp64 run `chunk_grad.dgd_chunk_manual`, the same equations with a hand-written
-    backward pass (one Hope `medium` layer, T=512, batch 4, 2 CPU threads: backward 188 → 142 ms,
-    forward 110 → 105 ms, one A/B run); half precision runs `dgd_chunk_autograd`.
+    backward pass (faster on CPU, docs/decisions.md); half precision runs `dgd_chunk_autograd`.
     `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs that chunk's forward and
     backward functions through `torch.compile`. `normalized_step`: `naive.step_size`.
     """

@@ -1,4 +1,4 @@
-"""DGD memory, per-token reference: the update rule of spec §2–§3 (algorithms.md) as a loop.
+"""DGD memory, per-token reference: the update rule of docs/ALGORITHMS.md §2–§3 as a loop.
 
 Per head, the memory is either
     linear  (Eq. 93):  M(z) = W z                       weights [W]

@@ -20,12 +20,10 @@ def dgd_chunk_stacked(weights, q, k, v, eta, alpha, self_target: bool = True, re
     takes (`self_modifying_titans._compiled_fused_chunk_step`). For a residual-MLP memory whose
     hidden width equals its input width (Hope's default), W2's and W1's triangular systems and
     chunk-end updates are solved as one batch stacked on a new leading axis, and k and v go
-    through M_b as one block of rows [k; v]. At Hope's sizes on CPU the chunk's matmuls are
-    small (16 × 32 × 32, batch 160) and cost per call as much as per FLOP: one compiled chunk
-    step went from 73 to 51 batched matmuls (forward + backward), and a compiled Hope `medium`
-    layer's memory loop (T=512, batch 4, 2 threads, alternating in one process) from 113.7 to
-    106.5 ms. Same values and gradients as `dgd_chunk_autograd` (tests); any other memory takes
-    `dgd_chunk_autograd` itself."""
+    through M_b as one block of rows [k; v]: at Hope's sizes the chunk's matmuls are small and
+    cost per call as much as per FLOP, so fewer calls win (73 → 51 per compiled chunk step;
+    docs/decisions.md). Same values and gradients as `dgd_chunk_autograd` (tests); any other
+    memory takes `dgd_chunk_autograd` itself."""
     if len(weights) != 2 or weights[0].shape[-1] != weights[0].shape[-2]:
         return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index, normalized_step)
     w2, w1 = weights
