@@ -25,20 +25,24 @@ it every token, spec §7). The mean over the head's channels is the scalar read-
 memories.
 
 Choices the spec leaves open, and deviations, with the reason (each was measured on the shared
-copy test, tests/test_models_common.py, and on carried streams of 8 × 512 tokens):
+copy test, tests/test_models_common.py, and on carried streams of 8 × 512 tokens). Each
+deviation is a constructor option (a model option of `hope`), named in brackets; all of them
+off (`PAPER_FORM`, the model option `paper_exact: true`) gives Eq. 83–91 as written: one conv
+shared by the four projection memories, unnormalized z and v, the literal step η_t on every
+matrix, no guard, and the fan-in init of W2.
 
-* Inputs. Each projection memory gets its own causal conv (Titans puts one conv after each
+* Inputs [`separate_convs`, `normalize_inputs`]. Each projection memory gets its own causal conv (Titans puts one conv after each
   projection; here the projections ARE the memories, so the conv sits before them) and its
   input is L2-normalized per head. One shared conv, as before, made k_t ≈ v_t at init (both
   memories start near the identity map of the same z), so every write (k, v̂ ≈ k) was a no-op
   and the outer loop had no signal to break the symmetry; separate convs keep k ≠ v in the
   static parameters, where in-context decay cannot erase it. Unit inputs are what DGD assumes
   (spec §2), for every memory, not only M_mem.
-* v is L2-normalized as well (the paper normalizes q, k): the targets v̂ = M(v) then stay at
+* [`normalize_v`] v is L2-normalized as well (the paper normalizes q, k): the targets v̂ = M(v) then stay at
   the scale of k; unnormalized v (|v| ≈ 40 after a few thousand tokens) made M_mem explode.
-* Init of the residual MLP for UNIT inputs: W2 ~ N(0, 1), so the pre-activations W2 z are
+* [`w2_init_std`] Init of the residual MLP for UNIT inputs: W2 ~ N(0, 1), so the pre-activations W2 z are
   O(1) and ‖σ(W2 z)‖² ≈ 0.35·hidden ≥ 1 — the kernel's step η/max(1, ‖x‖²) then makes the W1
-  write a full normalized-LMS step. (The fan-in init N(0, 1/hidden) assumes unit-variance
+  write a full normalized-LMS step [`normalized_step`, `nlbench.kernels.dgd.naive.step_size`]. (The fan-in init N(0, 1/hidden) assumes unit-variance
   ENTRIES; for a unit-NORM input it gives ‖σ(W2 k)‖² ≈ 0.3, and one write moved M(k) only 2.6%
   of the way to v̂, vs 17% now at η = 0.7.) W1 ~ N(0, 0.1²/(hidden·d_h)) (‖W1‖_F ≈ 0.1): each
   memory starts near the identity map, and W2 still receives gradients. Linear memories start
@@ -51,7 +55,7 @@ copy test, tests/test_models_common.py, and on carried streams of 8 × 512 token
   below), and with the guard a model trained 300 copy steps still diverged (W2 of M_k → inf
   within 4096 stream tokens); with 16 both stay bounded (W2 ≈ 1, W1 ≈ 1.7–2.4 after 4096).
   Copy-task sequences (17 tokens) are unaffected; throughput is (small, T = 256) ~20% lower.
-* Curvature guard: the Gauss–Newton curvature of L wrt W2 along a unit key is
+* [`curvature_guard`] Curvature guard: the Gauss–Newton curvature of L wrt W2 along a unit key is
   ‖W1 diag σ′‖² ≤ 1.21 ‖W1‖²_op, so a large W1 (the outer loop grows the meta-learned W1 to
   amplify writes) makes the W2 step overshoot (η·λ > 2): after 300 copy-task steps a model
   without the guard went to NaN within 200 tokens of a carried random stream. Each chunk of
