@@ -46,6 +46,13 @@ def test_pretraining_seeds_are_disjoint_from_every_evaluated_seed_by_constructio
     pool = build_pretrain_stream(resolve_block(dict(tasks=5), dict(name="associative-recall"), seed=0))
     # every family keys its generators by (stream seed, family, task): pretraining keys start >= 2^62
     assert all(t._seed_key[0] >= PRETRAIN_SEED_BASE for t in pool.tasks)
+    fresh = resolve_block(dict(tasks="fresh", batch_size=2, segments=3), dict(name="associative-recall"), seed=0)
+    meta = MetaSequences(build_pretrain_stream(fresh), fresh)
+    ids = meta.plan(0)
+    assert len(set(ids.ravel())) == 6 and not set(ids.ravel()) & set(meta.plan(1).ravel())
+    tasks = [meta.task(t) for t in ids.ravel()]
+    assert all(t._seed_key[0] >= PRETRAIN_SEED_BASE for t in tasks)
+    assert len({tuple(t.info["value_of"]) for t in tasks}) == 6  # a new map per segment
     with pytest.raises(ConfigError, match=r"seeds must be integers in \[0, 2\^62\)"):
         validate_config(tiny_config(seeds=(PRETRAIN_SEED_BASE,)))
     # and the content differs from the evaluated tasks: no pretraining map equals an evaluated one
@@ -54,6 +61,7 @@ def test_pretraining_seeds_are_disjoint_from_every_evaluated_seed_by_constructio
     evaluated = build_stream("associative-recall", num_tasks=5, seed=0)
     maps = {tuple(t.info["value_of"]) for t in evaluated.tasks}
     assert not maps & {tuple(t.info["value_of"]) for t in pool.tasks}
+    assert not maps & {tuple(t.info["value_of"]) for t in tasks}
 
 
 def test_block_resolves_to_the_runs_stream_and_seed_and_the_key_covers_model_and_block():

@@ -2,7 +2,7 @@
 
     pretrain:
       stream: {name: markov-languages, seq_len: 128, options: {}}   # default: each run's stream
-      tasks: 256              # distinct generated tasks in the pretraining pool
+      tasks: fresh            # a new generated task per segment, or N: a pool of N tasks
       steps: 300              # optimizer steps, one meta-sequence batch each
       batch_size: 8
       segments: 4             # task segments per meta-sequence
@@ -70,7 +70,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     stream: PretrainStream | None = None
-    tasks: int = Field(256, ge=1)
+    tasks: int | Literal["fresh"] = "fresh"
     steps: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1)
     segments: int = Field(4, ge=1)
@@ -82,6 +82,13 @@ class PretrainConfig(BaseModel):
     seed: int | Literal["run"] = 0
     checkpoint_every: int = Field(50, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"tasks must be 'fresh' or an integer >= 1, got {v}")
+        return v
 
     @field_validator("seed")
     @classmethod
@@ -110,7 +117,7 @@ def resolve_block(block: dict | None, stream: dict, seed: int) -> dict | None:
     from nlbench.tasks import STREAMS
 
     max_tasks = STREAMS[cfg["stream"]["name"]].max_tasks
-    if cfg["tasks"] > max_tasks:
+    if cfg["tasks"] != "fresh" and cfg["tasks"] > max_tasks:
         raise ValueError(f"field 'pretrain.tasks': stream {cfg['stream']['name']!r} generates at most {max_tasks} tasks "
                          f"per seed, got tasks={cfg['tasks']}")
     return cfg

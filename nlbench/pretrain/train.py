@@ -41,7 +41,7 @@ def _clip_params(optimizer):
 
 def _finite(value: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(value.detach()).all():
-        raise PretrainDiverged(f"non-finite {what} ({float(value)}) at pretraining step {step + 1}")
+        raise PretrainDiverged(f"non-finite {what} ({float(value.detach())}) at pretraining step {step + 1}")
 
 
 def train_step(model, optimizer, meta, block: dict, step: int, device) -> dict:
