@@ -26,7 +26,7 @@ CONFIG is an experiment config with a `pretrain:` block, e.g.
     segments: 4             # task segments per meta-sequence
     segment_sequences: 2    # sequences per segment; fast state carried across all of them
     tbptt: 2                # sequences per truncated-backprop window
-    probe_weight: 0.5       # meta-continual loss on read-only probes of earlier segments
+    probe_weight: 0.5       # meta-continual loss on probes of earlier segments (final state discarded)
     optimizer: {name: adamw, lr: 3e-3}
     seed: 0                 # or "run": one pretraining per run seed
 \b

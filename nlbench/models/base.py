@@ -6,8 +6,10 @@
     out.state:  the model's fast state (in-context memories), a pytree of tensors, or None
 
 `state=None` means "start from the meta-learned initial state" (`model.init_state(B)`).
-`update_state=False` reads the memories without writing them: the returned state is the
-input state, untouched (evaluation probes in the in-context protocol).
+`update_state=False` runs the same computation (the memories still write within the
+sequence: later tokens see the updates of earlier ones, since that is how the layer mixes
+tokens) and discards only the final state: the returned state is the input state, untouched
+(evaluation probes in the in-context protocol).
 """
 
 from __future__ import annotations

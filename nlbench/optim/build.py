@@ -17,6 +17,8 @@ whose period divides the current count (all of them before the first step), so a
 `.grad` keeps summing backward passes until its step. The innermost mark wins for nested
 marked modules; unmarked parameters have period 1. Each (period, role) pair gets its own
 inner optimizer, so e.g. M3's internal step count t counts that level's own steps.
+A module marked `nlbench_lr_scale = s` (CMS `cms_lr_mode: scaled`, the frequency control) has
+its parameters in a param group of their own whose lr is s times the configured lr.
 
 Caveat for callers: because slow levels' `.grad` hold sums over several steps, a global
 `clip_grad_norm_(model.parameters())` between backward and step would re-scale those sums
@@ -78,10 +80,18 @@ class NestedOptimizer:
             buckets.setdefault((periods.get(id(p), 1), role), []).append(p)
         # key "period<C>/<role>" -> (C, inner optimizer); sorted so state_dict order is stable
         self.optimizers: dict[str, tuple[int, torch.optim.Optimizer]] = {}
+        scales = lr_scales(model)
         for (period, role) in sorted(buckets, key=lambda k: (k[0], ROLES.index(k[1]) if k[1] in ROLES else 9, k[1])):
-            opt = factories[role](buckets[(period, role)])
+            ps = buckets[(period, role)]
+            by_scale: dict[float, list[nn.Parameter]] = {}
+            for p in ps:
+                by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+            if len(by_scale) > 1 or 1.0 not in by_scale:  # one param group per lr scale
+                ps = [{"params": v, "nlbench_lr_scale": s} for s, v in sorted(by_scale.items(), reverse=True)]
+            opt = factories[role](ps)
             for g in opt.param_groups:
                 g["nlbench_role"], g["nlbench_period"] = role, period
+                g["lr"] = g["lr"] * g.get("nlbench_lr_scale", 1.0)
                 g.setdefault("initial_lr", g["lr"])
             self.optimizers[f"period{period}/{role}"] = (period, opt)
         self._period = {id(p): c for c, opt in self.optimizers.values()
@@ -178,6 +188,21 @@ def update_periods(model: nn.Module) -> dict[int, int]:
         for p in module.parameters():
             periods[id(p)] = c
     return periods
+
+
+def lr_scales(model: nn.Module) -> dict[int, float]:
+    """id(param) -> s from the innermost module marked `nlbench_lr_scale = s` (0 < s ≤ 1)."""
+    scales: dict[int, float] = {}
+    for name, module in model.named_modules():
+        s = getattr(module, "nlbench_lr_scale", None)
+        if s is None:
+            continue
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s <= 1:
+            raise ValueError(f"module '{name or type(module).__name__}': nlbench_lr_scale must be a number in "
+                             f"(0, 1] (CMS cms_lr_mode: scaled), got {s!r}.")
+        for p in module.parameters():
+            scales[id(p)] = float(s)
+    return scales
 
 
 def adamw_role_ids(model: nn.Module) -> set[int]:

@@ -6,8 +6,8 @@ left (state carried across segment boundaries, as the in-context protocol carrie
 tasks) and scores next-token cross-entropy. Truncated backpropagation: every `tbptt`
 sequences the accumulated loss is backpropagated and the state detached, so gradients reach
 back at most `tbptt` sequences. With `probe_weight` > 0, after each segment k ≥ 1 every row
-also reads a fresh sequence of one of its earlier segments' tasks read-only
-(update_state=False) and that loss, times probe_weight, joins the window's loss: the
+also reads a fresh sequence of one of its earlier segments' tasks with update_state=False
+(writes within that sequence happen, its final state is discarded) and that loss, times probe_weight, joins the window's loss: the
 meta-continual objective, which rewards a state that still serves earlier tasks. Gradients of
 all windows are summed (each loss divided by the number of sequences in the meta-sequence),
 clipped to `grad_clip`, and the optimizer steps once.
