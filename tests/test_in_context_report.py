@@ -21,7 +21,9 @@ def test_in_context_entries_carry_protocol_chance_and_the_pretrained_checkpoint(
     cfg["pretrain"] = dict(tasks="fresh", steps=2, batch_size=2, segments=2, segment_sequences=1)
     records = run_sequential(expand_runs(validate_config(cfg)), tmp_path)
     assert all(r.run["status"] == "completed" for r in records)
-    doc = build_report([tmp_path], out_dir=tmp_path / "report", formats=("json",), figures=False)["doc"]
+    built = build_report([tmp_path], out_dir=tmp_path / "report", formats=("json",))
+    doc = built["doc"]
+    assert any(f.endswith("retention_markov-languages.png") for f in built["files"])
     entry = next(e for s in doc["streams"] if s["score"] == "accuracy" for e in s["entries"])
     runs = pd.read_parquet(tmp_path / "runs")
     per_run = [sum(json.loads(c)) / len(json.loads(c)) for c in runs["chance"]]
