@@ -63,3 +63,44 @@ def test_a_task_stops_mattering_once_it_has_left_the_window():
     score = lambda s: evaluate_with_state(m, probe, s, streams=2, max_sequences=None,  # noqa: E731
                                           device=torch.device("cpu"))
     assert score(stream(task_j, 2)) == score(stream(other, 2))
+
+
+@pytest.mark.slow
+def test_a_pretrained_windowed_transformer_loses_task_j_once_j_has_left_its_window(tmp_path):
+    """Meta-train the windowed Transformer on fresh deterministic bigram languages in short
+    sequences (so the cache, not the sequence itself, holds the language), then stream unseen
+    task j and task k: j's accuracy is high while j is in the window and falls once it has left."""
+    from nlbench.pretrain import ensure_pretrained, load_pretrained, pretrain_key, resolve_block
+    from nlbench.tasks import build_stream
+
+    torch.set_num_threads(1)
+    opts = dict(order=1, vocab_size=8, branching=1)
+    block = resolve_block(dict(tasks="fresh", steps=300, batch_size=16, segments=2, segment_sequences=8, tbptt=8,
+                               optimizer=dict(name="adamw", lr=3e-3)),
+                          dict(name="markov-languages", seq_len=8, options=opts), seed=0)
+    entry = dict(name="transformer", size="tiny", options=dict(kv_window=64))
+    path, _ = ensure_pretrained(entry, block, tmp_path)
+    m = build_model("transformer", vocab_size=8, kv_window=64).eval()
+    load_pretrained(path, pretrain_key(entry, block), m)
+    j, k = build_stream("markov-languages", num_tasks=2, seq_len=8, seed=0, eval_size=64, **opts).tasks
+
+    @torch.no_grad()
+    def feed(task, n, state):
+        batches = task.train_batches(16, seed=1)
+        for _ in range(n):
+            state = m(next(batches).tokens, state=state).state
+        return state
+
+    def acc(state):
+        return evaluate_with_state(m, j.eval_set(), state, streams=16, max_sequences=None,
+                                   device=torch.device("cpu"))["accuracy"]
+
+    in_window = acc(feed(j, 8, None))
+    # 128 tokens of k: j has left the 64-token window in both layers (layer-1 keys of the first
+    # 64 tokens of k were computed while layer 0 still held j)
+    left = acc(feed(k, 16, feed(j, 8, None)))
+    never = acc(feed(k, 16, None))
+    print(f"task j in window {in_window:.3f}, after it left {left:.3f}, never seen {never:.3f}, chance {j.chance}")
+    assert in_window > j.chance + 0.2
+    assert left < in_window - 0.05
+    assert left == never  # nothing of j is left

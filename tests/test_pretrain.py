@@ -287,3 +287,30 @@ def test_truncated_backprop_window_decides_how_far_gradients_reach():
     ref = _grads(manual)
     assert all(torch.allclose(results[1][n], ref[n], atol=1e-6, rtol=1e-5) for n in ref)
     assert any(not torch.allclose(results[2][n], ref[n], atol=1e-6, rtol=1e-5) for n in ref)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_pretrain_command_computes_then_reuses_and_rejects_a_config_without_a_block(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from nlbench.cli import main
+
+    cfg = pretrain_config(seeds=(0,))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    first = CliRunner().invoke(main, ["pretrain", str(path), "--out", str(out), "--sequential"])
+    assert first.exit_code == 0, first.output
+    key = pretrain_key(expand_runs(validate_config(cfg))[0].config["model"], resolve_block(BLOCK, STREAM, 0))
+    assert f"computed {key}" in first.output and "step 3/3" in first.output and "executions 1" in first.output
+    again = CliRunner().invoke(main, ["pretrain", str(path), "--out", str(out), "--sequential"])
+    assert again.exit_code == 0 and f"reused {key}" in again.output and executions(out / "pretrained", key) == 1
+    del cfg["pretrain"]
+    path.write_text(yaml.safe_dump(cfg))
+    bare = CliRunner().invoke(main, ["pretrain", str(path), "--out", str(out), "--sequential"])
+    assert bare.exit_code == 2 and "has no `pretrain:` block" in bare.output and "Traceback" not in bare.output
+    helped = CliRunner().invoke(main, ["pretrain", "--help"])
+    assert helped.exit_code == 0 and "probe_weight" in helped.output and "computed once" in helped.output

@@ -74,7 +74,14 @@ def pretrain(config, out, address, sequential, device):
 
         for key, (model, block) in jobs.items():
             try:
-                _, computed = ensure_pretrained(model, block, root, device=device or "cpu")
+                every = max(1, int(block["steps"]) // 10)
+
+                def progress(done, total, row, key=key, every=every):
+                    if done % every == 0 or done == total:
+                        click.echo(f"  {key} step {done}/{total}: loss {row['loss']:.3f} (first segment "
+                                   f"{row['first_segment_loss']:.3f}, later {row['later_segment_loss']:.3f})")
+
+                _, computed = ensure_pretrained(model, block, root, device=device or "cpu", progress=progress)
                 click.echo(f"{'computed' if computed else 'reused'} {key} ({model['name']}/{model['size']})")
             except (PretrainError, RuntimeError, ValueError) as e:
                 errors[key] = str(e)
