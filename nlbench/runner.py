@@ -145,12 +145,25 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         raise
 
 
+class CheckpointError(RuntimeError):
+    """A per-task checkpoint that cannot be trusted: unreadable, not plain data, or another run's."""
+
+
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
+    """The run's last per-task checkpoint, or None. Read with `weights_only=True`: OUT may live
+    on shared storage, so a planted file must never execute code (tensors and containers only)."""
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("run_id") != run_id:
-        raise RuntimeError(f"checkpoint {path} belongs to run {payload.get('run_id')!r}, not {run_id!r}; delete it.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for torn files
+        raise CheckpointError(
+            f"checkpoint {path} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
+            f"nlbench ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}). Nothing in it "
+            f"was run. Delete {path.parent} to recompute the run from its start.") from None
+    if not isinstance(payload, dict) or payload.get("run_id") != run_id:
+        owner = payload.get("run_id") if isinstance(payload, dict) else None
+        raise CheckpointError(f"checkpoint {path} belongs to run {owner!r}, not {run_id!r}; delete it.")
     return payload
 
 
@@ -249,11 +262,11 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
         if resume is not None:
             prior_wall = float(resume["wall_s"])
-            run["started_at"] = resume["started_at"]
+            run["started_at"] = datetime.fromisoformat(resume["started_at"])
 
         def on_task_end(task_index: int, state: dict) -> None:
             if ckpt is not None:
-                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"],
+                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
                                            wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index))
 
         result = protocol.run(resume=None if resume is None else resume["protocol_state"],
