@@ -239,7 +239,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
         train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None,
+        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None,
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -255,6 +255,10 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         run["params"] = int(model.num_params())
         # every model option after defaults and paper_exact, e.g. Hope's stabilisers
         run["model_options"] = json.dumps(getattr(model, "options", None), sort_keys=True)
+        if config["protocol"] == "finetune":  # in_context trains no outer weight
+            from nlbench.optim import routing_counts
+
+            run["optimizer_params"] = json.dumps(routing_counts(config["train"]["optimizer"]["name"], model))
         if config.get("pretrain"):
             run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
