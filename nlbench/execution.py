@@ -172,30 +172,121 @@ def _check_address(address):
         )
 
 
+# what the embedded runtime sets while it starts (see _embedded_env)
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_EMBEDDED_TEMP_DIRS: list[str] = []
+
+
+def _embedded_env(token: str) -> dict:
+    """The environment the embedded runtime's processes start with.
+
+    * ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray treat this as a single-machine runtime: the
+      node's IP is the loopback address, so GCS, raylet, object manager and worker gRPC servers
+      bind 127.0.0.1 instead of every interface (``_node_ip_address="127.0.0.1"`` alone is
+      replaced by the machine's external address);
+    * token authentication with a fresh token of this runtime only, passed in the environment
+      (never written to a file), so no other local client - and no earlier ``~/.ray/auth_token``
+      or ``RAY_AUTH_MODE=disabled`` - gets in;
+    * ``RAY_ADDRESS`` removed: the runtime never joins a cluster found in the environment.
+    """
+    return {_LOOPBACK_ENV: "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": None}
+
+
+def _start_embedded(num_cpus, num_gpus, common: dict) -> None:
+    """``ray.init(address="local")`` in a fresh temp dir, loopback only, its own token."""
+    import secrets
+    import tempfile
+
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    # short: Ray's Unix socket paths (temp/session_<date>_<pid>/sockets/...) have a length limit
+    # (107 bytes); a RAY_TMPDIR too long for them is passed over for /tmp
+    root = os.environ.get("RAY_TMPDIR") or "/tmp"
+    if len(os.path.abspath(root)) > 40:
+        root = "/tmp"
+    os.makedirs(root, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix="nlb", dir=root)
+    _EMBEDDED_TEMP_DIRS.append(temp)
+    saved = {k: os.environ.get(k) for k in _embedded_env("")}
+    loopback = ray_constants.ENABLE_RAY_CLUSTER
+    try:
+        for k, v in _embedded_env(secrets.token_hex(32)).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported, and caches the auth mode
+        # and token: this start must see the values above
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+            num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            **common,
+        )
+    finally:
+        # the runtime's processes keep their environment; this process's is restored
+        ray_constants.ENABLE_RAY_CLUSTER = loopback
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _remove_embedded_temp_dirs() -> None:
+    """Delete the temp dirs of embedded runtimes that have stopped (at exit, and at each start)."""
+    import shutil
+
+    import ray
+
+    if ray.is_initialized() and _EMBEDDED_TEMP_DIRS:
+        return
+    while _EMBEDDED_TEMP_DIRS:
+        shutil.rmtree(_EMBEDDED_TEMP_DIRS.pop(), ignore_errors=True)
+
+
+def _at_exit() -> None:
+    import ray
+
+    if _EMBEDDED_TEMP_DIRS and ray.is_initialized():
+        ray.shutdown()
+    _remove_embedded_temp_dirs()
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Make sure this process has a Ray runtime; return True when this call started it (and the
-    caller should shut it down).
+    caller should shut it down with ``ray.shutdown()``).
 
     ``address=None``: reuse a runtime this process already has, else start an embedded one with
-    ``num_cpus`` (default: all of this machine's) and the local GPUs, dashboard off. Ray ≥ 2.59
-    turns token authentication on for it (a token is made in ``~/.ray/auth_token``).
+    ``num_cpus`` (default: all of this machine's) and the local GPUs, dashboard off. The embedded
+    runtime is always a new one (``address="local"``, its own temp dir under ``$RAY_TMPDIR`` or
+    /tmp, removed after it stops): a ``ray start`` cluster on the machine, a stale
+    ``ray_current_cluster`` file or ``RAY_ADDRESS`` do not change it. It listens on 127.0.0.1 and
+    requires a token of its own (see :func:`_embedded_env` and the README's "What listens").
     Otherwise join the cluster at ``address`` ("auto", "ray://host:10001", "host:6379").
     """
     _check_address(address)
+    import atexit
+
     import ray
 
     if ray.is_initialized():
         return False
     common = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
     if address is None:
-        ray.init(
-            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-            num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
-            include_dashboard=False,
-            # the embedded runtime only serves this machine
-            _node_ip_address="127.0.0.1",
-            **common,
-        )
+        _remove_embedded_temp_dirs()
+        if not _EMBEDDED_TEMP_DIRS:
+            atexit.unregister(_at_exit)  # registered once
+            atexit.register(_at_exit)
+        _start_embedded(num_cpus, num_gpus, common)
         return True
     ray.init(address=address, **common)
     return True

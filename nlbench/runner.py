@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nlbench.checkpoints import from_bytes, to_bytes
 from nlbench.config import RunSpec, run_label
 
 CHECKPOINT_NAME = "last.pt"
@@ -74,6 +75,28 @@ def git_sha() -> str | None:
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def sequential_threads(cpus_per_run: float) -> int:
+    """Torch threads of a `--sequential` run: its CPU share (the config's resources.cpus_per_run,
+    as a Ray actor gets), at least one, at most the CPUs available - torch's default (every core
+    it sees) oversubscribes a shared or quota-limited machine."""
+    return max(1, min(int(cpus_per_run), available_cpus()))
 
 
 def resolve_device(requested: str | None, config: dict) -> torch.device:
@@ -128,14 +151,16 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(checkpoint_dir) / run_id / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a hidden temp file in the same directory, fsync, os.replace: a crash leaves
-    the previous checkpoint or the new one, never a torn file."""
+def save_checkpoint(path: Path, payload: dict | bytes) -> None:
+    """The checkpoint (a payload, or its bytes from nlbench.checkpoints.to_bytes) to a hidden temp
+    file in the same directory, fsync, os.replace: a crash leaves the previous checkpoint or the
+    new one, never a torn file."""
+    data = payload if isinstance(payload, bytes) else to_bytes(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -146,12 +171,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
+    """The checkpoint of ``run_id`` at ``path`` (None when there is none); loaded with
+    ``weights_only=True`` and refused with CheckpointError when it holds anything else or belongs
+    to another run (nlbench.checkpoints)."""
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("run_id") != run_id:
-        raise RuntimeError(f"checkpoint {path} belongs to run {payload.get('run_id')!r}, not {run_id!r}; delete it.")
-    return payload
+    return from_bytes(path.read_bytes(), run_id, str(path))
 
 
 def clear_checkpoint(checkpoint_dir: str | os.PathLike | None, run_id: str) -> None:
@@ -314,4 +339,4 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
     return records
 
 
-__all__ = ["execute_run", "run_sequential", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
+__all__ = ["execute_run", "run_sequential", "sequential_threads", "available_cpus", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
