@@ -15,6 +15,7 @@ COMMANDS = {
     "report": "nlbench.commands.report:report",
     "bench": "nlbench.commands.bench:bench",
     "pretrain": "nlbench.commands.pretrain:pretrain",
+    "routing": "nlbench.commands.routing:routing",
 }
 
 

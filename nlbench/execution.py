@@ -30,6 +30,7 @@ checkpoints there); results themselves are written by the driver only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -172,121 +173,78 @@ def _check_address(address):
         )
 
 
-# what the embedded runtime sets while it starts (see _embedded_env)
-_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_EMBEDDED_TEMP_DIRS: list[str] = []
-
-
-def _embedded_env(token: str) -> dict:
-    """The environment the embedded runtime's processes start with.
-
-    * ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray treat this as a single-machine runtime: the
-      node's IP is the loopback address, so GCS, raylet, object manager and worker gRPC servers
-      bind 127.0.0.1 instead of every interface (``_node_ip_address="127.0.0.1"`` alone is
-      replaced by the machine's external address);
-    * token authentication with a fresh token of this runtime only, passed in the environment
-      (never written to a file), so no other local client - and no earlier ``~/.ray/auth_token``
-      or ``RAY_AUTH_MODE=disabled`` - gets in;
-    * ``RAY_ADDRESS`` removed: the runtime never joins a cluster found in the environment.
-    """
-    return {_LOOPBACK_ENV: "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": None}
-
-
-def _start_embedded(num_cpus, num_gpus, common: dict) -> None:
-    """``ray.init(address="local")`` in a fresh temp dir, loopback only, its own token."""
-    import secrets
+def embedded_temp_dir() -> str:
+    """A fresh temp dir for the embedded runtime's sessions, sockets and logs (under RAY_TMPDIR
+    when set): nothing shared with another Ray on the machine."""
     import tempfile
 
-    import ray
+    return tempfile.mkdtemp(prefix="nlbench-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Start Ray's processes bound to 127.0.0.1 instead of all interfaces.
+
+    Ray binds loopback only in its local-only mode (chosen on macOS / Windows by
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). The driver reads that setting once at import, the
+    processes it spawns read it from their environment: both are set while the runtime starts.
+    """
     from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
 
-    # short: Ray's Unix socket paths (temp/session_<date>_<pid>/sockets/...) have a length limit
-    # (107 bytes); a RAY_TMPDIR too long for them is passed over for /tmp
-    root = os.environ.get("RAY_TMPDIR") or "/tmp"
-    if len(os.path.abspath(root)) > 40:
-        root = "/tmp"
-    os.makedirs(root, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix="nlb", dir=root)
-    _EMBEDDED_TEMP_DIRS.append(temp)
-    saved = {k: os.environ.get(k) for k in _embedded_env("")}
-    loopback = ray_constants.ENABLE_RAY_CLUSTER
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
-        for k, v in _embedded_env(secrets.token_hex(32)).items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported, and caches the auth mode
-        # and token: this start must see the values above
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-        ray.init(
-            address="local",
-            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-            num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp,
-            **common,
-        )
+        yield
     finally:
-        # the runtime's processes keep their environment; this process's is restored
-        ray_constants.ENABLE_RAY_CLUSTER = loopback
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
 
 
-def _remove_embedded_temp_dirs() -> None:
-    """Delete the temp dirs of embedded runtimes that have stopped (at exit, and at each start)."""
-    import shutil
-
-    import ray
-
-    if ray.is_initialized() and _EMBEDDED_TEMP_DIRS:
-        return
-    while _EMBEDDED_TEMP_DIRS:
-        shutil.rmtree(_EMBEDDED_TEMP_DIRS.pop(), ignore_errors=True)
-
-
-def _at_exit() -> None:
-    import ray
-
-    if _EMBEDDED_TEMP_DIRS and ray.is_initialized():
-        ray.shutdown()
-    _remove_embedded_temp_dirs()
+def protect_auth_token() -> None:
+    """Make Ray's token file private (0600): Ray writes it world-readable, and on a shared machine
+    anyone who reads it can submit code to every runtime of this user."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if path.is_file() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:  # a read-only home: nothing to tighten
+        pass
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Make sure this process has a Ray runtime; return True when this call started it (and the
-    caller should shut it down with ``ray.shutdown()``).
+    caller should shut it down).
 
-    ``address=None``: reuse a runtime this process already has, else start an embedded one with
-    ``num_cpus`` (default: all of this machine's) and the local GPUs, dashboard off. The embedded
-    runtime is always a new one (``address="local"``, its own temp dir under ``$RAY_TMPDIR`` or
-    /tmp, removed after it stops): a ``ray start`` cluster on the machine, a stale
-    ``ray_current_cluster`` file or ``RAY_ADDRESS`` do not change it. It listens on 127.0.0.1 and
-    requires a token of its own (see :func:`_embedded_env` and the README's "What listens").
+    ``address=None``: reuse a runtime this process already has, else start an embedded one of its
+    own (``address="local"``, its own temp dir, every process bound to 127.0.0.1) with
+    ``num_cpus`` (default: all of this machine's) and the local GPUs, dashboard off. Ray ≥ 2.59
+    turns token authentication on for it (a token is made in ``~/.ray/auth_token``).
     Otherwise join the cluster at ``address`` ("auto", "ray://host:10001", "host:6379").
     """
     _check_address(address)
-    import atexit
-
     import ray
 
     if ray.is_initialized():
         return False
     common = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
     if address is None:
-        _remove_embedded_temp_dirs()
-        if not _EMBEDDED_TEMP_DIRS:
-            atexit.unregister(_at_exit)  # registered once
-            atexit.register(_at_exit)
-        _start_embedded(num_cpus, num_gpus, common)
+        with _loopback_only():
+            ray.init(
+                # "local": always a new runtime of our own; never RAY_ADDRESS, a `ray start` head on
+                # this machine or a stale cluster-address file in Ray's temp dir
+                address="local",
+                num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=embedded_temp_dir(),
+                **common,
+            )
+        protect_auth_token()
         return True
     ray.init(address=address, **common)
     return True

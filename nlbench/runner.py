@@ -39,7 +39,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nlbench.checkpoints import from_bytes, to_bytes
 from nlbench.config import RunSpec, run_label
 
 CHECKPOINT_NAME = "last.pt"
@@ -151,16 +150,14 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(checkpoint_dir) / run_id / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, payload: dict | bytes) -> None:
-    """The checkpoint (a payload, or its bytes from nlbench.checkpoints.to_bytes) to a hidden temp
-    file in the same directory, fsync, os.replace: a crash leaves the previous checkpoint or the
-    new one, never a torn file."""
-    data = payload if isinstance(payload, bytes) else to_bytes(payload)
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a hidden temp file in the same directory, fsync, os.replace: a crash leaves
+    the previous checkpoint or the new one, never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -170,13 +167,26 @@ def save_checkpoint(path: Path, payload: dict | bytes) -> None:
         raise
 
 
+class CheckpointError(RuntimeError):
+    """A per-task checkpoint that cannot be trusted: unreadable, not plain data, or another run's."""
+
+
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
-    """The checkpoint of ``run_id`` at ``path`` (None when there is none); loaded with
-    ``weights_only=True`` and refused with CheckpointError when it holds anything else or belongs
-    to another run (nlbench.checkpoints)."""
+    """The run's last per-task checkpoint, or None. Read with `weights_only=True`: OUT may live
+    on shared storage, so a planted file must never execute code (tensors and containers only)."""
     if not path.is_file():
         return None
-    return from_bytes(path.read_bytes(), run_id, str(path))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for torn files
+        raise CheckpointError(
+            f"checkpoint {path} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
+            f"nlbench ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}). Nothing in it "
+            f"was run. Delete {path.parent} to recompute the run from its start.") from None
+    if not isinstance(payload, dict) or payload.get("run_id") != run_id:
+        owner = payload.get("run_id") if isinstance(payload, dict) else None
+        raise CheckpointError(f"checkpoint {path} belongs to run {owner!r}, not {run_id!r}; delete it.")
+    return payload
 
 
 def clear_checkpoint(checkpoint_dir: str | os.PathLike | None, run_id: str) -> None:
@@ -251,7 +261,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
         train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None,
+        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None,
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -267,6 +277,10 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         run["params"] = int(model.num_params())
         # every model option after defaults and paper_exact, e.g. Hope's stabilisers
         run["model_options"] = json.dumps(getattr(model, "options", None), sort_keys=True)
+        if config["protocol"] == "finetune":  # in_context trains no outer weight
+            from nlbench.optim import routing_counts
+
+            run["optimizer_params"] = json.dumps(routing_counts(config["train"]["optimizer"]["name"], model))
         if config.get("pretrain"):
             run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
@@ -274,11 +288,11 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
         if resume is not None:
             prior_wall = float(resume["wall_s"])
-            run["started_at"] = resume["started_at"]
+            run["started_at"] = datetime.fromisoformat(resume["started_at"])
 
         def on_task_end(task_index: int, state: dict) -> None:
             if ckpt is not None:
-                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"],
+                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
                                            wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index))
 
         result = protocol.run(resume=None if resume is None else resume["protocol_state"],

@@ -1,173 +1,189 @@
-"""The embedded runtime of `nlbench run` (no --address) is its own Ray, whatever is on the machine.
+"""The embedded runtime is isolated: it starts its own Ray whatever else is on the machine, and
+every process it starts listens on loopback only.
 
-Real processes throughout: a `ray start --head` (token auth) whose address file sits in Ray's temp
-dir, a stale address file naming a dead port, `RAY_ADDRESS` pointing at a dead port - in each case
-`nlbench run` starts its own runtime and completes. A subprocess lists the TCP sockets the
-embedded runtime's processes listen on: all on 127.0.0.1, and a client without the runtime's token
-is refused.
+Before, `ray.init(num_cpus=…)` read RAY_ADDRESS and Ray's `ray_current_cluster` file, so with a
+`ray start --head` on the machine (or a stale address file) every `nlbench run` died with
+"When connecting to an existing cluster, num_cpus and num_gpus must not be provided".
 """
 
 from __future__ import annotations
 
-import json
+import ipaddress
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
+import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from nlbench.results import ResultStore
-
 from conftest import tiny_config
-from ray_nodes import VENV_BIN, client_env, free_port, start_node
+from test_cluster import VENV_BIN, cluster_env, free_port, processes_with_env
 
-pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture
-def short_tmp():
-    """A temp dir with a short path: Ray's Unix socket paths under it have a 107-byte limit."""
-    path = Path(tempfile.mkdtemp(prefix="nli", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def run_tiny(tmp_path, env) -> subprocess.CompletedProcess:
-    cfg = tiny_config(seeds=(0,))
-    cfg["resources"] = {"cpus_per_run": 1, "gpus_per_run": 0, "max_failures": 0}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return subprocess.run([str(VENV_BIN / "nlbench"), "run", str(path), "--out", str(tmp_path / "out")],
+@pytest.fixture(scope="module")
+def other_head():
+    """Somebody else's `ray start --head` on this machine: yields its GCS address and temp dir
+    (where it writes its `ray_current_cluster` address file)."""
+    token = uuid.uuid4().hex
+    temp = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",
+           "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp, "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=cluster_env(token), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the other head did not come up in 120 s"
+                time.sleep(0.5)
+        yield {"address": f"127.0.0.1:{port}", "temp": temp}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in processes_with_env(f"RAY_AUTH_TOKEN={token}".encode()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_embedded(tmp_path, env_changes: dict) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(seeds=(0,), num_tasks=2, tokens_per_task=1024)))
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    env.update(env_changes)
+    return subprocess.run([str(VENV_BIN / "nlbench"), "run", str(cfg), "--out", str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=300)
 
 
 def assert_completed(res, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "When connecting to an existing cluster" not in res.stderr
-    runs = ResultStore(tmp_path / "out").read("runs")
-    assert list(runs.status) == ["completed"]
+    assert "Traceback" not in res.stderr
+    runs = pd.read_parquet(tmp_path / "out" / "runs")
+    assert list(runs["status"]) == ["completed"]
 
 
-def test_run_with_a_ray_start_head_on_the_machine(tmp_path, short_tmp):
-    token = uuid.uuid4().hex
-    head = start_node(token, num_cpus=1, temp_root=str(short_tmp))
+def test_run_ignores_a_head_named_by_ray_address(other_head, tmp_path):
+    assert_completed(run_embedded(tmp_path, {"RAY_ADDRESS": other_head["address"]}), tmp_path)
+
+
+def test_run_ignores_a_live_heads_address_file(other_head, tmp_path):
+    # the head wrote its address into its temp dir; point Ray's default temp dir there
+    assert (Path(other_head["temp"]) / "ray_current_cluster").is_file()
+    assert_completed(run_embedded(tmp_path, {"RAY_TMPDIR": other_head["temp"]}), tmp_path)
+
+
+def test_run_ignores_a_stale_address_file(tmp_path):
+    stale = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
     try:
-        # the head wrote its address where an address-less ray.init looks: RAY_TMPDIR/ray_current_cluster
-        assert head.gcs.endswith(":" + str(head.extra["port"]))
-        env = client_env(token, RAY_TMPDIR=head.temp)
-        assert_completed(run_tiny(tmp_path, env), tmp_path)
-        assert head.proc.poll() is None  # the head was left alone
+        with socket.socket() as s:  # a port nobody listens on: the head that wrote the file is gone
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        (stale / "ray_current_cluster").write_text(f"127.0.0.1:{dead}")
+        assert_completed(run_embedded(tmp_path, {"RAY_TMPDIR": str(stale)}), tmp_path)
     finally:
-        head.stop()
+        shutil.rmtree(stale, ignore_errors=True)
 
 
-def test_run_with_a_stale_cluster_address_file(tmp_path, short_tmp):
-    temp = short_tmp
-    (temp / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # no head there any more
-    env = client_env("unused", RAY_TMPDIR=str(temp))
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        env.pop(k)
-    assert_completed(run_tiny(tmp_path, env), tmp_path)
-    assert [p.name for p in temp.iterdir()] == ["ray_current_cluster"]  # the runtime's temp dir is gone
+PROBE = r"""
+import ray
+from nlbench.execution import connect
+assert connect(None, num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())      # a worker process is up too
+print("READY", flush=True)
+input()                                      # the test reads /proc, then lets the probe shut down
+ray.shutdown()
+"""
 
 
-def test_run_with_ray_address_set(tmp_path, short_tmp):
-    env = client_env("unused", RAY_ADDRESS=f"127.0.0.1:{free_port()}", RAY_TMPDIR=str(short_tmp))
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        env.pop(k)
-    assert_completed(run_tiny(tmp_path, env), tmp_path)
+def _tree(root: int) -> set[int]:
+    """`root` and all its descendants, from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, pp in parent.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
 
 
-LISTENERS = textwrap.dedent("""
-    import json, os, subprocess, sys
-    import ray
-    from nlbench.execution import connect
-
-    connect(None, num_cpus=1, num_gpus=0)
-
-    @ray.remote
-    class Probe:
-        def pid(self):
-            return os.getpid()
-
-    actor = Probe.remote()
-    ray.get(actor.pid.remote())  # a worker process is up too
-
-    def children():
-        kids = {}
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                try:
-                    with open(f"/proc/{p}/stat") as f:
-                        kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(p))
-                except OSError:
-                    pass
-        out, todo = set(), [os.getpid()]
-        while todo:
-            x = todo.pop()
-            out.add(x)
-            todo += kids.get(x, [])
-        return out
-
-    def listening_inodes():
-        found = {}
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as f:
-                for line in f.readlines()[1:]:
-                    cols = line.split()
-                    if cols[3] == "0A":  # LISTEN
-                        host, port = cols[1].split(":")
-                        found[cols[9]] = (host, int(port, 16))
-        return found
-
-    inodes = listening_inodes()
-    sockets = []
-    for pid in children():
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state owned by `pids` (/proc/net/tcp{,6})."""
+    inodes = set()
+    for pid in pids:
         try:
-            fds = os.listdir(f"/proc/{pid}/fd")
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
         except OSError:
             continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    name = f.read().split(b"\\0")[0].decode()
-                sockets.append([pid, name, *inodes[target[8:-1]]])
-    gcs = ray.get_runtime_context().gcs_address
-    # other processes are refused by the GCS: one with a wrong token, one with the user's defaults
-    # (no RAY_AUTH_* variables: whatever ~/.ray/auth_token holds)
-    probe = f"from ray._raylet import GcsClient; GcsClient(address={gcs!r})"
-    wrong = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    refusals = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                               timeout=120) for env in (wrong, plain)]
-    print(json.dumps({"sockets": sockets, "gcs": gcs, "refused": [r.returncode != 0 for r in refusals],
-                      "refusal": [r.stderr[-1500:] for r in refusals]}))
-    ray.shutdown()
-""")
-
-LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 in /proc/net/tcp{,6}
+    found = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                hexip, hexport = local.split(":")
+                raw = bytes.fromhex(hexip)
+                if v6:  # four little-endian 32-bit words
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    ip = str(ipaddress.IPv6Address(raw))
+                    mapped = ipaddress.IPv6Address(raw).ipv4_mapped
+                    ip = str(mapped) if mapped else ip
+                else:
+                    ip = str(ipaddress.IPv4Address(raw[::-1]))
+                found.append((ip, int(hexport, 16)))
+    return found
 
 
-def test_embedded_runtime_listens_on_loopback_only_and_requires_its_token(short_tmp):
-    env = client_env("unused", RAY_TMPDIR=str(short_tmp))
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        env.pop(k)
-    res = subprocess.run([sys.executable, "-c", LISTENERS], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["gcs"].startswith("127.0.0.1:")
-    names = {s[1].rsplit("/", 1)[-1] for s in got["sockets"]}
-    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), got["sockets"]
-    outside = [s for s in got["sockets"] if s[2] not in LOOPBACK]
-    assert not outside, f"listening beyond 127.0.0.1: {outside}"
-    assert got["refused"] == [True, True], got["refusal"]
-    assert all("Authentication token is missing or incorrect" in r for r in got["refusal"]), got["refusal"]
+def test_every_embedded_process_listens_on_loopback_only():
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    probe = subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in probe.stdout:
+            if line.startswith("READY"):
+                break
+        assert probe.poll() is None, probe.stderr.read()[-3000:]
+        listening = _listening(_tree(probe.pid))
+    finally:
+        out, err = probe.communicate("\n", timeout=120)
+    assert len(listening) >= 3, f"too few listening sockets seen to judge: {listening}"
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if token.is_file():
+        assert token.stat().st_mode & 0o077 == 0, "the auth token file is readable by others"
+    exposed = [entry for entry in listening if entry[0] not in ("127.0.0.1", "::1")]
+    assert not exposed, f"sockets on non-loopback addresses: {exposed}"

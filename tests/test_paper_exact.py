@@ -25,8 +25,8 @@ def _mlp(w2, w1, z):
 
 def _paper_layer(smt, x):
     """Eq. 83–91 with chunks of one token, written out per token and head from the spec: shared
-    conv (F.conv1d), no input or v normalization, no curvature guard, the literal step η_t on
-    both matrices; inner gradients by autograd."""
+    conv (F.conv1d) and unit-norm memory inputs, no v normalization, no curvature guard, the
+    literal step η_t on both matrices; inner gradients by autograd."""
     B, T, D = x.shape
     H, dh = smt.n_heads, smt.head_dim
     z = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), smt.conv_x.weight, groups=D).transpose(1, 2)
@@ -37,7 +37,7 @@ def _paper_layer(smt, x):
         for h in range(H):
             W = {m: [smt.mem0[f"{m}_w2"][h].detach().clone(), smt.mem0[f"{m}_w1"][h].detach().clone()] for m in MEMS}
             for t in range(T):
-                zt = z[b, t, h * dh:(h + 1) * dh]
+                zt = F.normalize(z[b, t, h * dh:(h + 1) * dh], dim=-1)
                 qt = F.normalize(q[b, t, h * dh:(h + 1) * dh], dim=-1)
                 k = F.normalize(_mlp(*W["k"], zt), dim=-1)
                 v = _mlp(*W["v"], zt)
@@ -63,7 +63,7 @@ def _smt(**kw):
     smt = SelfModifyingTitans(8, 2, mem_hidden=8, chunk_size=1, mem_chunk_size=1, eta_init=0.7, **opts).double()
     with torch.no_grad():  # a large W1: the guard would cap η, and ‖σ(W2 k)‖² > 1
         for m in MEMS:
-            smt.mem0[f"{m}_w1"].normal_(0, 0.3)
+            smt.mem0[f"{m}_w1"].normal_(0, 0.5)
     return smt
 
 
@@ -86,7 +86,7 @@ def test_each_stabiliser_changes_the_paper_form(switch):
     torch.manual_seed(1)
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     want = _paper_layer(paper, x)
-    stab = _smt(**{switch: True})
+    stab = _smt(**{switch: not PAPER_FORM[switch]})
     stab.load_state_dict(paper.state_dict())
     got, _ = stab(x, stab.init_state(1))
     assert not torch.allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -145,7 +145,7 @@ def test_paper_exact_sets_every_stabiliser_and_explicit_options_win():
     assert {k: m.options[k] for k in STABILISERS} == PAPER_FORM and m.options["paper_exact"] is True
     smt = m.blocks[0].mixer
     assert not smt.curvature_guard and not smt.normalize_v and not smt.normalized_step
-    assert not smt.normalize_inputs and smt.conv_x.weight.shape[0] == 64
+    assert smt.normalize_inputs and smt.conv_x.weight.shape[0] == 64
     m = build_model("hope", size="tiny", vocab_size=16, paper_exact=True, curvature_guard=True)
     assert m.options["curvature_guard"] is True and m.blocks[0].mixer.curvature_guard
     m = build_model("hope", size="tiny", vocab_size=16)
@@ -170,16 +170,20 @@ def test_bad_stabiliser_options_raise_clear_errors(opts, field):
 
 @pytest.mark.parametrize("name", ["hope", "hope-attention"])
 def test_paper_exact_trains(name):
+    """The paper form at the shipped chunk sizes: finite over a 256-token sequence from init
+    (the fully literal form with unnormalized memory inputs is not), and a copy task's loss
+    falls in 10 Muon steps."""
     torch.manual_seed(0)
-    m = build_model(name, size="tiny", vocab_size=16, paper_exact=True, chunk_size=8, mem_chunk_size=8) \
-        if name == "hope" else build_model(name, size="tiny", vocab_size=16, paper_exact=True)
+    m = build_model(name, size="tiny", vocab_size=16, paper_exact=True)
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.randint(0, 16, (2, 256))).logits).all()
     opt = build_optimizer("muon", m, lr=0.02, adamw_lr=3e-3)
-    seq = torch.randint(0, 16, (8, 8))
+    seq = torch.randint(0, 16, (4, 32))
     tokens = torch.cat([seq, seq], dim=1)  # second half copies the first
     losses = []
-    for _ in range(12):
+    for _ in range(10):
         logits = m(tokens[:, :-1]).logits
-        loss = F.cross_entropy(logits[:, 8:].reshape(-1, 16), tokens[:, 9:].reshape(-1))
+        loss = F.cross_entropy(logits[:, 32:].reshape(-1, 16), tokens[:, 33:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -314,3 +314,31 @@ def test_pretrain_command_computes_then_reuses_and_rejects_a_config_without_a_bl
     assert bare.exit_code == 2 and "has no `pretrain:` block" in bare.output and "Traceback" not in bare.output
     helped = CliRunner().invoke(main, ["pretrain", "--help"])
     assert helped.exit_code == 0 and "probe_weight" in helped.output and "computed once" in helped.output
+
+
+def test_both_protocols_start_from_the_pretrained_weights(tmp_path):
+    """The b row (after_task −1) of each protocol is the pretrained model's score, not the random
+    initialisation's."""
+    from nlbench.protocol.evaluate import evaluate, evaluate_with_state
+    from nlbench.runner import build_run_stream
+
+    specs = expand_runs(validate_config(pretrain_config(seeds=(0,), protocol=["in_context", "finetune"])))
+    records = {s.protocol: execute_run(s, checkpoint_dir=tmp_path / "checkpoints") for s in specs}
+    cfg = specs[0].config
+    stream = build_run_stream(cfg)
+    key = pretrain_key(cfg["model"], cfg["pretrain"])
+    model = build_model(cfg["model"]["name"], vocab_size=stream.vocab_size).eval()
+    load_pretrained(tmp_path / "pretrained" / key / "model.pt", key, model)
+    dev = torch.device("cpu")
+    for proto, rec in records.items():
+        b0 = next(r["value"] for r in rec.matrix
+                  if r["after_task"] == -1 and r["eval_task"] == 0 and r["metric"] == "loss")
+        batch = stream.tasks[0].eval_set()
+        if proto == "finetune":
+            want = evaluate(model, batch, batch_size=4, max_sequences=4, device=dev)["loss"]
+        else:
+            want = evaluate_with_state(model, batch, None, streams=2, max_sequences=4, device=dev)["loss"]
+        assert b0 == pytest.approx(want, rel=1e-6), proto
+    fresh = build_model(cfg["model"]["name"], vocab_size=stream.vocab_size).eval()
+    assert evaluate(fresh, stream.tasks[0].eval_set(), batch_size=4, max_sequences=4, device=dev)["loss"] != \
+        pytest.approx(b0, rel=1e-3)

@@ -42,7 +42,8 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                      shared by the four, the same input x_t for every M_□ as Eq. 84 writes)
     normalize_inputs L2-normalize each projection memory's input z (default true)
     w2_init_std      init std of W2 (default 1.0; null: the fan-in init 1/sqrt(head dim))
-    paper_exact     true: every stabiliser at its paper value (false / null), Eq. 83–91 as
+    paper_exact     true: every stabiliser at its paper value (`PAPER_FORM`: all false / null
+                    except normalize_inputs, whose scale the spec leaves open), Eq. 83–91 as
                     written; a stabiliser given explicitly still wins (ablations). Accepted
                     by hope-attention too, which has none of them (attention + CMS are the
                     spec's equations already).

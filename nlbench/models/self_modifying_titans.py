@@ -26,10 +26,12 @@ memories.
 
 Choices the spec leaves open, and deviations, with the reason (each was measured on the shared
 copy test, tests/test_models_common.py, and on carried streams of 8 × 512 tokens). Each
-deviation is a constructor option (a model option of `hope`), named in brackets; all of them
-off (`PAPER_FORM`, the model option `paper_exact: true`) gives Eq. 83–91 as written: one conv
-shared by the four projection memories, unnormalized z and v, the literal step η_t on every
-matrix, no guard, and the fan-in init of W2.
+deviation is a constructor option (a model option of `hope`), named in brackets; `PAPER_FORM`
+(the model option `paper_exact: true`) gives Eq. 83–91 as written: one conv shared by the
+four projection memories (the same x_t for every M_□), unnormalized v, the literal step η_t on
+every matrix, no guard, and the fan-in init of W2. It keeps unit-norm memory inputs z: the
+spec leaves their scale open and DGD assumes unit inputs; `normalize_inputs=False` is the
+ablation (it diverges within the first 128-token sequence from init).
 
 * Inputs [`separate_convs`, `normalize_inputs`]. Each projection memory gets its own causal conv (Titans puts one conv after each
   projection; here the projections ARE the memories, so the conv sits before them) and its
@@ -112,10 +114,13 @@ W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gra
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 # The stabilisers (module docstring, "Choices ... and deviations"): their defaults, and the
 # paper's form that the model option `paper_exact: true` selects (Eq. 84–91 as written).
+# normalize_inputs stays on in the paper form: the spec does not state the memories' input
+# scale, and DGD's derivation assumes unit inputs (spec §2); off, the memories diverge within
+# the first sequence (docs/decisions.md).
 STABILISERS = dict(curvature_guard=True, normalize_v=True, normalized_step=True, separate_convs=True,
                    normalize_inputs=True, w2_init_std=W2_STD)
 PAPER_FORM = dict(curvature_guard=False, normalize_v=False, normalized_step=False, separate_convs=False,
-                  normalize_inputs=False, w2_init_std=None)
+                  normalize_inputs=True, w2_init_std=None)
 
 
 def top_direction(w1, squarings: int = 3):
