@@ -129,7 +129,9 @@ def build_model_for(model_entry: dict, block: dict, vocab_size: int):
 def ensure_pretrained(model_entry: dict, block: dict, root, device="cpu", progress=None,
                       stop_after_step: int | None = None) -> tuple[Path, bool]:
     """The finished checkpoint of (model, block) under `root`, computed first if missing.
-    Returns (path, computed_now). Concurrent callers wait on the lock; only one trains."""
+    Returns (path, computed_now). Concurrent callers wait on the lock; only one trains.
+    `progress(step, steps, losses)` sees every step; `stop_after_step` (test hook) stops early
+    as a killed process would and returns the progress checkpoint's path."""
     from nlbench.pretrain.tasks import build_pretrain_stream
     from nlbench.pretrain.train import pretrain
 
