@@ -1,7 +1,7 @@
 """`nlbench report`: leaderboard numbers, ranking, dedupe, bad inputs, throughput, CLI outputs.
 
 The result directories are written with the real ResultStore from hand-made accuracy matrices
-whose metrics are worked out below (shared/metrics.md formulas), so every number the report
+whose metrics are worked out below (docs/METRICS.md formulas), so every number the report
 prints can be checked by hand.
 """
 
