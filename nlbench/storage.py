@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "Location", "StorageError", "check_writable", "delete_blob", "is_uri", "location", "read_blob", "write_blob",
+    "Location", "StorageError", "check_writable", "delete_blob", "is_uri", "local_dir", "location", "read_blob", "write_blob",
 ]
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -229,6 +229,22 @@ def location(uri: str | os.PathLike) -> Location:
     if not root.strip("/"):
         raise StorageError(f"{text!r} names no bucket; use {scheme}://bucket/prefix.")
     return Location(uri=text, fs=fs, root=root.rstrip("/"), local=False)
+
+
+def local_dir(out: str | os.PathLike | Location, name: str) -> str:
+    """A directory on this machine for ``OUT/name`` (checkpoints, pretrained weights).
+
+    A local OUT gives ``OUT/name``. An object-store OUT gives a per-location cache directory under
+    the temp dir (``nlbench-<name>/<hash of the URI>``): it is on the driver's machine only, so
+    with a remote OUT these files do not follow a run to another node.
+    """
+    loc = location(out)
+    if loc.local:
+        return loc.join(name)
+    import hashlib
+
+    key = hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"nlbench-{name}", key)
 
 
 def check_writable(uri: str | os.PathLike) -> Location:
