@@ -29,6 +29,7 @@ USER_ERRORS = (
     "nlbench.models:ModelConfigError",
     "nlbench.pretrain.store:PretrainError",
     "nlbench.runner:CheckpointError",
+    "nlbench.storage:StorageError",
 )
 
 
