@@ -93,7 +93,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "runs": _cols(
         "run_id:str model:str stream:str seed:int protocol:str strategy:str status:str error:str config:json "
         "started_at:ts finished_at:ts wall_s:float train_s:float eval_s:float device:str host:str params:int "
-        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float",
+        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float ceiling:json",
         required={"run_id", "model", "stream", "seed", "protocol", "strategy", "status", "config"},
         allowed={"status": RUN_STATUSES},
     ),
