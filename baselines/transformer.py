@@ -1,7 +1,13 @@
 """Transformer baseline (nanoGPT style): pre-norm blocks of causal RoPE attention + SwiGLU MLP.
 
-It has no fast state (`state` is always None) and defines the parameter budget that every
-other family matches within 15% at each size preset.
+It defines the parameter budget that every other family matches within 15% at each size
+preset. By default it has no fast state (`state` is always None). With `kv_window` (an int or
+"full") its state is a KV cache carried across calls, the in-context baseline of the
+`in_context` protocol: per layer the keys (before RoPE) and values of the last `kv_window`
+tokens read so far ("full": all of them). A call's queries attend to the whole cache plus the
+causal prefix of their own sequence; RoPE positions count from the cache's first token, so
+attention sees relative offsets only. `state=None` starts from an empty cache, which computes
+exactly what the stateless model computes; update_state=False returns the cache untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from torch import nn
 
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
-from nlbench.models.layers import CausalSelfAttention, RMSNorm, SwiGLU, attention_flops, init_weights, swiglu_hidden
+import torch.nn.functional as F
+
+from nlbench.models.layers import (CausalSelfAttention, RMSNorm, SwiGLU, apply_rope, attention_flops, init_weights,
+                                   rope_cache, swiglu_hidden)
 
 
 def check_tokens(tokens) -> None:
@@ -47,16 +56,46 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, cache=None, window: int | None = None):
+        """Without `cache` plain causal attention; with one (dict k, v [B, H, L, hd]) the queries
+        also attend to the L cached tokens, and the new cache (last `window` tokens, None = all)
+        is returned with the output."""
+        if cache is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        a, cache = cached_attention(self.attn, self.norm1(x), cache, window)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), cache
+
+
+def cached_attention(attn: CausalSelfAttention, x, cache: dict, window: int | None):
+    """Causal attention over [cache ; x] for the queries of x; keys are cached before RoPE and
+    rotated by their position in the concatenation, the queries by theirs (L … L+T−1)."""
+    B, T, D = x.shape
+    H, hd = attn.n_heads, attn.head_dim
+    q, k, v = attn.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+    keys, values = torch.cat([cache["k"].to(k.dtype), k], dim=2), torch.cat([cache["v"].to(v.dtype), v], dim=2)
+    L = keys.shape[2] - T
+    cos, sin = rope_cache(L + T, hd, x.device, q.dtype)
+    qr, kr = apply_rope(q, cos[L:], sin[L:]), apply_rope(keys, cos, sin)
+    if L == 0:
+        y = F.scaled_dot_product_attention(qr, kr, values, is_causal=True)
+    else:
+        mask = torch.arange(L + T, device=x.device)[None, :] <= (L + torch.arange(T, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(qr, kr, values, attn_mask=mask)
+    keep = keys.shape[2] if window is None else min(window, keys.shape[2])
+    new = {"k": keys[:, :, keys.shape[2] - keep:], "v": values[:, :, values.shape[2] - keep:]}
+    return attn.proj(y.transpose(1, 2).reshape(B, T, D)), new
 
 
 class Transformer(NLModel):
     family = "transformer"
 
-    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int | None = None):
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int | None = None,
+                 kv_window: int | str | None = None):
         super().__init__()
+        self.kv_window = kv_window  # None: stateless; int / "full": KV cache carried across calls
+        self.n_heads = n_heads
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
         self.mlp_hidden = mlp_hidden or swiglu_hidden(d_model)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -67,12 +106,31 @@ class Transformer(NLModel):
         init_weights(self)
         scale_residual_init(self, n_layers)
 
-    def forward(self, tokens, state=None, update_state: bool = True):  # noqa: ARG002 - stateless
+    def init_state(self, batch_size: int):
+        """kv_window set: an empty cache per layer; else None (stateless)."""
+        if self.kv_window is None:
+            return None
+        hd = self.d_model // self.n_heads
+        ref = self.tok_emb.weight
+        empty = lambda: ref.new_zeros(batch_size, self.n_heads, 0, hd)  # noqa: E731
+        return [{"k": empty(), "v": empty()} for _ in self.blocks]
+
+    def forward(self, tokens, state=None, update_state: bool = True):
         check_tokens(tokens)
         x = self.tok_emb(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return ModelOutput(self.lm_head(self.norm(x)), None)
+        if self.kv_window is None:
+            for block in self.blocks:
+                x = block(x)
+            return ModelOutput(self.lm_head(self.norm(x)), None)
+        caches = self.init_state(tokens.shape[0]) if state is None else state
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"state has {len(caches)} layers, the model has {len(self.blocks)}.")
+        window = None if self.kv_window == "full" else int(self.kv_window)
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, c = block(x, cache, window)
+            new.append(c)
+        return ModelOutput(self.lm_head(self.norm(x)), new if update_state else state)
 
     def flops_per_token(self, seq_len: int) -> float:
         d, h = self.d_model, self.mlp_hidden
@@ -80,7 +138,8 @@ class Transformer(NLModel):
         return float(self.n_layers * per_layer + 2 * d * self.vocab_size)
 
 
-TRANSFORMER_OPTIONS = {"mlp_hidden": "SwiGLU hidden width (default swiglu_hidden(d_model))"}
+TRANSFORMER_OPTIONS = {"mlp_hidden": "SwiGLU hidden width (default swiglu_hidden(d_model))",
+                       "kv_window": "KV cache carried across calls: tokens kept (int >= 1) or 'full'; default none"}
 
 
 def build_transformer(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Transformer:
@@ -91,4 +150,9 @@ def build_transformer(vocab_size: int, d_model: int, n_layers: int, n_heads: int
         raise ModelConfigError(f"model 'transformer': d_model={d_model} must be divisible by n_heads={n_heads}.")
     if overrides.get("mlp_hidden") is not None:
         check_positive_int("transformer", "mlp_hidden", overrides["mlp_hidden"])
+    kv = overrides.get("kv_window")
+    if kv is not None and kv != "full":
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1:
+            raise ModelConfigError(f"model 'transformer': option 'kv_window' must be an integer >= 1 (tokens kept) "
+                                   f"or 'full', got {kv!r}.")
     return Transformer(vocab_size, d_model, n_layers, n_heads, **overrides)

@@ -14,6 +14,8 @@ COMMANDS = {
     "tune": "nlbench.commands.tune:tune",
     "report": "nlbench.commands.report:report",
     "bench": "nlbench.commands.bench:bench",
+    "pretrain": "nlbench.commands.pretrain:pretrain",
+    "routing": "nlbench.commands.routing:routing",
 }
 
 

@@ -16,6 +16,8 @@ A run's resolved config (`RunSpec.config`) has the keys
     train:    {tokens_per_task, batch_size, optimizer{name, lr, ...}, grad_clip, eval_every,
                device, dtype}
     eval:     {max_sequences, batch_size, curve_tasks}
+    pretrain: {stream, tasks, steps, ...}              (only when the experiment has a
+                                                        `pretrain:` block; nlbench/pretrain)
 
 `apply_override(config, "train.optimizer.lr", 3e-3)` sets one dotted path of such a dict (list
 items by index: "model.options.cms_periods.1"); `validate_run_config` re-checks the result.
@@ -39,6 +41,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nlbench.models import MODELS, PRESETS
+from nlbench.pretrain.config import PretrainConfig, resolve_block
+from nlbench.pretrain.tasks import PRETRAIN_SEED_BASE
 
 PROTOCOLS = ("finetune", "in_context")
 STRATEGIES = ("naive", "replay", "ewc")
@@ -260,6 +264,8 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     variants: list[Variant] = Field(default_factory=list)
+    # meta-train the outer weights first (nlbench/pretrain); every run starts from them
+    pretrain: PretrainConfig | None = None
 
     @field_validator("models", "streams", mode="before")
     @classmethod
@@ -274,8 +280,9 @@ class ExperimentConfig(_Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v):
-        if any(s < 0 for s in v):
-            raise ValueError(f"seeds must be integers >= 0, got {v}")
+        if any(s < 0 or s >= PRETRAIN_SEED_BASE for s in v):
+            # seeds from 2^62 up are the pretraining pools' (nlbench/pretrain/tasks.py)
+            raise ValueError(f"seeds must be integers in [0, 2^62), got {v}")
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
@@ -300,7 +307,7 @@ class RunConfig(_Strict):
 
     model: ModelEntry
     stream: StreamEntry
-    seed: int = Field(..., ge=0)
+    seed: int = Field(..., ge=0, lt=PRETRAIN_SEED_BASE)
     protocol: Literal["finetune", "in_context"]
     strategy: Literal["naive", "replay", "ewc"]
     variant: str | None = None
@@ -308,6 +315,7 @@ class RunConfig(_Strict):
     ewc: EWCConfig = Field(default_factory=EWCConfig)
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    pretrain: PretrainConfig | None = None
 
     @model_validator(mode="after")
     def _strategy_fits_protocol(self):
@@ -347,7 +355,7 @@ def _error_text(e: ValidationError, intro: str) -> str:
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "models": ModelEntry, "model": ModelEntry, "streams": StreamEntry, "stream": StreamEntry,
-    "train": TrainConfig, "eval": EvalConfig, "replay": ReplayConfig, "ewc": EWCConfig,
+    "train": TrainConfig, "eval": EvalConfig, "pretrain": PretrainConfig, "replay": ReplayConfig, "ewc": EWCConfig,
     "resources": ResourcesConfig, "variants": Variant, "optimizer": OptimizerConfig,
 }
 
@@ -417,7 +425,21 @@ def validate_run_config(config: dict) -> dict:
         rc = RunConfig.model_validate(config)
     except ValidationError as e:
         raise ConfigError(_error_text(e, "invalid run config")) from None
-    return rc.model_dump(mode="json")
+    out = rc.model_dump(mode="json")
+    if out["pretrain"] is None:
+        del out["pretrain"]  # runs without pretraining keep the ids they had before the block existed
+    else:
+        out["pretrain"] = _resolve_pretrain(out)
+    return out
+
+
+def _resolve_pretrain(run: dict, where: str = "pretrain") -> dict:
+    try:
+        return resolve_block(run["pretrain"], run["stream"], run["seed"])
+    except ValidationError as e:
+        raise ConfigError(_error_text(e, f"invalid config: field '{where}'")) from None
+    except ValueError as e:  # resolve_block names the field itself
+        raise ConfigError(f"invalid config: {e}.") from None
 
 
 # ------------------------------------------------------------------------------- overrides
@@ -554,6 +576,8 @@ def _expand(cfg: ExperimentConfig, check_options: bool = True):
             "variant": None if v is None else _variant_label(v),
             **copy.deepcopy(base_common),
         }
+        if cfg.pretrain is not None:
+            run["pretrain"] = cfg.pretrain.model_dump(mode="json")
         if v is not None:
             for path, value in v.overrides.items():
                 try:
@@ -570,6 +594,8 @@ def _expand(cfg: ExperimentConfig, check_options: bool = True):
                 if key not in checked:
                     checked.add(key)
                     _check_model_options([ModelEntry.model_validate(run["model"])], f"variants.{vi}.overrides.model")
+        elif run.get("pretrain") is not None:
+            run["pretrain"] = _resolve_pretrain(run)
         yield run
 
 

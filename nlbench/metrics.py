@@ -1,4 +1,4 @@
-"""Continual-learning metrics, exactly as specified in ``shared/metrics.md``.
+"""Continual-learning metrics, as written in ``docs/METRICS.md``.
 
 Notation (spec, "Continual-learning metrics nlbench reports"): ``R[i, j]`` is the score on task
 ``j``'s held-out split after training on tasks ``0..i`` (``T`` tasks, 0-based), ``b[j]`` the score of

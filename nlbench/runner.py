@@ -76,6 +76,28 @@ def git_sha() -> str | None:
         return None
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def sequential_threads(cpus_per_run: float) -> int:
+    """Torch threads of a `--sequential` run: its CPU share (the config's resources.cpus_per_run,
+    as a Ray actor gets), at least one, at most the CPUs available - torch's default (every core
+    it sees) oversubscribes a shared or quota-limited machine."""
+    return max(1, min(int(cpus_per_run), available_cpus()))
+
+
 def resolve_device(requested: str | None, config: dict) -> torch.device:
     """An explicit `requested` device wins over the config's train.device; 'auto' = cuda if any."""
     name = requested or config["train"].get("device", "auto")
@@ -145,12 +167,25 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         raise
 
 
+class CheckpointError(RuntimeError):
+    """A per-task checkpoint that cannot be trusted: unreadable, not plain data, or another run's."""
+
+
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
+    """The run's last per-task checkpoint, or None. Read with `weights_only=True`: OUT may live
+    on shared storage, so a planted file must never execute code (tensors and containers only)."""
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("run_id") != run_id:
-        raise RuntimeError(f"checkpoint {path} belongs to run {payload.get('run_id')!r}, not {run_id!r}; delete it.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for torn files
+        raise CheckpointError(
+            f"checkpoint {path} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
+            f"nlbench ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}). Nothing in it "
+            f"was run. Delete {path.parent} to recompute the run from its start.") from None
+    if not isinstance(payload, dict) or payload.get("run_id") != run_id:
+        owner = payload.get("run_id") if isinstance(payload, dict) else None
+        raise CheckpointError(f"checkpoint {path} belongs to run {owner!r}, not {run_id!r}; delete it.")
     return payload
 
 
@@ -177,15 +212,38 @@ def _error_text(e: BaseException) -> str:
     return f"{head}\n--- traceback (tail) ---\n{tail}"
 
 
+def pretrained_root(checkpoint_dir, pretrained_dir) -> Path | None:
+    """Where pretrained checkpoints live: `pretrained_dir`, else OUT/pretrained beside OUT/checkpoints."""
+    if pretrained_dir is not None:
+        return Path(pretrained_dir)
+    return None if checkpoint_dir is None else Path(checkpoint_dir).parent / "pretrained"
+
+
+def load_pretrained_into(model, config: dict, root: Path | None, device) -> str:
+    """Start `model` from the run's pretrained checkpoint (computed first if missing); its key."""
+    from nlbench.pretrain import ensure_pretrained, load_pretrained, pretrain_key
+
+    if root is None:
+        raise RuntimeError("this run names a pretrain block but no directory for pretrained checkpoints was given "
+                           "(execute_run needs checkpoint_dir or pretrained_dir).")
+    key = pretrain_key(config["model"], config["pretrain"])
+    path, _ = ensure_pretrained(config["model"], config["pretrain"], root, device=device)
+    load_pretrained(path, key, model)
+    return key
+
+
 def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, device: str | None = None,
                 progress: Callable | None = None, threads: int | None = None,
-                stop_after_task: int | None = None) -> "RunRecord":  # noqa: F821
+                stop_after_task: int | None = None, pretrained_dir: str | os.PathLike | None = None) -> "RunRecord":  # noqa: F821
     """Run one spec; never raises for a failing run (see module docstring).
 
     device: 'cpu', 'cuda', 'cuda:1', 'auto' or None (= the config's train.device).
     threads: torch CPU threads for this run (None leaves torch's setting).
     progress: called with nlbench.protocol.Progress(done, total, message) after every step.
     stop_after_task: test hook; stop (status failed, checkpoint kept) after that task.
+    pretrained_dir: pretrained checkpoints (default: checkpoint_dir's parent / "pretrained");
+    a run whose config has a `pretrain` block starts from that checkpoint, computing it first
+    if it is missing, and names its key in the `pretrain` column.
     """
     from nlbench.malloc import keep_freed_memory
     from nlbench.results import RunRecord
@@ -203,7 +261,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
         train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, ceiling=None,
+        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None, ceiling=None,
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -218,16 +276,24 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         run["ceiling"] = json.dumps([None if t.ceiling is None else float(t.ceiling) for t in stream.tasks])
         model = build_run_model(config, stream.vocab_size).to(dev)
         run["params"] = int(model.num_params())
+        # every model option after defaults and paper_exact, e.g. Hope's stabilisers
+        run["model_options"] = json.dumps(getattr(model, "options", None), sort_keys=True)
+        if config["protocol"] == "finetune":  # in_context trains no outer weight
+            from nlbench.optim import routing_counts
+
+            run["optimizer_params"] = json.dumps(routing_counts(config["train"]["optimizer"]["name"], model))
+        if config.get("pretrain"):
+            run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
 
         resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
         if resume is not None:
             prior_wall = float(resume["wall_s"])
-            run["started_at"] = resume["started_at"]
+            run["started_at"] = datetime.fromisoformat(resume["started_at"])
 
         def on_task_end(task_index: int, state: dict) -> None:
             if ckpt is not None:
-                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"],
+                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
                                            wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index))
 
         result = protocol.run(resume=None if resume is None else resume["protocol_state"],
@@ -288,4 +354,4 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
     return records
 
 
-__all__ = ["execute_run", "run_sequential", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
+__all__ = ["execute_run", "run_sequential", "sequential_threads", "available_cpus", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]

@@ -523,7 +523,7 @@ def _score_matrix(record, score: str, upto: int | None = None):
 
 
 def objective_value(records, obj: ObjectiveSpec, upto: int | None = None) -> float:
-    """Mean over the trial's runs of `obj.metric` (metrics.md), on the tasks 0..upto seen so far."""
+    """Mean over the trial's runs of `obj.metric` (docs/METRICS.md), on the tasks 0..upto seen so far."""
     from nlbench.metrics import all_metrics
 
     vals = []

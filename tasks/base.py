@@ -4,7 +4,7 @@ Contract (docs/ARCHITECTURE.md, "Tasks"): `targets[b, t]` is the label for `logi
 the token at position t+1 of the underlying sequence, and `IGNORE_INDEX` (-100) where a position
 is not scored. Every family builds a sequence of `seq_len + 1` tokens plus a mask of which of
 those tokens are to be predicted, and calls `shift_targets` -- the only place a shift happens,
-so labels cannot be shifted twice (algorithms.md, "mistakes to avoid").
+so labels cannot be shifted twice (docs/ALGORITHMS.md, "Mistakes this code is tested against").
 
 Chance (`Task.chance`) is the same quantity in every stream: the accuracy of the best
 input-independent predictor (always answering the most frequent target), the "majority

@@ -89,6 +89,7 @@ def test_device_check_quick_runs_and_writes_its_json(tmp_path, capsys):
     assert not (tmp_path / "device_check.json.tmp").exists()
 
 
+@pytest.mark.compile
 def test_device_check_compile_adds_compiled_rows(tmp_path, capsys):
     """`--compile`: the same cases again through model.compiled(), flagged, with compile time,
     and a compiled Hope/Transformer ratio."""

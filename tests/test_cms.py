@@ -109,3 +109,54 @@ def test_bad_mode_and_period_raise():
         CMS(8, 16, [1, 2], variant="nested-ish")
     with pytest.raises(ValueError, match="period"):
         CMSLevel(8, 16, 0, "in_context", 0.1)
+
+
+def test_equal_periods_are_the_all_fast_control():
+    from nlbench.models import build_model
+
+    for mode in ("optimizer", "in_context"):
+        m = build_model("hope", size="tiny", vocab_size=16, cms_mode=mode, cms_periods=[1, 1, 1])
+        assert [lvl.step_period for lvl in m.blocks[0].cms.levels] == [1, 1, 1]
+        m(torch.randint(0, 16, (2, 8)))
+
+
+def test_scaled_lr_mode_in_context_is_period_one_at_lr_over_c():
+    """`lr_mode="scaled"`: a period-4 level moves every token with the step a period-1 level
+    would take at lr/4 (η = lr/(C·d) as for period 4), so it equals that level exactly."""
+    torch.manual_seed(0)
+    scaled = CMSLevel(6, 8, 4, "in_context", lr=0.5, lr_mode="scaled")
+    plain = CMSLevel(6, 8, 1, "in_context", lr=0.5 / 4)
+    plain.load_state_dict(scaled.state_dict())
+    torch.testing.assert_close(scaled.lr, torch.tensor(0.5 / (4 * 6)))
+    x = torch.randn(2, 7, 6)
+    (o1, s1), (o2, s2) = scaled(x, scaled.init_state(2)), plain(x, plain.init_state(2))
+    torch.testing.assert_close(o1, o2)
+    for a, b in zip(s1["w"], s2["w"]):
+        torch.testing.assert_close(a, b)
+    assert int(s1["count"]) == 0 and any((a - w).abs().max() > 0 for a, w in zip(s1["w"], scaled.init_state(2)["w"]))
+
+
+def test_scaled_lr_mode_optimizer_steps_every_level_every_step_at_lr_over_c():
+    from nlbench.models import build_model
+    from nlbench.optim import build_optimizer
+
+    lr = 1e-2
+    for lr_mode in ("period", "scaled"):
+        torch.manual_seed(0)
+        m = build_model("hope-attention", size="tiny", vocab_size=16, cms_periods=[1, 4, 16], cms_lr_mode=lr_mode)
+        opt = build_optimizer("adamw", m, lr=lr)
+        levels = m.blocks[0].cms.levels
+        slow = levels[2].mlp.w_up.weight
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        before = slow.detach().clone()
+        m(torch.randint(0, 16, (2, 8))).logits.square().mean().backward()
+        opt.step()
+        moved = (slow - before).abs().max().item()
+        if lr_mode == "period":
+            assert [lvl.nlbench_update_period for lvl in levels] == [1, 4, 16] and moved == 0
+            assert lrs[id(slow)] == lr
+        else:
+            assert [lvl.nlbench_update_period for lvl in levels] == [1, 1, 1] and moved > 0
+            assert [lrs[id(lvl.mlp.w_up.weight)] for lvl in levels] == [lr, lr / 4, lr / 16]
+            # AdamW's first step moves each entry by ≈ lr: the slow level by ≈ lr/16
+            assert moved == pytest.approx(lr / 16, rel=0.01)

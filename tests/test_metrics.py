@@ -1,4 +1,4 @@
-"""Continual-learning metrics against hand-computed matrices (shared/metrics.md) and properties."""
+"""Continual-learning metrics against hand-computed matrices (docs/METRICS.md) and properties."""
 
 import json
 import math

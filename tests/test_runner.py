@@ -3,6 +3,7 @@ checkpoint resume equal to an undisturbed run; run_sequential idempotence."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def test_record_fills_every_runs_column(tmp_path):
     run = rec.run
     assert run["status"] == "completed" and run["error"] is None
     for col in TABLES["runs"]:
-        if col.name not in ("git_sha", "error"):  # git_sha: None outside a git checkout
+        if col.name not in ("git_sha", "error", "pretrain"):  # git_sha: None outside a git checkout; pretrain: none named
             assert run[col.name] is not None, col.name
     assert run["run_id"] == spec.run_id and run["model"] == "transformer" and run["seed"] == 1
     assert json.loads(run["config"]) == spec.config
@@ -112,3 +113,34 @@ def test_run_sequential_writes_store_and_skips_completed(tmp_path):
     mtime = [p.stat().st_mtime_ns for p in store.files("runs")]
     assert run_sequential(specs, tmp_path, device="cpu") == []   # idempotent: nothing re-runs
     assert [p.stat().st_mtime_ns for p in store.files("runs")] == mtime
+
+
+class _Planted:
+    """A pickle that would create a file when unpickled (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_planted_pickle_checkpoint_is_refused_without_running(tmp_path):
+    spec = spec_for(strategy="naive")
+    marker = tmp_path / "planted-code-ran"
+    ckpt = checkpoint_path(tmp_path / "ck", spec.run_id)
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"run_id": spec.run_id, "protocol_state": _Planted(marker)}, ckpt)
+    rec = execute_run(spec, checkpoint_dir=tmp_path / "ck", device="cpu")
+    assert not marker.exists()
+    assert rec.run["status"] == "failed"
+    assert "refused" in rec.run["error"] and "Nothing in it was run" in rec.run["error"]
+
+
+def test_another_runs_checkpoint_is_refused(tmp_path):
+    spec = spec_for(strategy="naive")
+    ckpt = checkpoint_path(tmp_path, spec.run_id)
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"run_id": "someone-else", "protocol_state": {}}, ckpt)
+    rec = execute_run(spec, checkpoint_dir=tmp_path, device="cpu")
+    assert rec.run["status"] == "failed" and "belongs to run 'someone-else'" in rec.run["error"]

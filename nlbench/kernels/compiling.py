@@ -2,23 +2,18 @@
 config).
 
 Static shapes: a chunk loop calls its kernel with the same shapes every chunk (a shorter last
-chunk compiles once more). On CPU with inductor's C++ wrapper, which calls the generated
-kernels from C++ instead of Python: a Hope `medium` train step (T=512, batch 4, 2 threads)
-took 829 ms instead of 928 ms (means of five A/B pairs of separate processes, faster in all
-five), at the cost of a longer first compile (~26 s instead of ~18 s on a cold cache).
+chunk compiles once more). On CPU, inductor's C++ wrapper calls the generated kernels from
+C++ instead of Python: faster steps for a longer first compile (docs/decisions.md).
 
 Two modes (`COMPILE_MODES`):
 
 * ``default``: inductor's defaults; matmuls call ATen (MKL / oneDNN on CPU).
 * ``max-autotune``: inductor also generates matmul kernels for the exact shapes (C++ micro-GEMM
   templates on CPU, Triton templates on CUDA), benchmarks them against ATen while compiling,
-  and keeps the faster one. Hope's chunk matmuls are small (16 × 32 × 32, batch 160), where
-  ATen's batched GEMM costs per call about what it costs per FLOP: inductor's autotuning log
-  on this 2-core CPU had its templates 2.0–3.6× faster on every one of them (e.g. 17 vs 51 µs
-  for 160 × 16 × 32 × 32). A compiled Hope `medium` train step went 824 → 760 ms, the
-  Transformer's (large GEMMs, where ATen is already at the roofline) 385 → 385 ms (medians of
-  8 alternating steps in one process). The first compile takes minutes instead of seconds
-  (every distinct matmul is benchmarked), and results are cached on disk by inductor.
+  and keeps the faster one. It pays off for Hope's small chunk matmuls (16 × 32 × 32,
+  batch 160), where ATen's batched GEMM costs per call about what it costs per FLOP, and not
+  for the Transformer's large GEMMs (figures in docs/decisions.md). The first compile takes
+  minutes instead of seconds (every distinct matmul is benchmarked); inductor caches on disk.
   Epilogue fusion is off in this mode: with it, inductor's CPU GEMM template failed an
   internal assertion on Hope's chunk step (torch 2.13).
 """

@@ -6,8 +6,10 @@
     out.state:  the model's fast state (in-context memories), a pytree of tensors, or None
 
 `state=None` means "start from the meta-learned initial state" (`model.init_state(B)`).
-`update_state=False` reads the memories without writing them: the returned state is the
-input state, untouched (evaluation probes in the in-context protocol).
+`update_state=False` runs the same computation (the memories still write within the
+sequence: later tokens see the updates of earlier ones, since that is how the layer mixes
+tokens) and discards only the final state: the returned state is the input state, untouched
+(evaluation probes in the in-context protocol).
 """
 
 from __future__ import annotations
@@ -80,8 +82,7 @@ class NLModel(nn.Module):
         """The callable `torch.compile` makes of this model (`compile:` in a bench config), in one
         of `nlbench.kernels.compiling.COMPILE_MODES`: the whole model by default. Models whose
         forward pass is a Python loop over chunks override it to compile their per-chunk kernels
-        instead; tracing Hope's unrolled loop (4 layers × 32 chunks at T=512) had not finished
-        after 10 minutes."""
+        instead: tracing Hope's whole unrolled chunk loop takes too long to be usable."""
         from nlbench.kernels.compiling import autotune_options
 
         return torch.compile(self, options=autotune_options(mode) or None)

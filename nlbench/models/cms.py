@@ -1,8 +1,12 @@
-"""Continuum Memory System (CMS), spec §4 (algorithms.md, Eq. 70–74 and Eq. 96).
+"""Continuum Memory System (CMS), docs/ALGORITHMS.md §4 (Eq. 70–74 and Eq. 96).
 
 K MLP levels; level ℓ has update period C^(ℓ) (frequency 1/C^(ℓ)). Wiring, pre-norm residual:
     sequential (default, Eq. 96 chain):  x ← x + MLP^(ℓ)(norm_ℓ(x))  for ℓ = 1..K in turn
     independent (head-wise, Agg = sum):  x ← x + Σ_ℓ MLP^(ℓ)(norm_ℓ(x))
+
+Periods are non-decreasing, fastest first; equal periods are allowed ([1, 1, 1] is the
+all-fast control). `lr_mode="scaled"` (the frequency control) steps every level every step at
+lr / C^(ℓ) instead of every C^(ℓ) steps at lr (`CMSLevel`).
 
 Two meanings of "step" (spec §4), chosen with `mode`:
 
@@ -48,11 +52,12 @@ from nlbench.models.layers import RMSNorm, SwiGLU
 
 __all__ = [
     "CMS", "CMSLevel", "swiglu_apply", "swiglu_grads", "cms_level_reference", "cms_level_chunked",
-    "CMS_MODES", "CMS_VARIANTS",
+    "CMS_LR_MODES", "CMS_MODES", "CMS_VARIANTS",
 ]
 
 CMS_MODES = ("optimizer", "in_context")
 CMS_VARIANTS = ("sequential", "independent")
+CMS_LR_MODES = ("period", "scaled")
 
 
 def _dsilu(x):
@@ -135,16 +140,25 @@ def cms_level_chunked(state, x, period: int, lr):
 
 
 class CMSLevel(nn.Module):
-    """One CMS level: pre-norm + SwiGLU with update period C^(ℓ)."""
+    """One CMS level: pre-norm + SwiGLU with update period C^(ℓ).
 
-    def __init__(self, dim: int, hidden: int, period: int, mode: str, lr: float):
+    `lr_mode="scaled"` is the frequency control: the level steps every step (every optimizer
+    step, or every token in context) with its learning rate divided by C^(ℓ), so the same
+    learning rate per token or step reaches it without the rare updates."""
+
+    def __init__(self, dim: int, hidden: int, period: int, mode: str, lr: float, lr_mode: str = "period"):
         super().__init__()
         _check_period(period)
-        self.period, self.mode = period, mode
+        if lr_mode not in CMS_LR_MODES:
+            raise ValueError(f"cms_lr_mode must be one of {', '.join(CMS_LR_MODES)}; got {lr_mode!r}.")
+        self.period, self.mode, self.lr_mode = period, mode, lr_mode
+        self.step_period = 1 if lr_mode == "scaled" else period  # how often the level moves
         self.norm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, hidden)
         if mode == "optimizer":
-            self.nlbench_update_period = period
+            self.nlbench_update_period = self.step_period
+            if lr_mode == "scaled":
+                self.nlbench_lr_scale = 1.0 / period  # `nlbench.optim.build_optimizer` multiplies lr
         else:
             eta0 = lr / (period * dim)
             self.lr_param = nn.Parameter(torch.tensor(math.log(math.expm1(eta0))))
@@ -169,15 +183,15 @@ class CMSLevel(nn.Module):
         if self.mode == "optimizer":
             return self.mlp(h), None
         fn = cms_level_reference if reference else cms_level_chunked
-        return fn(state, h, self.period, self.lr)
+        return fn(state, h, self.step_period, self.lr)
 
 
 class CMS(nn.Module):
-    """K levels, periods strictly increasing; `forward(x, state) -> (x_out, state)` adds the
-    residuals itself (see module docstring for the wiring of each variant)."""
+    """K levels, periods non-decreasing (fastest first); `forward(x, state) -> (x_out, state)`
+    adds the residuals itself (see module docstring for the wiring of each variant)."""
 
     def __init__(self, dim: int, hidden: int | list[int], periods, mode: str = "optimizer",
-                 variant: str = "sequential", lr: float | list[float] = 0.5):
+                 variant: str = "sequential", lr: float | list[float] = 0.5, lr_mode: str = "period"):
         super().__init__()
         if mode not in CMS_MODES:
             raise ValueError(f"cms_mode must be one of {', '.join(CMS_MODES)}; got {mode!r}.")
@@ -190,7 +204,7 @@ class CMS(nn.Module):
         lrs = [lr] * len(periods) if isinstance(lr, (int, float)) else list(lr)
         if len(lrs) != len(periods) or len(hidden) != len(periods):
             raise ValueError(f"CMS: {len(periods)} periods need as many hidden widths and lrs; got {hidden!r}, {lr!r}.")
-        self.levels = nn.ModuleList(CMSLevel(dim, h, p, mode, r) for h, p, r in zip(hidden, periods, lrs))
+        self.levels = nn.ModuleList(CMSLevel(dim, h, p, mode, r, lr_mode) for h, p, r in zip(hidden, periods, lrs))
 
     def init_state(self, batch_size: int):
         if self.mode == "optimizer":

@@ -1,4 +1,4 @@
-"""Hope and Hope-Attention, spec §5 (algorithms.md, Eq. 94–97).
+"""Hope and Hope-Attention, docs/ALGORITHMS.md §5 (Eq. 94–97).
 
 Hope block, pre-norm residual (nanoGPT-like):
     x = x + SelfModifyingTitans(norm(x))        (Eq. 94–95; self_modifying_titans.py)
@@ -9,7 +9,8 @@ Hope-Attention replaces self-modifying Titans by causal softmax attention (RoPE)
 
 Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     cms_levels      K, number of CMS levels (default 3, or len(cms_periods))
-    cms_periods     strictly increasing positive ints, one per level. Defaults: `optimizer`
+    cms_periods     non-decreasing positive ints, one per level ([1, 1, 1]: the all-fast
+                    control). Defaults: `optimizer`
                     mode (1, 4, 16) optimizer steps — the fastest level is an ordinary MLP, the
                     slow ones consolidate every 4 / 16 steps; `in_context` mode (4, 16, 64)
                     tokens — with T ≈ 64–256 the slowest level updates a few times per sequence
@@ -17,6 +18,8 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                     4^ℓ (optimizer) or 4^(ℓ+1) (in_context), ℓ = 0..K-1.
     cms_mode        "optimizer" (default) | "in_context"   (spec §4)
     cms_variant     "sequential" (default) | "independent"
+    cms_lr_mode     "period" (default: level ℓ steps every C^(ℓ) steps at lr) | "scaled" (every
+                    level steps every step at lr / C^(ℓ): the frequency control; cms.py)
     cms_hidden      SwiGLU width of each level (default: sized to match the Transformer)
     cms_lr          in-context CMS: initial η^(ℓ) = cms_lr / (C^(ℓ)·d_model), a normalized-LMS
                     step on the block's summed gradients (default 0.5; cms.py); a number for
@@ -30,6 +33,22 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
                     Triton DGD kernel per chunk, CUDA; same results)              [hope only]
+    Stabilisers of the self-modifying memories (defaults on; self_modifying_titans.py says
+    why, docs/ALGORITHMS.md shows where each enters the equations)                  [hope only]:
+    curvature_guard  η ← min(η, 1/‖W1‖²_op) per chunk and MLP memory (default true)
+    normalize_v      v_t = L2norm(M_v(z)) (default true; the paper normalizes q and k only)
+    normalized_step  step η/max(1, ‖x‖²) per matrix (default true; paper: η)
+    separate_convs   one causal conv per projection memory (default true; false: one conv
+                     shared by the four, the same input x_t for every M_□ as Eq. 84 writes)
+    normalize_inputs L2-normalize each projection memory's input z (default true)
+    w2_init_std      init std of W2 (default 1.0; null: the fan-in init 1/sqrt(head dim))
+    paper_exact     true: every stabiliser at its paper value (`PAPER_FORM`: all false / null
+                    except normalize_inputs, whose scale the spec leaves open), Eq. 83–91 as
+                    written; a stabiliser given explicitly still wins (ablations). Accepted
+                    by hope-attention too, which has none of them (attention + CMS are the
+                    spec's equations already).
+
+`model.options` holds every option after defaults and `paper_exact` (the run record stores it).
 
 Parameter matching: the Transformer has 4d² (attention) + 3·d·swiglu_hidden(d) (MLP) per layer;
 unless `cms_hidden` is given, each CMS level gets width
@@ -44,16 +63,18 @@ from torch import nn
 from nlbench.kernels.compiling import compile_mode
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
-from nlbench.models.cms import CMS, CMS_MODES, CMS_VARIANTS
+from nlbench.models.cms import CMS, CMS_LR_MODES, CMS_MODES, CMS_VARIANTS
 from nlbench.models.layers import CausalSelfAttention, RMSNorm, attention_flops, init_weights, swiglu_hidden
-from nlbench.models.self_modifying_titans import MEMORY_KERNELS, MEMORY_KINDS, SelfModifyingTitans
+from nlbench.models.self_modifying_titans import (
+    MEMORY_KERNELS, MEMORY_KINDS, PAPER_FORM, STABILISERS, SelfModifyingTitans,
+)
 
 __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
-                    cms_hidden=None, cms_lr=0.5)
+                    cms_hidden=None, cms_lr=0.5, cms_lr_mode="period")
 SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.7,
-                    alpha_init=0.99, memory_kernel="chunked")
+                    alpha_init=0.99, memory_kernel="chunked", **STABILISERS)
 
 
 class HopeBlock(nn.Module):
@@ -174,6 +195,8 @@ def _cms_periods(model, opts):
         raise _err(model, "cms_mode", f"one of {', '.join(map(repr, CMS_MODES))}", mode)
     if opts["cms_variant"] not in CMS_VARIANTS:
         raise _err(model, "cms_variant", f"one of {', '.join(map(repr, CMS_VARIANTS))}", opts["cms_variant"])
+    if opts["cms_lr_mode"] not in CMS_LR_MODES:
+        raise _err(model, "cms_lr_mode", f"one of {', '.join(map(repr, CMS_LR_MODES))}", opts["cms_lr_mode"])
     K, periods = opts["cms_levels"], opts["cms_periods"]
     if K is not None:
         _pos_int(model, "cms_levels", K)
@@ -185,8 +208,9 @@ def _cms_periods(model, opts):
             isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in periods
         ):
             raise _err(model, "cms_periods", "a non-empty list of positive integers", periods)
-        if any(b <= a for a, b in zip(periods, periods[1:])):
-            raise _err(model, "cms_periods", "strictly increasing (one period per level, fastest first)", periods)
+        if any(b < a for a, b in zip(periods, periods[1:])):
+            raise _err(model, "cms_periods", "non-decreasing (one period per level, fastest first; equal "
+                       "periods such as [1, 1, 1] are the all-fast control)", periods)
         if K is not None and len(periods) != K:
             raise ModelConfigError(
                 f"model '{model}': option 'cms_periods' must have one period per level, i.e. "
@@ -202,9 +226,33 @@ def _cms_hidden(d_model, n_heads, n_levels, mixer_params):
     return max(8, 8 * round(budget / (3 * d_model * n_levels) / 8))
 
 
+def _bool(model, field, value):
+    if not isinstance(value, bool):
+        raise _err(model, field, "true or false", value)
+    return value
+
+
+def _resolve(model, overrides, allowed):
+    """Defaults, then `paper_exact: true`'s paper values of the stabilisers, then the options
+    given explicitly (an explicit stabiliser wins over paper_exact: one-at-a-time ablations)."""
+    check_overrides(model, overrides, {**allowed, "paper_exact": False})
+    paper = _bool(model, "paper_exact", overrides.get("paper_exact", False))
+    opts = {**allowed, "paper_exact": paper}
+    if paper:
+        opts.update({k: v for k, v in PAPER_FORM.items() if k in allowed})
+    opts.update(overrides)
+    for field in STABILISERS:
+        if field in allowed and field != "w2_init_std":
+            _bool(model, field, opts[field])
+    std = opts.get("w2_init_std")
+    if "w2_init_std" in allowed and std is not None and (
+            not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0):
+        raise _err(model, "w2_init_std", "a positive number, or null for the fan-in init 1/sqrt(head dim)", std)
+    return opts
+
+
 def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allowed):
-    check_overrides(model, overrides, allowed)
-    opts = {**allowed, **overrides}
+    opts = _resolve(model, overrides, allowed)
     for field, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
         _pos_int(model, field, value)
     if d_model % n_heads:
@@ -233,8 +281,11 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
     else:
         _pos_int(model, "cms_hidden", hidden)
     cms_kw = dict(hidden=hidden, periods=periods, mode=opts["cms_mode"], variant=opts["cms_variant"],
-                  lr=lr)
-    return Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
+                  lr=lr, lr_mode=opts["cms_lr_mode"])
+    hope = Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
+    hope.options = {**opts, "cms_periods": periods, "cms_levels": len(periods), "cms_lr": lr, "cms_hidden": hidden,
+                    **({"mem_hidden": hope.blocks[0].mixer.mem_hidden} if mixer == "smt" else {})}
+    return hope
 
 
 def _cms_lr(model, lr, K):

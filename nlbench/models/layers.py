@@ -57,10 +57,8 @@ def causal_conv(x, tail, weight):
 
     Written as K shifted multiply-adds in the [B, T, D] layout rather than `F.conv1d`: no
     transposes around the conv, and under `torch.compile` the taps fuse with the L2 norms that
-    follow instead of calling oneDNN's depthwise conv, whose backward alone took ~5 ms per layer
-    (`medium`, T=512, batch 4, 2 threads). Train steps in alternating processes: compiled Hope
-    787/754/746 → 722/718 ms (one outlier at 858), eager Hope unchanged within noise, eager
-    Titans-LMM 728/697 → 662/666 ms and Titans-MAC 1245/1216 → 1149/1134 ms."""
+    follow instead of calling oneDNN's depthwise conv, whose backward was slow at these sizes
+    (docs/decisions.md)."""
     xx = torch.cat([tail, x], dim=1)
     (B, T, D), K = x.shape, weight.shape[-1]
     w = weight.view(D, weight.shape[0] // D, K)

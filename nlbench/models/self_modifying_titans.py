@@ -1,4 +1,4 @@
-"""Self-modifying Titans, spec §3 (algorithms.md, Eq. 83–91), the sequence mixer of Hope.
+"""Self-modifying Titans, docs/ALGORITHMS.md §3 (Eq. 83–91), the sequence mixer of Hope.
 
 Per head h (head dim d_h = d_model / n_heads), read top to bottom:
 
@@ -25,20 +25,26 @@ it every token, spec §7). The mean over the head's channels is the scalar read-
 memories.
 
 Choices the spec leaves open, and deviations, with the reason (each was measured on the shared
-copy test, tests/test_models_common.py, and on carried streams of 8 × 512 tokens):
+copy test, tests/test_models_common.py, and on carried streams of 8 × 512 tokens). Each
+deviation is a constructor option (a model option of `hope`), named in brackets; `PAPER_FORM`
+(the model option `paper_exact: true`) gives Eq. 83–91 as written: one conv shared by the
+four projection memories (the same x_t for every M_□), unnormalized v, the literal step η_t on
+every matrix, no guard, and the fan-in init of W2. It keeps unit-norm memory inputs z: the
+spec leaves their scale open and DGD assumes unit inputs; `normalize_inputs=False` is the
+ablation (it diverges within the first 128-token sequence from init).
 
-* Inputs. Each projection memory gets its own causal conv (Titans puts one conv after each
+* Inputs [`separate_convs`, `normalize_inputs`]. Each projection memory gets its own causal conv (Titans puts one conv after each
   projection; here the projections ARE the memories, so the conv sits before them) and its
   input is L2-normalized per head. One shared conv, as before, made k_t ≈ v_t at init (both
   memories start near the identity map of the same z), so every write (k, v̂ ≈ k) was a no-op
   and the outer loop had no signal to break the symmetry; separate convs keep k ≠ v in the
   static parameters, where in-context decay cannot erase it. Unit inputs are what DGD assumes
   (spec §2), for every memory, not only M_mem.
-* v is L2-normalized as well (the paper normalizes q, k): the targets v̂ = M(v) then stay at
+* [`normalize_v`] v is L2-normalized as well (the paper normalizes q, k): the targets v̂ = M(v) then stay at
   the scale of k; unnormalized v (|v| ≈ 40 after a few thousand tokens) made M_mem explode.
-* Init of the residual MLP for UNIT inputs: W2 ~ N(0, 1), so the pre-activations W2 z are
+* [`w2_init_std`] Init of the residual MLP for UNIT inputs: W2 ~ N(0, 1), so the pre-activations W2 z are
   O(1) and ‖σ(W2 z)‖² ≈ 0.35·hidden ≥ 1 — the kernel's step η/max(1, ‖x‖²) then makes the W1
-  write a full normalized-LMS step. (The fan-in init N(0, 1/hidden) assumes unit-variance
+  write a full normalized-LMS step [`normalized_step`, `nlbench.kernels.dgd.naive.step_size`]. (The fan-in init N(0, 1/hidden) assumes unit-variance
   ENTRIES; for a unit-NORM input it gives ‖σ(W2 k)‖² ≈ 0.3, and one write moved M(k) only 2.6%
   of the way to v̂, vs 17% now at η = 0.7.) W1 ~ N(0, 0.1²/(hidden·d_h)) (‖W1‖_F ≈ 0.1): each
   memory starts near the identity map, and W2 still receives gradients. Linear memories start
@@ -51,7 +57,7 @@ copy test, tests/test_models_common.py, and on carried streams of 8 × 512 token
   below), and with the guard a model trained 300 copy steps still diverged (W2 of M_k → inf
   within 4096 stream tokens); with 16 both stay bounded (W2 ≈ 1, W1 ≈ 1.7–2.4 after 4096).
   Copy-task sequences (17 tokens) are unaffected; throughput is (small, T = 256) ~20% lower.
-* Curvature guard: the Gauss–Newton curvature of L wrt W2 along a unit key is
+* [`curvature_guard`] Curvature guard: the Gauss–Newton curvature of L wrt W2 along a unit key is
   ‖W1 diag σ′‖² ≤ 1.21 ‖W1‖²_op, so a large W1 (the outer loop grows the meta-learned W1 to
   amplify writes) makes the W2 step overshoot (η·λ > 2): after 300 copy-task steps a model
   without the guard went to NaN within 200 tokens of a carried random stream. Each chunk of
@@ -98,7 +104,7 @@ from nlbench.kernels.dgd import (
 )
 from nlbench.models.layers import ShortConv, causal_conv
 
-__all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PROJECTION_MEMORIES"]
+__all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PAPER_FORM", "PROJECTION_MEMORIES", "STABILISERS"]
 
 MEMORY_KINDS = ("mlp", "linear")
 MEMORY_KERNELS = ("chunked", "triton")
@@ -106,6 +112,15 @@ PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 W2_STD = 1.0    # init std of W2: O(1) pre-activations for unit-norm inputs (module docstring)
 W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gradients to W2
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
+# The stabilisers (module docstring, "Choices ... and deviations"): their defaults, and the
+# paper's form that the model option `paper_exact: true` selects (Eq. 84–91 as written).
+# normalize_inputs stays on in the paper form: the spec does not state the memories' input
+# scale, and DGD's derivation assumes unit inputs (spec §2); off, the memories diverge within
+# the first sequence (docs/decisions.md).
+STABILISERS = dict(curvature_guard=True, normalize_v=True, normalized_step=True, separate_convs=True,
+                   normalize_inputs=True, w2_init_std=W2_STD)
+PAPER_FORM = dict(curvature_guard=False, normalize_v=False, normalized_step=False, separate_convs=False,
+                  normalize_inputs=True, w2_init_std=None)
 
 
 def top_direction(w1, squarings: int = 3):
@@ -143,21 +158,28 @@ def curvature(weights, u=None):
     return tracked_curvature(weights[1], top_direction(weights[1]) if u is None else u)
 
 
-def projection_inputs(x, tail, conv_weight, n_heads):
+def projection_inputs(x, tail, conv_weight, n_heads, normalize: bool = True):
     """z_□ = L2norm(conv_□(x)) per head for □ ∈ {k, v, η, α} (Eq. 84's inputs), stacked
-    [4, B, H, T, dh], and the new conv tail. One copy into the stacked layout first: normalizing
-    the conv's interleaved output in place of it (stride 4) was ~15% of Hope's step on CPU."""
+    [4, B, H, T, dh], and the new conv tail. A conv weight with one output per channel
+    (`separate_convs=False`) gives the four memories the same z; `normalize=False` leaves z
+    unnormalized. One copy into the stacked layout first: normalizing the conv's interleaved
+    output in place of it (stride 4) was ~15% of Hope's step on CPU."""
     B, T, D = x.shape
     z, tail = causal_conv(x, tail, conv_weight)
-    z = z.view(B, T, n_heads, D // n_heads, len(PROJECTION_MEMORIES)).permute(4, 0, 2, 1, 3)
-    return F.normalize(z.contiguous(), dim=-1), tail
+    n = len(PROJECTION_MEMORIES)
+    if conv_weight.shape[0] == D:  # one shared conv
+        z = z.view(B, T, n_heads, D // n_heads).transpose(1, 2)
+        z = F.normalize(z, dim=-1) if normalize else z
+        return z.unsqueeze(0).expand(n, *z.shape), tail
+    z = z.view(B, T, n_heads, D // n_heads, n).permute(4, 0, 2, 1, 3).contiguous()
+    return (F.normalize(z, dim=-1) if normalize else z), tail
 
 
-def layer_inputs(x, conv_x_tail, conv_q_tail, conv_x_weight, w_q, conv_q_weight, n_heads):
+def layer_inputs(x, conv_x_tail, conv_q_tail, conv_x_weight, w_q, conv_q_weight, n_heads, normalize_inputs=True):
     """Everything before the memories: z (`projection_inputs`) and q_t = L2norm(conv_q(x W_q))
     per head [B, H, T, dh] (Eq. 83), with both convs' new tails."""
     B, T, D = x.shape
-    z, conv_x_tail = projection_inputs(x, conv_x_tail, conv_x_weight, n_heads)
+    z, conv_x_tail = projection_inputs(x, conv_x_tail, conv_x_weight, n_heads, normalize_inputs)
     q, conv_q_tail = causal_conv(F.linear(x, w_q), conv_q_tail, conv_q_weight)
     q = F.normalize(q.view(B, T, n_heads, D // n_heads), dim=-1).transpose(1, 2)
     return z, q, conv_x_tail, conv_q_tail
@@ -176,28 +198,29 @@ def _compiled_layer_io(device_type: str, mode: str = "default"):
     return compile_kernel(layer_inputs, device_type, mode), compile_kernel(layer_output, device_type, mode)
 
 
-def gates(p, b_eta, b_alpha):
+def gates(p, b_eta, b_alpha, normalize_v: bool = True):
     """k, v, η, α of Eq. 84–85 from the projection memories' outputs p = (M_k(z_k), M_v(z_v),
-    M_η(z_η), M_α(z_α)) (a sequence of four [B, H, L, dh] tensors) and the gate biases [H]."""
-    k, v = F.normalize(p[0], dim=-1), F.normalize(p[1], dim=-1)
+    M_η(z_η), M_α(z_α)) (a sequence of four [B, H, L, dh] tensors) and the gate biases [H];
+    v is L2-normalized only with `normalize_v` (the paper normalizes q and k)."""
+    k, v = F.normalize(p[0], dim=-1), (F.normalize(p[1], dim=-1) if normalize_v else p[1])
     eta = torch.sigmoid(p[2].mean(-1) + b_eta[:, None])
     alpha = torch.sigmoid(p[3].mean(-1) + b_alpha[:, None])
     return k, v, eta, alpha
 
 
-def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk):
+def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk, normalize_v=True, normalized_step=True):
     """One chunk of Eq. 84–91 for the five memories stacked [k, v, η, α, mem] (weights: list of
     [5, B, H, out, in]; u: the guard's carried vectors [5, B, H, hidden], None for linear
-    memories): the chunk-start projection memories give k, v, η, α (Eq. 84–85), the curvature
-    guard caps η per memory, and one DGD chunk updates all five and reads M_mem.
-    Returns (y [B, H, L, dh], chunk-end weights, the new u)."""
+    memories or without the guard): the chunk-start projection memories give k, v, η, α
+    (Eq. 84–85), the curvature guard caps η per memory, and one DGD chunk updates all five and
+    reads M_mem. Returns (y [B, H, L, dh], chunk-end weights, the new u)."""
     n_proj = len(PROJECTION_MEMORIES)
-    k, v, eta, alpha = gates(memory_apply([w[:n_proj] for w in weights], zc).unbind(0), b_eta, b_alpha)
+    k, v, eta, alpha = gates(memory_apply([w[:n_proj] for w in weights], zc).unbind(0), b_eta, b_alpha, normalize_v)
     eta = eta.expand(n_proj + 1, *eta.shape)
     if u is not None:
         lam, u = tracked_curvature(weights[1], u)
         eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
-    y, new = kernel(weights, qc, k, v, eta, alpha, read_index=n_proj)
+    y, new = kernel(weights, qc, k, v, eta, alpha, read_index=n_proj, normalized_step=normalized_step)
     return y, new, u
 
 
@@ -219,25 +242,36 @@ def _logit(p: float) -> float:
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", mem_hidden: int | None = None,
                  chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.7,
-                 alpha_init: float = 0.99, conv_size: int = 4, memory_kernel: str = "chunked"):
+                 alpha_init: float = 0.99, conv_size: int = 4, memory_kernel: str = "chunked",
+                 curvature_guard: bool = True, normalize_v: bool = True, normalized_step: bool = True,
+                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD):
         super().__init__()
         assert d_model % n_heads == 0
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.memory, self.chunk_size, self.mem_chunk_size = memory, chunk_size, mem_chunk_size
+        # the stabilisers (module docstring); all False / None is the paper's form
+        self.curvature_guard = curvature_guard and memory == "mlp"
+        self.normalize_v, self.normalized_step, self.normalize_inputs = normalize_v, normalized_step, normalize_inputs
+        if memory_kernel == "triton" and not normalized_step:
+            raise ValueError("memory_kernel 'triton' has only the normalized step; normalized_step=False needs "
+                             "memory_kernel 'chunked'.")
         self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
         self.kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
         self.fuse = True  # stack the five memories when both chunk sizes agree (`_memories_fused`)
         self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
-        # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3)
-        self.conv_x = nn.Conv1d(d_model, len(PROJECTION_MEMORIES) * d_model, conv_size, groups=d_model, bias=False)
+        # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3),
+        # or one shared by the four (separate_convs=False)
+        n_conv = len(PROJECTION_MEMORIES) if separate_convs else 1
+        self.conv_x = nn.Conv1d(d_model, n_conv * d_model, conv_size, groups=d_model, bias=False)
         self.w_o = nn.Linear(d_model, d_model, bias=False)
         H, dh, h = n_heads, self.head_dim, self.mem_hidden
+        w2_std = 1 / math.sqrt(dh) if w2_init_std is None else w2_init_std  # None: fan-in init
         self.mem0 = nn.ParameterDict()
         for name in (*PROJECTION_MEMORIES, "mem"):
             if memory == "mlp":
-                self.mem0[f"{name}_w2"] = nn.Parameter(torch.randn(H, h, dh) * W2_STD)
+                self.mem0[f"{name}_w2"] = nn.Parameter(torch.randn(H, h, dh) * w2_std)
                 self.mem0[f"{name}_w1"] = nn.Parameter(torch.randn(H, dh, h) * (W1_GAIN / math.sqrt(h * dh)))
             else:
                 self.mem0[f"{name}_w"] = nn.Parameter(torch.eye(dh).repeat(H, 1, 1))
@@ -252,7 +286,7 @@ class SelfModifyingTitans(nn.Module):
     def init_state(self, batch_size: int) -> dict:
         names = (*PROJECTION_MEMORIES, "mem")
         state = {name: [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self._weights0(name)] for name in names}
-        if self.memory == "mlp":  # per head, then shared by the batch
+        if self.curvature_guard:  # per head, then shared by the batch
             u = top_direction(torch.stack([self.mem0[f"{n}_w1"] for n in names]))  # [5, H, hidden]
             state["guard"] = u.unsqueeze(1).expand(len(names), batch_size, *u.shape[1:])
         ref, tail = self.w_q.weight, self.conv_q.kernel_size - 1
@@ -264,10 +298,10 @@ class SelfModifyingTitans(nn.Module):
     def memory_inputs(self, x, tail):
         """z_□ = L2norm(conv_□(x)) per head for □ ∈ {k, v, η, α}, stacked: [4, B, H, T, dh], and
         the new conv tail (`projection_inputs`)."""
-        return projection_inputs(x, tail, self.conv_x.weight, self.n_heads)
+        return projection_inputs(x, tail, self.conv_x.weight, self.n_heads, self.normalize_inputs)
 
     def _gates(self, p):
-        return gates(p, self.b_eta, self.b_alpha)
+        return gates(p, self.b_eta, self.b_alpha, self.normalize_v)
 
     def projections(self, mems, z):
         """k, v, η, α from the (chunk-start) projection memories {name: weights} and their
@@ -276,17 +310,18 @@ class SelfModifyingTitans(nn.Module):
 
     def _write(self, weights, q, k, v, eta, alpha, u=None):
         """One chunk of Eq. 86–91 for one memory (reads when q is given), with the curvature
-        guard η ← min(η, GUARD / λ) from the carried vector u (cold-started when None).
-        Returns (y or None, chunk-end weights, the new u)."""
-        lam, u = curvature(weights, u)
+        guard η ← min(η, GUARD / λ) from the carried vector u (cold-started when None; no guard
+        without `curvature_guard`). Returns (y or None, chunk-end weights, the new u)."""
+        lam, u = curvature(weights, u) if self.curvature_guard else (None, None)
         if lam is not None:
             eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
+        ns = self.normalized_step
         if self.kernel == "reference":
-            y, new = dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2])
+            y, new = dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2], normalized_step=ns)
         elif self.kernel == "triton":
-            y, new = dgd_chunk_triton(weights, q, k, v, eta, alpha)
+            y, new = dgd_chunk_triton(weights, q, k, v, eta, alpha, normalized_step=ns)
         else:
-            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels)
+            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns)
         return y, new, u
 
     # --- forward -----------------------------------------------------------------------------
@@ -294,7 +329,7 @@ class SelfModifyingTitans(nn.Module):
         mode = compile_mode(self.compile_kernels)
         inputs, output = _compiled_layer_io(x.device.type, mode) if mode else (layer_inputs, layer_output)
         z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
-                                      self.conv_q.conv.weight, self.n_heads)
+                                      self.conv_q.conv.weight, self.n_heads, self.normalize_inputs)
         if self.kernel == "triton":
             try:
                 resolve_backend("triton", x.device)
@@ -338,7 +373,7 @@ class SelfModifyingTitans(nn.Module):
         return [None] * (len(PROJECTION_MEMORIES) + 1) if u is None else list(u.unbind(0))
 
     def _guard_state(self, us):
-        return {"guard": torch.stack(us)} if self.memory == "mlp" else {}
+        return {"guard": torch.stack(us)} if self.curvature_guard else {}
 
     def _memories_fused(self, z, q, state):
         """The same computation as `_memories` when both chunk sizes agree, with the five memories
@@ -349,7 +384,7 @@ class SelfModifyingTitans(nn.Module):
         names = (*PROJECTION_MEMORIES, "mem")
         weights = [torch.stack(ws) for ws in zip(*(state[n] for n in names))]  # each [5, B, H, out, in]
         u = state.get("guard")
-        if u is None and self.memory == "mlp":
+        if u is None and self.curvature_guard:
             u = top_direction(weights[1])
         if self.kernel == "triton":
             step = functools.partial(fused_chunk_step, kernel=dgd_chunk_triton)
@@ -359,7 +394,8 @@ class SelfModifyingTitans(nn.Module):
             step = fused_chunk_step
         ys = []
         for zc, qc in zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)):
-            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
+            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha, normalize_v=self.normalize_v,
+                                 normalized_step=self.normalized_step)
             ys.append(y)
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
         return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
@@ -371,6 +407,6 @@ class SelfModifyingTitans(nn.Module):
         f += H * 4 * per_read  # projections k, v, η, α
         f += H * 4 * dgd_flops_per_token(dh, h, self.chunk_size, reads=False)
         f += H * dgd_flops_per_token(dh, h, self.mem_chunk_size, reads=True)
-        if h is not None:  # curvature guard once per chunk and memory: W1ᵀ(W1 u), then W1 u
+        if self.curvature_guard:  # curvature guard once per chunk and memory: W1ᵀ(W1 u), then W1 u
             f += H * 3 * 2 * dh * h * (4 / self.chunk_size + 1 / self.mem_chunk_size)
         return float(f)

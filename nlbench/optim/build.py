@@ -1,9 +1,13 @@
 """`build_optimizer`: route each parameter to the right rule, and step CMS levels at their period.
 
-Routing (spec §6): 2-D hidden weights go to the named optimizer (AdamW, Muon, M3 or DGD);
-embeddings (nn.Embedding weights, hence the LM head tied to them in every nlbench model, and
-any `lm_head` module), biases and norm gains (1-D), conv kernels (≥ 3-D) and scalars go to
-AdamW. Orthogonalizing a vocabulary-sized embedding or a gain vector is meaningless.
+Routing (spec §6): every hidden weight matrix goes to the named optimizer (AdamW, Muon, M3 or
+DGD) — 2-D weights, and for Muon / M3 also [..., out, in] tensors (per-head memory initial
+states, each slice its own matrix) and depthwise conv kernels [C, 1, K] (the [C, K] matrix of
+filters; `muon.matrix_view`). Embeddings (nn.Embedding weights, hence the LM head tied to them in
+every nlbench model, and any `lm_head` module), biases, norm gains and scalars go to AdamW, as in
+public Muon: orthogonalizing a vocabulary-sized embedding or a gain vector is meaningless. DGD
+takes the 2-D weights only (its input term needs the layer's inputs). `routing(name, model)`
+lists the choice per parameter; the run record stores the element count per optimizer.
 
 Cadence (spec §4, CMS `optimizer` mode, Eq. 70–74): a submodule with an int attribute
 `nlbench_update_period = C` has its parameters stepped only when the optimizer step count
@@ -17,6 +21,8 @@ whose period divides the current count (all of them before the first step), so a
 `.grad` keeps summing backward passes until its step. The innermost mark wins for nested
 marked modules; unmarked parameters have period 1. Each (period, role) pair gets its own
 inner optimizer, so e.g. M3's internal step count t counts that level's own steps.
+A module marked `nlbench_lr_scale = s` (CMS `cms_lr_mode: scaled`, the frequency control) has
+its parameters in a param group of their own whose lr is s times the configured lr.
 
 Caveat for callers: because slow levels' `.grad` hold sums over several steps, a global
 `clip_grad_norm_(model.parameters())` between backward and step would re-scale those sums
@@ -78,10 +84,18 @@ class NestedOptimizer:
             buckets.setdefault((periods.get(id(p), 1), role), []).append(p)
         # key "period<C>/<role>" -> (C, inner optimizer); sorted so state_dict order is stable
         self.optimizers: dict[str, tuple[int, torch.optim.Optimizer]] = {}
+        scales = lr_scales(model)
         for (period, role) in sorted(buckets, key=lambda k: (k[0], ROLES.index(k[1]) if k[1] in ROLES else 9, k[1])):
-            opt = factories[role](buckets[(period, role)])
+            ps = buckets[(period, role)]
+            by_scale: dict[float, list[nn.Parameter]] = {}
+            for p in ps:
+                by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+            if len(by_scale) > 1 or 1.0 not in by_scale:  # one param group per lr scale
+                ps = [{"params": v, "nlbench_lr_scale": s} for s, v in sorted(by_scale.items(), reverse=True)]
+            opt = factories[role](ps)
             for g in opt.param_groups:
                 g["nlbench_role"], g["nlbench_period"] = role, period
+                g["lr"] = g["lr"] * g.get("nlbench_lr_scale", 1.0)
                 g.setdefault("initial_lr", g["lr"])
             self.optimizers[f"period{period}/{role}"] = (period, opt)
         self._period = {id(p): c for c, opt in self.optimizers.values()
@@ -180,6 +194,21 @@ def update_periods(model: nn.Module) -> dict[int, int]:
     return periods
 
 
+def lr_scales(model: nn.Module) -> dict[int, float]:
+    """id(param) -> s from the innermost module marked `nlbench_lr_scale = s` (0 < s ≤ 1)."""
+    scales: dict[int, float] = {}
+    for name, module in model.named_modules():
+        s = getattr(module, "nlbench_lr_scale", None)
+        if s is None:
+            continue
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s <= 1:
+            raise ValueError(f"module '{name or type(module).__name__}': nlbench_lr_scale must be a number in "
+                             f"(0, 1] (CMS cms_lr_mode: scaled), got {s!r}.")
+        for p in module.parameters():
+            scales[id(p)] = float(s)
+    return scales
+
+
 def adamw_role_ids(model: nn.Module) -> set[int]:
     """Parameters that AdamW must own whatever their shape: embeddings and the LM head."""
     ids = set()
@@ -189,12 +218,33 @@ def adamw_role_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def route_params(model: nn.Module) -> Callable[[str, nn.Parameter], str]:
+def route_params(model: nn.Module, name: str = "muon") -> Callable[[str, nn.Parameter], str]:
+    """route(param name, param) -> "main" (the named optimizer) or "adamw"."""
     special = adamw_role_ids(model)
+    max_ndim = 2 if name == "dgd" else math.inf
 
-    def route(name: str, p: nn.Parameter) -> str:
-        return "main" if p.ndim == 2 and id(p) not in special else "adamw"
+    def route(_: str, p: nn.Parameter) -> str:
+        return "main" if 2 <= p.ndim <= max_ndim and id(p) not in special else "adamw"
     return route
+
+
+def routing(name: str, model: nn.Module) -> list[tuple[str, str]]:
+    """(parameter name, optimizer name) for every trainable parameter under optimizer `name`:
+    the optimizer name is `name` for routed matrices and "adamw" for the rest."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}.")
+    route = route_params(model, name)
+    return [(n, name if route(n, p) == "main" else "adamw")
+            for n, p in model.named_parameters() if p.requires_grad]
+
+
+def routing_counts(name: str, model: nn.Module) -> dict[str, int]:
+    """Element count per optimizer name under optimizer `name` (what the run record stores)."""
+    params = dict(model.named_parameters())
+    counts: dict[str, int] = {}
+    for n, opt in routing(name, model):
+        counts[opt] = counts.get(opt, 0) + params[n].numel()
+    return counts
 
 
 def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
@@ -202,8 +252,9 @@ def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
 
     hp: the named rule's hyper-parameters (MAIN_HP[name]) plus adamw_lr (default: lr for
     "adamw", 1e-3 otherwise), adamw_betas, adamw_eps, adamw_weight_decay for the AdamW side.
-    For "dgd", 2-D hidden parameters that are not nn.Linear weights (no layer input to hook)
-    get DGD's plain-SGD fallback.
+    `.routing` on the result: (parameter name, optimizer name) pairs. For "dgd", 2-D hidden
+    parameters that are not nn.Linear weights (no layer input to hook) get DGD's plain-SGD
+    fallback.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}.")
@@ -245,4 +296,6 @@ def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
         factories["main"] = lambda ps: M3(ps, **main)
     else:
         factories["main"] = lambda ps: DGD(ps, model=model, **main)
-    return NestedOptimizer(model, route_params(model), factories)
+    opt = NestedOptimizer(model, route_params(model, name), factories)
+    opt.routing = routing(name, model)
+    return opt

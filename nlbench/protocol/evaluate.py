@@ -84,7 +84,9 @@ def evaluate(model, batch, *, batch_size: int, max_sequences: int | None, device
 def evaluate_with_state(model, batch, state, *, streams: int, max_sequences: int | None, device,
                         dtype: str = "float32") -> dict:
     """In-context scoring: probe each held-out chunk of `streams` sequences from a clone of the
-    carried fast state, read-only (update_state=False), so scoring never teaches the memory.
+    carried fast state with update_state=False: writes within a probe sequence happen (the
+    memories are the token mixer), its final state is discarded, so scoring never teaches the
+    carried memory.
 
     The state holds one memory per stream, so chunks are exactly `streams` sequences; the last
     chunk is padded with copies whose targets are all ignored.

@@ -6,9 +6,13 @@ of the same stream starts from, across task boundaries (state carried, never res
 task the streams read tokens_per_task // (batch_size · seq_len) sequences each.
 
 Evaluation probes every task's held-out set from a clone of the current state with
-update_state=False, so scoring never writes into the memory it measures. The b row scores the
-meta-learned initial state (state=None). A model without fast state (the Transformer) cannot
-learn here: its matrix is constant, which is the protocol's point of comparison.
+update_state=False: each probe sequence still writes into its own copy as it is read (that is
+how the memories mix tokens), but the state after it is discarded, so scoring never carries
+into the memory it measures. The b row scores the
+meta-learned initial state (state=None). A model without fast state (the plain Transformer)
+cannot learn here: its matrix is constant; with `kv_window` its KV cache is its fast state.
+A config's `pretrain:` block starts the model from meta-trained outer weights (nlbench/pretrain,
+loaded by the runner); without it those weights are the random initialisation.
 """
 
 from __future__ import annotations

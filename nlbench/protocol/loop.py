@@ -6,7 +6,7 @@ Rows it records (the runner adds run_id, model, stream, seed):
     curves: train_task, tokens_seen, eval_task, metric, value
 `tokens_seen` counts the new-task training tokens consumed since the start of the run (B·T per
 step; replayed sequences are not new tokens). A task's curve starts with the score measured
-before its first step (A-GEM's Z_0, metrics.md), then one point every `eval_every` tokens.
+before its first step (A-GEM's Z_0, docs/METRICS.md), then one point every `eval_every` tokens.
 """
 
 from __future__ import annotations
@@ -210,7 +210,11 @@ def rng_state() -> dict:
 
     import numpy as np
 
-    out = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    # numpy's legacy state as plain data (name, keys as a tensor, pos, has_gauss, gauss), so a
+    # checkpoint loads with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    out = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               numpy=(name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
@@ -223,7 +227,8 @@ def set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

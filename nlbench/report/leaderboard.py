@@ -294,6 +294,7 @@ def build_leaderboard(res: Results) -> dict:
         raise ReportError(f"entry/seed pairs with more than one run: {list(dup[dup > 1].index)[:3]}; cannot aggregate seeds")
 
     failed = runs[status != "completed"]
+    chance_of = _run_chance(done)
     for (stream, score), sec in per_run.groupby(["stream", "score"], sort=True):
         entries = []
         for entry, g in sec.groupby("entry", sort=True):
@@ -316,13 +317,14 @@ def build_leaderboard(res: Results) -> dict:
                     {"run_id": r.run_id, "seed": _clean(getattr(r, "seed", None)), "status": r.status, "error": getattr(r, "error", None)}
                     for r in f_runs.itertuples()
                 ],
-                "chance": _mean_of_lists(g["chance"]) if "chance" in g else None,
                 "ceiling": _mean_of_lists(g["ceiling"]) if "ceiling" in g else None,
                 # chosen hyper-parameters with the seeds they were tuned on; null until selection exists
                 "selected": first["config_dict"].get("selected"),
                 "metrics": {m: _agg(g[m]) for m in M.METRIC_NAMES},
                 "_per_seed": {m: {int(sd): float(v) for sd, v in zip(g["seed"], pd.to_numeric(g[m], errors="coerce"))
                                   if not (isinstance(sd, float) and math.isnan(sd))} for m in M.METRIC_NAMES},
+                # mean per-task chance of each run (majority baseline), over seeds
+                "chance": _agg([chance_of.get(r, math.nan) for r in g["run_id"]]),
                 "train_tokens_per_s": _agg(g["train_tokens_per_s"]) if "train_tokens_per_s" in g else _agg([]),
                 "config": {k: v for k, v in first["config_dict"].items() if k != "seed"},
                 "environment": _environment(runs[runs["run_id"].isin(set(g["run_id"]))]),
@@ -345,6 +347,18 @@ def build_leaderboard(res: Results) -> dict:
             del e["_per_seed"]
     doc["verdict"] = verdict_rows(doc["streams"])
     return _clean(doc)
+
+
+def _run_chance(runs) -> dict:
+    """run_id -> mean of the run's per-task chance (the runs table's `chance` JSON list)."""
+    out = {}
+    if "chance" not in runs:
+        return out
+    for rid, c in zip(runs["run_id"], runs["chance"]):
+        values = json.loads(c) if isinstance(c, str) and c else None
+        if values:
+            out[rid] = sum(values) / len(values)
+    return out
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -380,7 +394,8 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
             (str(e["rank"]) if e["rank"] is not None else "—", e["rank"]),
             (e["entry"], e["entry"]),
             (str(e["n_seeds"]), e["n_seeds"]),
-            (f"{e['chance']:.3f}" if e.get("chance") is not None else "—", e.get("chance")),
+            (f"{e['chance']['mean']:.3f}" if e["chance"]["mean"] is not None and not math.isnan(e["chance"]["mean"]) else "—",
+             e["chance"]["mean"]),
             *[(fmt_ci(e["metrics"][m]), e["metrics"][m]["mean"]) for m in TABLE_METRICS],
             (fmt_rate(e["train_tokens_per_s"]), e["train_tokens_per_s"]["mean"]),
             ("; ".join(flags), "; ".join(flags)),

@@ -94,20 +94,25 @@ def _triton_fits(weights, k) -> bool:
 
 
 def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto",
-               compiled: bool | str = False):
+               compiled: bool | str = False, normalized_step: bool = True):
     """DGD memory over a sequence (Eq. 86–93) with the chosen backend. Returns (y or None, weights).
     `compiled=True` runs the chunked backend's per-chunk kernel through `torch.compile`.
+    `normalized_step=False`: the literal step η_t on every matrix (`naive.step_size`); the Triton
+    kernel has only the normalized step, so `auto` then takes `chunked`.
 
     Shapes: q (or None: no reads), k, v [B, H, T, d]; η, α [B, H, T]; weights: [W] (linear, Eq. 93)
     or [W2, W1] (residual MLP, Eq. 89), each [B, H, out, in]. Differentiable on every backend.
     """
     name = resolve_backend(backend, k.device)
-    if backend == "auto" and name == "triton" and not _triton_fits(weights, k):
+    if backend == "auto" and name == "triton" and (not _triton_fits(weights, k) or not normalized_step):
         name = "chunked"
     if name == "reference":
-        return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target)
+        return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target, normalized_step)
     if name == "chunked":
-        return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target, compiled)
+        return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target, compiled, normalized_step)
+    if not normalized_step:
+        raise ValueError("backend 'triton' has only the normalized step η/max(1, ‖x‖²); use backend 'chunked' "
+                         "or 'reference' for normalized_step=False.")
     from nlbench.kernels.dgd.triton import dgd_memory_triton
 
     return dgd_memory_triton(weights, q, k, v, eta, alpha, chunk_size, self_target)

@@ -69,21 +69,21 @@ def read_chunk(w, x, d, r, g_prev, gamma):
 
 
 def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
-              compiled: bool | str = False):
+              compiled: bool | str = False, normalized_step: bool = True):
     """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
 
     fp32 / fp64 run `chunk_grad.dgd_chunk_manual`, the same equations with a hand-written
-    backward pass (one Hope `medium` layer, T=512, batch 4, 2 CPU threads: backward 188 → 142 ms,
-    forward 110 → 105 ms, one A/B run); half precision runs `dgd_chunk_autograd`.
+    backward pass (faster on CPU, docs/decisions.md); half precision runs `dgd_chunk_autograd`.
     `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs that chunk's forward and
-    backward functions through `torch.compile`.
+    backward functions through `torch.compile`. `normalized_step`: `naive.step_size`.
     """
     if k.dtype in (torch.float32, torch.float64):
-        return dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target, read_index, compiled)
-    return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index)
+        return dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target, read_index, compiled, normalized_step)
+    return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index, normalized_step)
 
 
-def dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
+def dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
+                       normalized_step: bool = True):
     """One chunk of the DGD update in plain PyTorch ops, differentiated by autograd: the
     reference `dgd_chunk_manual` is tested against.
 
@@ -95,7 +95,7 @@ def dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target: bool = True, r
     v_hat = memory_apply(weights, v) if self_target else v
     g_prev, gamma, tail, g_last = decay_terms(alpha)
     grads = memory_gradients(weights, k, v_hat)
-    ds = [_solve_matrix(w, x, g, step_size(eta, x), g_prev, gamma) for w, (g, x) in zip(weights, grads)]
+    ds = [_solve_matrix(w, x, g, step_size(eta, x, normalized_step), g_prev, gamma) for w, (g, x) in zip(weights, grads)]
     y = None
     if q is not None:
         def pick(t, rank):  # the read memory's slice of a stacked tensor
@@ -116,7 +116,7 @@ def dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target: bool = True, r
 
 
 def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True,
-                       compiled: bool | str = False):
+                       compiled: bool | str = False, normalized_step: bool = True):
     """DGD memory over a sequence, chunk by chunk (matmuls inside a chunk). Returns (y, weights).
     `compiled=True` (or a compile mode): each chunk through `torch.compile` (`dgd_chunk`)."""
     check_chunk_size(chunk_size)
@@ -126,7 +126,8 @@ def dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size: int, self_targe
     qs = [None] * len(ks) if q is None else q.split(chunk_size, dim=-2)
     ys = []
     for qc, kc, vc, ec, ac in zip(qs, ks, vs, eta.split(chunk_size, dim=-1), alpha.split(chunk_size, dim=-1)):
-        y, weights = dgd_chunk(weights, qc, kc, vc, ec, ac, self_target, compiled=compiled)
+        y, weights = dgd_chunk(weights, qc, kc, vc, ec, ac, self_target, compiled=compiled,
+                               normalized_step=normalized_step)
         ys.append(y)
     return (None if q is None else torch.cat(ys, dim=-2)), weights
 

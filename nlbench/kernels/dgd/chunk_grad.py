@@ -57,9 +57,9 @@ def _rev_cumsum(x):
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
-def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
+def _forward(self_target, read_index, normalized, q, k, v, eta, alpha, weights, strict):
     """The chunk's outputs (y and/or the chunk-end weights) and what the backward pass needs;
-    `strict` is the [L, L] strictly-lower mask."""
+    `strict` is the [L, L] strictly-lower mask; `normalized`: the step η/max(1, ‖x‖²), else η."""
     mlp = len(weights) == 2
     log_a = alpha.log()
     lg = log_a.cumsum(-1)
@@ -97,7 +97,7 @@ def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
     per, new = [], []
     for wm, x, g, xw in mats:
         n = x.square().sum(-1)
-        eta_s = eta / n.clamp_min(1.0)
+        eta_s = eta / n.clamp_min(1.0) if normalized else eta
         kx = x @ _t(x)
         gk_ = gam * kx
         inner = g + gp_u * xw
@@ -147,7 +147,7 @@ def _forward(self_target, read_index, q, k, v, eta, alpha, weights, strict):
     return ((y, *new) if q is not None else tuple(new)), saved
 
 
-def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
+def _backward(self_target, normalized, S, q, k, v, eta, alpha, weights, grads):
     """Gradients of (q, k, v, η, α, *weights) from the outputs' gradients `grads`."""
     gam, gp, tail, gl, per = S["gam"], S["gp"], S["tail"], S["gl"], S["per"]
     mlp = len(weights) == 2
@@ -224,6 +224,9 @@ def _backward(self_target, S, q, k, v, eta, alpha, weights, grads):
         g_gam = _add(g_gam, (g_a_eta * p["kx"]).sum_to_size(gam.shape))
         g_kx = g_a_eta * gam
         g_x[i] = g_x[i] + (g_kx + _t(g_kx)) @ x
+        if not normalized:
+            g_eta = _add(g_eta, g_eta_s)
+            continue
         clamp = p["n"].clamp_min(1.0)
         g_eta = _add(g_eta, g_eta_s / clamp)
         g_n = -(g_eta_s * eta / clamp.square()) * (p["n"] >= 1)
@@ -291,27 +294,28 @@ def _compiled(device_type: str, mode: str = "default"):
 
 class _DGDChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, self_target, read_index, compiled, q, k, v, eta, alpha, *weights):
+    def forward(ctx, self_target, read_index, compiled, normalized, q, k, v, eta, alpha, *weights):
         fwd = _compiled(k.device.type, compile_mode(compiled))[0] if compiled else _forward
         strict = strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
-        outs, saved = fwd(self_target, read_index, q, k, v, eta, alpha, list(weights), strict)
+        outs, saved = fwd(self_target, read_index, normalized, q, k, v, eta, alpha, list(weights), strict)
         ctx.save_for_backward(q, k, v, eta, alpha, *weights)
-        ctx.self_target, ctx.saved, ctx.compiled = self_target, saved, compiled
+        ctx.self_target, ctx.saved, ctx.compiled, ctx.normalized = self_target, saved, compiled, normalized
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
         q, k, v, eta, alpha, *weights = ctx.saved_tensors
         bwd = _compiled(k.device.type, compile_mode(ctx.compiled))[1] if ctx.compiled else _backward
-        return (None, None, None, *bwd(ctx.self_target, ctx.saved, q, k, v, eta, alpha, weights, grads))
+        return (None, None, None, None,
+                *bwd(ctx.self_target, ctx.normalized, ctx.saved, q, k, v, eta, alpha, weights, grads))
 
 
 def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
-                     compiled: bool = False):
+                     compiled: bool = False, normalized_step: bool = True):
     """`chunk.dgd_chunk` with the hand-written backward pass; same arguments and returns
     (y or None, weights at chunk end). `compiled=True` (or a mode of `compiling.COMPILE_MODES`):
-    both passes through `torch.compile`."""
+    both passes through `torch.compile`. `normalized_step=False`: the literal η (`naive.step_size`)."""
     if len(weights) not in (1, 2):
         raise ValueError(f"weights: expected 1 (linear) or 2 (MLP) matrices, got {len(weights)}.")
-    out = _DGDChunk.apply(self_target, read_index, compiled, q, k, v, eta, alpha, *weights)
+    out = _DGDChunk.apply(self_target, read_index, compiled, normalized_step, q, k, v, eta, alpha, *weights)
     return (out[0], list(out[1:])) if q is not None else (None, list(out))

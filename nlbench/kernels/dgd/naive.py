@@ -1,4 +1,4 @@
-"""DGD memory, per-token reference: the update rule of spec §2–§3 (algorithms.md) as a loop.
+"""DGD memory, per-token reference: the update rule of docs/ALGORITHMS.md §2–§3 as a loop.
 
 Per head, the memory is either
     linear  (Eq. 93):  M(z) = W z                       weights [W]
@@ -11,7 +11,9 @@ applied to each weight matrix W with that matrix's OWN input x_t: k_t for W (lin
 σ(W2_b k_t) for W1. DGD assumes ‖x_t‖ = 1 (spec §2); k is L2-normalized but σ(W2 k) is not,
 and with ‖x‖² ≫ 1 the factor α − η‖x‖² leaves (−1, 1) and the memory explodes (seen in long
 streams). So each matrix uses the step η_t / max(1, ‖x_t‖²): the literal η for unit inputs,
-a normalized-LMS step otherwise. The inner loss is halved so that Eq. 93 reads literally
+a normalized-LMS step otherwise (`normalized_step=True`, the default of every form;
+`normalized_step=False` takes the literal η_t for every matrix, the paper's equation).
+The inner loss is halved so that Eq. 93 reads literally
 (∇_W L = (M_b k − v̂) kᵀ); the factor 2 of ‖·‖² is only a rescaling of η. Reads use the
 per-token state inside the chunk: y_t = M_{t-1}(q_t). With `self_target=True` the memory
 makes its own target v̂_t = M_b(v_t) (Eq. 88); otherwise v̂_t = v_t.
@@ -69,8 +71,11 @@ def memory_gradients(weights, k, v_hat):
 
 
 
-def step_size(eta, x):
-    """η_t / max(1, ‖x_t‖²): the literal η for unit inputs (k), a bounded step otherwise."""
+def step_size(eta, x, normalized: bool = True):
+    """η_t / max(1, ‖x_t‖²): the literal η for unit inputs (k), a bounded step otherwise;
+    `normalized=False`: η_t itself (the paper's step, whatever ‖x_t‖)."""
+    if not normalized:
+        return eta
     return eta / x.pow(2).sum(-1).clamp_min(1.0)
 
 
@@ -80,7 +85,8 @@ def check_chunk_size(chunk_size):
 
 
 
-def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True):
+def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True,
+                         normalized_step: bool = True):
     """Per-token loop, literally Eq. 86–91: read with M_{t-1}, then
     W ← W (α_t I − η_t x_t x_tᵀ) − η_t g_t x_tᵀ per matrix, gradients at the chunk-start M_b."""
     check_chunk_size(chunk_size)
@@ -104,7 +110,7 @@ def dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size: int, self_tar
         a_t = alphas[t][..., None]
         new = []
         for w, (g, x), n in zip(weights, grads, n_in):
-            e_t = step_size(etas[t], x)[..., None]
+            e_t = step_size(etas[t], x, normalized_step)[..., None]
             eye = torch.eye(n, dtype=w.dtype, device=w.device)
             decay = a_t * eye - e_t * (x.transpose(-1, -2) @ x)  # α I − η x xᵀ
             new.append(w @ decay - e_t * (g.transpose(-1, -2) @ x))

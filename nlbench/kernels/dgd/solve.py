@@ -52,9 +52,9 @@ def _diagonal_blocks(a, size):
 def unit_lower_inverse(a):
     """(I + A)⁻¹ for strictly lower-triangular A [.., L, L] in matmuls only.
 
-    Up to L = 16 the Neumann product (`_neumann_inverse`): at L = 16, batch 160 on CPU it was
-    4× faster than the batched LAPACK triangular solve it replaces (152 µs vs 600 µs, one 16 × 32
-    right-hand side). Longer chunks would pay L³ log L for it, so there the diagonal 16 × 16
+    Up to L = 16 the Neumann product (`_neumann_inverse`), faster at Hope's sizes than the
+    batched LAPACK triangular solve (docs/decisions.md). Longer chunks would pay L³ log L for
+    it, so there the diagonal 16 × 16
     blocks are inverted that way and merged pairwise by recursive doubling,
         (I + [[A₁, 0], [B, A₂]])⁻¹ = [[T₁, 0], [−T₂ B T₁, T₂]],
     every level in two batched matmuls (A is zero-padded to 16 · 2ᵏ; the padding's inverse is I).

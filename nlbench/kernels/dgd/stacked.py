@@ -14,19 +14,18 @@ from nlbench.kernels.dgd.solve import unit_lower_solve
 __all__ = ["dgd_chunk_stacked", "dgd_chunk_triton"]
 
 
-def dgd_chunk_stacked(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
+def dgd_chunk_stacked(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
+                      normalized_step: bool = True):
     """`dgd_chunk_autograd` in fewer, larger batched matmuls: the form Hope's compiled chunk step
     takes (`self_modifying_titans._compiled_fused_chunk_step`). For a residual-MLP memory whose
     hidden width equals its input width (Hope's default), W2's and W1's triangular systems and
     chunk-end updates are solved as one batch stacked on a new leading axis, and k and v go
-    through M_b as one block of rows [k; v]. At Hope's sizes on CPU the chunk's matmuls are
-    small (16 × 32 × 32, batch 160) and cost per call as much as per FLOP: one compiled chunk
-    step went from 73 to 51 batched matmuls (forward + backward), and a compiled Hope `medium`
-    layer's memory loop (T=512, batch 4, 2 threads, alternating in one process) from 113.7 to
-    106.5 ms. Same values and gradients as `dgd_chunk_autograd` (tests); any other memory takes
-    `dgd_chunk_autograd` itself."""
+    through M_b as one block of rows [k; v]: at Hope's sizes the chunk's matmuls are small and
+    cost per call as much as per FLOP, so fewer calls win (73 → 51 per compiled chunk step;
+    docs/decisions.md). Same values and gradients as `dgd_chunk_autograd` (tests); any other
+    memory takes `dgd_chunk_autograd` itself."""
     if len(weights) != 2 or weights[0].shape[-1] != weights[0].shape[-2]:
-        return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index)
+        return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index, normalized_step)
     w2, w1 = weights
     L = k.shape[-2]
     g_prev, gamma, tail, g_last = decay_terms(alpha)
@@ -38,7 +37,8 @@ def dgd_chunk_stacked(weights, q, k, v, eta, alpha, self_target: bool = True, re
     e = k + p - (v + p_kv[..., L:, :] if self_target else v)
     g2 = (e @ w1) * silu_grad(a)
     # `_solve_matrix` for (W2, x = k, g = g2, x W2ᵀ = a) and (W1, x = s, g = e, x W1ᵀ = p), stacked
-    eta2, eta1 = step_size(eta, k).unsqueeze(-1), step_size(eta, s).unsqueeze(-1)
+    eta2 = step_size(eta, k, normalized_step).unsqueeze(-1)
+    eta1 = step_size(eta, s, normalized_step).unsqueeze(-1)
     strict = torch.stack(torch.broadcast_tensors(eta2 * (gamma * (k @ k.transpose(-1, -2))),
                                                  eta1 * (gamma * (s @ s.transpose(-1, -2)))))
     gp = g_prev.unsqueeze(-1)
@@ -57,11 +57,16 @@ def dgd_chunk_stacked(weights, q, k, v, eta, alpha, self_target: bool = True, re
     return y, [g_last * w2 + update[0], g_last * w1 + update[1]]
 
 
-def dgd_chunk_triton(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None):
+def dgd_chunk_triton(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
+                     normalized_step: bool = True):
     """`chunk.dgd_chunk` on the fused Triton kernel: one chunk (the whole sequence given is
     one chunk). Stacked memories (a leading axis on the weights, η and α maybe, k / v / q shared)
     are flattened into the kernel's batch; with `read_index` the read memory runs in a call of
-    its own with q and the others without reads, so no read is computed that nobody uses."""
+    its own with q and the others without reads, so no read is computed that nobody uses.
+    The kernel has the normalized step built in: `normalized_step=False` is refused."""
+    if not normalized_step:
+        raise ValueError("the Triton DGD kernel only has the normalized step η/max(1, ‖x‖²); the paper's step "
+                         "(model option normalized_step: false) runs on memory_kernel: chunked.")
     from nlbench.kernels.dgd.triton import dgd_memory_triton  # imports triton: only when asked for
 
     L = k.shape[-2]

@@ -1,4 +1,4 @@
-"""Titans neural long-term memory (LMM) update, spec §1 (algorithms.md): per-token reference.
+"""Titans neural long-term memory (LMM) update, docs/ALGORITHMS.md §1: per-token reference.
 
 Per head, the memory M is a stack of weight matrices W^1..W^L (L = 1: linear memory
 M(z) = W z; L >= 2: MLP M(z) = W^L σ(... σ(W^1 z)), σ = SiLU). For every token t:
