@@ -46,11 +46,12 @@ __all__ = [
     "ResultStore", "ResultsError", "RunRecord", "canonical_json", "run_id_for", "schema_for",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # columns added after schema v1, with the version that added them: files written before it read
 # with the column null (a v1 throughput file has no compile_mode)
 ADDED_IN: dict[tuple[str, str], int] = {("throughput", "compile_mode"): 2, ("runs", "pretrain"): 3,
-                                   ("runs", "model_options"): 4, ("runs", "optimizer_params"): 5}
+                                   ("runs", "model_options"): 4, ("runs", "optimizer_params"): 5,
+                                   ("runs", "ceiling"): 6}
 SCHEMA_VERSION_KEY = "nlbench.schema_version"
 TABLE_KEY = "nlbench.table"
 RUN_STATUSES = ("completed", "failed", "diverged")

@@ -428,3 +428,23 @@ def test_task_boundaries_are_where_each_task_starts():
         for t in range(start, end, 80):  # eval_every 80: the last mid-task point is 240, 540, 840
             rows.append(dict(train_task=k, tokens_seen=t))
     assert task_boundaries(pd.DataFrame(rows)) == [300.0, 600.0]
+
+
+def test_results_written_before_the_ceiling_column_still_report(tmp_path):
+    """runs.ceiling came with results schema v6: a v5 runs file (without it) reports, ceiling null."""
+    from nlbench.results import SCHEMA_VERSION_KEY
+
+    store = ResultStore(tmp_path / "o")
+    for seed in (0, 1):
+        write_run(store, "hope", "s", seed, HOPE, ceiling=[0.95, 0.95, 0.95])
+        write_run(store, "transformer", "s", seed, TRANSFORMER)
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    assert _entry(doc["streams"][0], "hope")["ceiling"] == pytest.approx(0.95)
+    assert _entry(doc["streams"][0], "transformer")["ceiling"] is None  # unknown ceilings stay unknown
+    for f in (tmp_path / "o" / "runs").glob("*.parquet"):
+        t = pq.read_table(f)
+        t = t.drop_columns(["ceiling"])
+        pq.write_table(t.replace_schema_metadata({**t.schema.metadata, SCHEMA_VERSION_KEY.encode(): b"5"}), f)
+    old = build_leaderboard(load_results([tmp_path / "o"]))
+    assert old["schema_version"] == 2 and _entry(old["streams"][0], "hope")["ceiling"] is None
+    assert old["verdict"][0]["outcome"] == "better"
