@@ -23,6 +23,7 @@ USER_ERRORS = (
     "nlbench.execution:SweepError",
     "nlbench.results:ResultsError",
     "nlbench.tune:TuneConfigError",
+    "nlbench.selection.config:LeaderboardConfigError",
     "nlbench.bench.bench_config:BenchConfigError",
     "nlbench.report.load:ReportError",
     "nlbench.metrics:MetricsError",

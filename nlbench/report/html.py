@@ -132,6 +132,11 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append(f'<p class="note">{escape(n)}</p>')
     for w in doc.get("warnings", []):
         p.append(f'<p class="warn">warning: {escape(w)}</p>')
+    if doc.get("streams"):
+        sel_head, sel_rows = lb.selection_table(doc)
+        if sel_rows:
+            p += ["<h2>Selected hyper-parameters</h2>", f"<p>{escape(lb.SELECTION_SENTENCE)}</p>",
+                  table_html(sel_head, sel_rows, "selection")]
     forgetting = [s for s in doc.get("streams", []) if s["kind"] == "forgetting"]
     capability = [s for s in doc.get("streams", []) if s["kind"] == "capability"]
     if forgetting:
