@@ -10,7 +10,9 @@ metadata; :meth:`ResultStore.read` refuses files from a newer version and corrup
 :class:`ResultsError` that names the file.
 
 Order of :meth:`ResultStore.write_run`: ``matrix``, ``curves``, then ``runs``; a run's ``runs`` row
-is therefore its commit marker (:meth:`ResultStore.completed_run_ids` reads only ``runs``).
+is therefore its commit marker; :meth:`ResultStore.check_runs` also checks that a completed run's
+``matrix`` and ``curves`` files are there and readable, and a run whose files were deleted or
+corrupted counts as incomplete, so the next sweep recomputes it.
 
 ``trials`` has a fixed part plus one column per searched parameter, named ``param_<name>`` (and
 ``attr_<name>`` for Optuna user attributes); their types are inferred per file (bool, int64,
@@ -40,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
-    "DYNAMIC_PREFIXES", "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "TABLES", "TABLE_KEY", "Column",
+    "CorruptFileError", "DYNAMIC_PREFIXES", "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "TABLES", "TABLE_KEY", "Column",
     "ResultStore", "ResultsError", "RunRecord", "canonical_json", "run_id_for", "schema_for",
 ]
 
@@ -60,6 +62,11 @@ _DYNAMIC_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 class ResultsError(ValueError):
     """Bad rows on write, or an unreadable / incompatible file on read (the message names it)."""
+
+
+class CorruptFileError(ResultsError):
+    """A results file that is not readable Parquet (truncated, overwritten): the run that wrote it
+    is recomputed by the next sweep (:meth:`ResultStore.check_runs`)."""
 
 
 @dataclass(frozen=True)
@@ -406,8 +413,9 @@ class ResultStore:
         try:
             meta = pq.read_schema(path).metadata or {}
         except (OSError, pa.ArrowException) as e:
-            raise ResultsError(
-                f"results file {path} is corrupt or not Parquet ({e}); delete it and re-run what wrote it."
+            raise CorruptFileError(
+                f"results file {path} is corrupt or not Parquet ({e}); re-run what wrote it (`nlbench run` "
+                f"recomputes the run)."
             ) from e
         raw_version = meta.get(SCHEMA_VERSION_KEY.encode())
         if raw_version is None:
@@ -427,8 +435,8 @@ class ResultStore:
         try:
             data = pq.read_table(path)
         except (OSError, pa.ArrowException) as e:
-            raise ResultsError(
-                f"results file {path} is corrupt ({e}); delete it and re-run what wrote it."
+            raise CorruptFileError(
+                f"results file {path} is corrupt ({e}); re-run what wrote it (`nlbench run` recomputes the run)."
             ) from e
         prefixes = DYNAMIC_PREFIXES.get(table, ())
         expected = schema_for(table)
@@ -471,6 +479,40 @@ class ResultStore:
         return self.read_arrow(table).to_pandas()
 
     def completed_run_ids(self) -> set[str]:
-        """Run ids whose ``runs`` row has status ``completed`` (their matrix/curves were written before it)."""
-        runs = self.read_arrow("runs")
-        return {rid for rid, s in zip(runs.column("run_id").to_pylist(), runs.column("status").to_pylist()) if s == "completed"}
+        """Run ids whose ``runs`` row has status ``completed`` and whose files are all intact
+        (see :meth:`check_runs`)."""
+        return self.check_runs()[0]
+
+    def check_runs(self) -> tuple[set[str], dict[str, str]]:
+        """``(completed, damaged)``: the completed runs whose ``runs``, ``matrix`` and ``curves``
+        files are all present and readable, and ``run id -> what is wrong`` for the others that
+        claim (or may have claimed) completion - a corrupt ``runs`` file, or a completed run's
+        ``matrix``/``curves`` file deleted or corrupt. A damaged run is incomplete: the next
+        sweep recomputes it and its new files replace the damaged ones. Files of a newer schema
+        version still raise: they are not damaged, and must not be overwritten."""
+        done, damaged = set(), {}
+        for path in self.files("runs"):
+            try:
+                runs = self._read_file("runs", path)
+            except CorruptFileError as e:
+                damaged[path.stem] = str(e)
+                continue
+            for rid, status in zip(runs.column("run_id").to_pylist(), runs.column("status").to_pylist()):
+                if status != "completed":
+                    continue
+                problem = None
+                for table in ("matrix", "curves"):
+                    p = self.path(table, rid)
+                    if not p.is_file():
+                        problem = f"its {table} file {p} is missing"
+                        break
+                    try:
+                        self._read_file(table, p)
+                    except CorruptFileError as e:
+                        problem = str(e)
+                        break
+                if problem is None:
+                    done.add(rid)
+                else:
+                    damaged[rid] = problem
+        return done, damaged

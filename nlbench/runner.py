@@ -76,6 +76,28 @@ def git_sha() -> str | None:
         return None
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def sequential_threads(cpus_per_run: float) -> int:
+    """Torch threads of a `--sequential` run: its CPU share (the config's resources.cpus_per_run,
+    as a Ray actor gets), at least one, at most the CPUs available - torch's default (every core
+    it sees) oversubscribes a shared or quota-limited machine."""
+    return max(1, min(int(cpus_per_run), available_cpus()))
+
+
 def resolve_device(requested: str | None, config: dict) -> torch.device:
     """An explicit `requested` device wins over the config's train.device; 'auto' = cuda if any."""
     name = requested or config["train"].get("device", "auto")
@@ -331,4 +353,4 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
     return records
 
 
-__all__ = ["execute_run", "run_sequential", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
+__all__ = ["execute_run", "run_sequential", "sequential_threads", "available_cpus", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]

@@ -159,7 +159,11 @@ def test_corrupt_file_error_names_it(tmp_path):
     junk = tmp_path / "runs" / "junk.parquet"
     junk.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ResultsError, match=r"runs/junk\.parquet is corrupt"):
-        store.completed_run_ids()
+        store.read("runs")
+    # for a sweep both are incomplete runs, to recompute (not errors)
+    done, damaged = store.check_runs()
+    assert done == {"good"} and set(damaged) == {"cut", "junk"}
+    assert "cut.parquet is corrupt" in damaged["cut"] and "junk.parquet is corrupt" in damaged["junk"]
 
 
 def test_v1_throughput_file_reads_with_compile_mode_null(tmp_path):
