@@ -253,6 +253,7 @@ class MALBlock(nn.Module):
         self.norm1, self.norm_attn, self.norm2 = RMSNorm(d_model), RMSNorm(d_model), RMSNorm(d_model)
         self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
         self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.nlbench_no_input = ("persistent",)  # learned tokens, no layer input: AdamW under DGD
         self.attn = CausalSelfAttention(d_model, n_heads, window=window)
         self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
 
