@@ -30,6 +30,7 @@ checkpoints there); results themselves are written by the driver only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -172,11 +173,54 @@ def _check_address(address):
         )
 
 
+def embedded_temp_dir() -> str:
+    """A fresh temp dir for the embedded runtime's sessions, sockets and logs (under RAY_TMPDIR
+    when set): nothing shared with another Ray on the machine."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="nlbench-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Start Ray's processes bound to 127.0.0.1 instead of all interfaces.
+
+    Ray binds loopback only in its local-only mode (chosen on macOS / Windows by
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). The driver reads that setting once at import, the
+    processes it spawns read it from their environment: both are set while the runtime starts.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
+
+
+def protect_auth_token() -> None:
+    """Make Ray's token file private (0600): Ray writes it world-readable, and on a shared machine
+    anyone who reads it can submit code to every runtime of this user."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if path.is_file() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:  # a read-only home: nothing to tighten
+        pass
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Make sure this process has a Ray runtime; return True when this call started it (and the
     caller should shut it down).
 
-    ``address=None``: reuse a runtime this process already has, else start an embedded one with
+    ``address=None``: reuse a runtime this process already has, else start an embedded one of its
+    own (``address="local"``, its own temp dir, every process bound to 127.0.0.1) with
     ``num_cpus`` (default: all of this machine's) and the local GPUs, dashboard off. Ray ≥ 2.59
     turns token authentication on for it (a token is made in ``~/.ray/auth_token``).
     Otherwise join the cluster at ``address`` ("auto", "ray://host:10001", "host:6379").
@@ -188,14 +232,19 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         return False
     common = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
     if address is None:
-        ray.init(
-            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-            num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
-            include_dashboard=False,
-            # the embedded runtime only serves this machine
-            _node_ip_address="127.0.0.1",
-            **common,
-        )
+        with _loopback_only():
+            ray.init(
+                # "local": always a new runtime of our own; never RAY_ADDRESS, a `ray start` head on
+                # this machine or a stale cluster-address file in Ray's temp dir
+                address="local",
+                num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=embedded_temp_dir(),
+                **common,
+            )
+        protect_auth_token()
         return True
     ray.init(address=address, **common)
     return True

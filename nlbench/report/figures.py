@@ -1,5 +1,5 @@
 """Report figures (matplotlib Agg, PNG + SVG): forgetting curves, accuracy-matrix heatmaps,
-final accuracy vs forgetting, accuracy vs throughput.
+retention curves of in-context entries, final accuracy vs forgetting, accuracy vs throughput.
 
 Every figure is drawn per stream from its primary section (accuracy when the stream has it,
 else loss) of the leaderboard document, so the points are the same seed means the tables show.
@@ -172,6 +172,36 @@ def scatter_acc_throughput(doc: dict, stem) -> list[str] | None:
     return paths
 
 
+def retention_figure(section: dict, matrix: pd.DataFrame, curves: pd.DataFrame, stem) -> list[str] | None:
+    """In-context entries: score on a task against the tokens read since that task ended
+    (nlbench.retention), mean over the entry's tasks and seeds, chance dashed."""
+    from nlbench.retention import retention_curve
+
+    entries = [e for e in section["entries"] if e.get("protocol") == "in_context"]
+    if not entries:
+        return None
+    ids = {r for e in entries for r in e["run_ids"]}
+    m = matrix[matrix["run_id"].isin(ids)]
+    c = curves[curves["run_id"].isin(ids)] if curves is not None and not curves.empty else None
+    curve = retention_curve(m, c, metric=section["score"])
+    if curve.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for e in entries:
+        pts = curve[curve["run_id"].isin(e["run_ids"])].groupby("tokens_since")["value"].mean()
+        line, = ax.plot(pts.index, pts.values, marker="o", ms=3, label=e["entry"])
+        chance = (e.get("chance") or {}).get("mean")
+        if section["score"] == "accuracy" and chance is not None:
+            ax.axhline(chance, ls="--", lw=0.8, color=line.get_color())
+    ax.set_xlabel("tokens since the task ended")
+    ax.set_ylabel(section["score"])
+    ax.set_title(f"{section['stream']}: retention (in_context)")
+    ax.legend(fontsize=7)
+    paths = save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 def make_figures(doc: dict, res, fig_dir) -> dict[str, list[str]]:
     """Draw every figure the inputs allow; returns {figure name: [png path, svg path]}."""
     fig_dir = Path(fig_dir)
@@ -186,6 +216,9 @@ def make_figures(doc: dict, res, fig_dir) -> dict[str, list[str]]:
             p = heatmaps(s, res.matrix, fig_dir / f"matrix_{name}")
             if p:
                 out[f"accuracy matrix: {s['stream']}"] = p
+            p = retention_figure(s, res.matrix, res.curves, fig_dir / f"retention_{name}")
+            if p:
+                out[f"retention: {s['stream']}"] = p
     for title, fn, stem in (
         ("final score vs forgetting", scatter_acc_forgetting, "acc_vs_forgetting"),
         ("final score vs throughput", scatter_acc_throughput, "acc_vs_throughput"),

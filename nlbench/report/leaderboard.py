@@ -216,6 +216,7 @@ def build_leaderboard(res: Results) -> dict:
         raise ReportError(f"entry/seed pairs with more than one run: {list(dup[dup > 1].index)[:3]}; cannot aggregate seeds")
 
     failed = runs[status != "completed"]
+    chance_of = _run_chance(done)
     for (stream, score), sec in per_run.groupby(["stream", "score"], sort=True):
         entries = []
         for entry, g in sec.groupby("entry", sort=True):
@@ -239,6 +240,8 @@ def build_leaderboard(res: Results) -> dict:
                     for r in f_runs.itertuples()
                 ],
                 "metrics": {m: _agg(g[m]) for m in M.METRIC_NAMES},
+                # mean per-task chance of each run (majority baseline), over seeds
+                "chance": _agg([chance_of.get(r, math.nan) for r in g["run_id"]]),
                 "train_tokens_per_s": _agg(g["train_tokens_per_s"]) if "train_tokens_per_s" in g else _agg([]),
                 "config": {k: v for k, v in first["config_dict"].items() if k != "seed"},
                 "environment": _environment(runs[runs["run_id"].isin(set(g["run_id"]))]),
@@ -253,6 +256,18 @@ def build_leaderboard(res: Results) -> dict:
         })
     doc["overall"] = overall_ranking(doc["streams"])
     return _clean(doc)
+
+
+def _run_chance(runs) -> dict:
+    """run_id -> mean of the run's per-task chance (the runs table's `chance` JSON list)."""
+    out = {}
+    if "chance" not in runs:
+        return out
+    for rid, c in zip(runs["run_id"], runs["chance"]):
+        values = json.loads(c) if isinstance(c, str) and c else None
+        if values:
+            out[rid] = sum(values) / len(values)
+    return out
 
 
 def overall_ranking(sections: list[dict]) -> list[dict]:
