@@ -1,16 +1,18 @@
 """Parquet results store (docs/ARCHITECTURE.md, "Results store").
 
-``OUT/<table>/`` is a Parquet dataset that ``pandas.read_parquet(OUT / "runs")`` reads whole. Each
-run writes one file per table, named by its run id; bench/tune write one file per key. A file is
-written to a hidden temp file in the same directory (``.<name>.<random>.tmp``: readers skip names
-starting with ``.``), fsynced, then ``os.replace``d over the old one and the directory fsynced, so
-a reader sees the old file or the new one, never half of one, and a re-written run never has two
-rows. Every file carries ``nlbench.schema_version`` and ``nlbench.table`` in its Arrow schema
+``OUT/<table>/`` is a Parquet dataset that ``pandas.read_parquet(OUT / "runs")`` reads whole. OUT
+is a directory or an object-store prefix (``s3://…``, ``gs://…``; :mod:`nlbench.storage`). Each
+run writes one file per table, named by its run id; bench/tune write one file per key. Every file
+is written whole through :mod:`nlbench.storage` (local: hidden temp file, fsync, ``os.replace``;
+object stores: one upload), so a reader sees the old file or the new one, never half of one, and
+a re-written run never has two rows. Every file carries ``nlbench.schema_version`` and ``nlbench.table`` in its Arrow schema
 metadata; :meth:`ResultStore.read` refuses files from a newer version and corrupt files with a
 :class:`ResultsError` that names the file.
 
 Order of :meth:`ResultStore.write_run`: ``matrix``, ``curves``, then ``runs``; a run's ``runs`` row
-is therefore its commit marker (:meth:`ResultStore.completed_run_ids` reads only ``runs``).
+is therefore its commit marker; :meth:`ResultStore.check_runs` also checks that a completed run's
+``matrix`` and ``curves`` files are there and readable, and a run whose files were deleted or
+corrupted counts as incomplete, so the next sweep recomputes it.
 
 ``trials`` has a fixed part plus one column per searched parameter, named ``param_<name>`` (and
 ``attr_<name>`` for Optuna user attributes); their types are inferred per file (bool, int64,
@@ -29,7 +31,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,15 +41,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
-    "DYNAMIC_PREFIXES", "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "TABLES", "TABLE_KEY", "Column",
+    "CorruptFileError", "DYNAMIC_PREFIXES", "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "TABLES", "TABLE_KEY", "Column",
     "ResultStore", "ResultsError", "RunRecord", "canonical_json", "run_id_for", "schema_for",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # columns added after schema v1, with the version that added them: files written before it read
 # with the column null (a v1 throughput file has no compile_mode)
 ADDED_IN: dict[tuple[str, str], int] = {("throughput", "compile_mode"): 2, ("runs", "pretrain"): 3,
-                                   ("runs", "model_options"): 4}
+                                   ("runs", "model_options"): 4, ("runs", "optimizer_params"): 5}
 SCHEMA_VERSION_KEY = "nlbench.schema_version"
 TABLE_KEY = "nlbench.table"
 RUN_STATUSES = ("completed", "failed", "diverged")
@@ -60,6 +61,11 @@ _DYNAMIC_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 class ResultsError(ValueError):
     """Bad rows on write, or an unreadable / incompatible file on read (the message names it)."""
+
+
+class CorruptFileError(ResultsError):
+    """A results file that is not readable Parquet (truncated, overwritten): the run that wrote it
+    is recomputed by the next sweep (:meth:`ResultStore.check_runs`)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "runs": _cols(
         "run_id:str model:str stream:str seed:int protocol:str strategy:str status:str error:str config:json "
         "started_at:ts finished_at:ts wall_s:float train_s:float eval_s:float device:str host:str params:int "
-        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float pretrain:str model_options:json",
+        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float pretrain:str model_options:json optimizer_params:json",
         required={"run_id", "model", "stream", "seed", "protocol", "strategy", "status", "config"},
         allowed={"status": RUN_STATUSES},
     ),
@@ -307,30 +313,10 @@ def _to_arrow(table: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 # ----------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path):
-    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(data: pa.Table, path: Path):
-    """Hidden temp file in the same directory, fsync, ``os.replace``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+def _parquet_bytes(data: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(data, sink)
+    return sink.getvalue().to_pybytes()
 
 
 @dataclass
@@ -346,22 +332,39 @@ class ResultStore:
     """``OUT/<table>/<key>.parquet`` files; see the module docstring for the guarantees."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.out_dir = Path(out_dir)
+        from nlbench.storage import location
 
-    def path(self, table: str, key: str) -> Path:
+        self.location = location(out_dir)
+        # a Path for a local OUT (as before), else the URI as given
+        self.out_dir = Path(self.location.root) if self.location.local else self.location.uri
+
+    def _name(self, table: str, key: str) -> str:
         _check_table(table)
         if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
             raise ResultsError(
                 f"results file key {key!r} is not usable as a file name: it must be 1-200 characters of "
                 f"letters, digits and . _ + @ -, starting with a letter or digit."
             )
-        return self.out_dir / table / f"{key}.parquet"
+        return f"{table}/{key}.parquet"
+
+    def path(self, table: str, key: str) -> Path | str:
+        """Where ``OUT/<table>/<key>.parquet`` is: a Path for a local OUT, else its URI."""
+        name = self._name(table, key)
+        return Path(self.location.join(name)) if self.location.local else self.location.display(name)
+
+    def _write(self, name: str, data: pa.Table):
+        from nlbench.storage import StorageError
+
+        try:
+            self.location.write(name, _parquet_bytes(data))
+        except StorageError as e:
+            raise ResultsError(str(e)) from e
 
     def write_rows(self, table: str, rows: Sequence[Mapping[str, Any]], key: str) -> Path:
         """Replace ``OUT/<table>/<key>.parquet`` with ``rows`` (atomic; same key twice -> one file)."""
-        path = self.path(table, key)
-        _atomic_write(_to_arrow(table, list(rows)), path)
-        return path
+        data = _to_arrow(table, list(rows))
+        self._write(self._name(table, key), data)
+        return self.path(table, key)
 
     def write_run(self, record: RunRecord) -> None:
         """Write a run's matrix, curves, then runs row, each replacing that run's previous file.
@@ -373,7 +376,7 @@ class ResultStore:
         run_id = run.get("run_id")
         if not isinstance(run_id, str):
             raise ResultsError(f"runs.run_id is required and must be a string (see run_id_for); got {run_id!r}.")
-        path = self.path("runs", run_id)
+        name = self._name("runs", run_id)
         tables = {}
         for table, rows in (("matrix", record.matrix), ("curves", record.curves)):
             filled = []
@@ -391,23 +394,35 @@ class ResultStore:
             tables[table] = _to_arrow(table, filled)
         runs = _to_arrow("runs", [run])  # validate everything before the first file changes
         for table, data in tables.items():
-            _atomic_write(data, self.path(table, run_id))
-        _atomic_write(runs, path)
+            self._write(self._name(table, run_id), data)
+        self._write(name, runs)
 
-    def files(self, table: str) -> list[Path]:
-        """The table's data files, hidden temp files and other names excluded."""
+    def _file_names(self, table: str) -> list[str]:
         _check_table(table)
-        d = self.out_dir / table
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
+        from nlbench.storage import StorageError
 
-    def _read_file(self, table: str, path: Path) -> pa.Table:
         try:
-            meta = pq.read_schema(path).metadata or {}
-        except (OSError, pa.ArrowException) as e:
-            raise ResultsError(
-                f"results file {path} is corrupt or not Parquet ({e}); delete it and re-run what wrote it."
+            names = self.location.list(table)
+        except StorageError as e:
+            raise ResultsError(str(e)) from e
+        return [f"{table}/{n}" for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
+
+    def files(self, table: str) -> list[Path | str]:
+        """The table's data files (Paths for a local OUT, else URIs), hidden temp files and other names excluded."""
+        names = self._file_names(table)
+        if self.location.local:
+            return [Path(self.location.join(n)) for n in names]
+        return [self.location.display(n) for n in names]
+
+    def _read_file(self, table: str, name: str) -> pa.Table:
+        path = self.location.display(name)
+        try:
+            blob = pa.BufferReader(self.location.read(name))
+            meta = pq.read_schema(blob).metadata or {}
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise CorruptFileError(
+                f"results file {path} is corrupt, not Parquet or unreadable ({e}); re-run what wrote it "
+                f"(`nlbench run` recomputes the run)."
             ) from e
         raw_version = meta.get(SCHEMA_VERSION_KEY.encode())
         if raw_version is None:
@@ -425,10 +440,11 @@ class ResultStore:
         if written_for != table:
             raise ResultsError(f"results file {path} holds table {written_for!r}, not {table!r}; it is in the wrong directory.")
         try:
-            data = pq.read_table(path)
+            blob.seek(0)
+            data = pq.read_table(blob)
         except (OSError, pa.ArrowException) as e:
-            raise ResultsError(
-                f"results file {path} is corrupt ({e}); delete it and re-run what wrote it."
+            raise CorruptFileError(
+                f"results file {path} is corrupt ({e}); re-run what wrote it (`nlbench run` recomputes the run)."
             ) from e
         prefixes = DYNAMIC_PREFIXES.get(table, ())
         expected = schema_for(table)
@@ -447,7 +463,7 @@ class ResultStore:
 
     def read_arrow(self, table: str) -> pa.Table:
         """All of a table as one Arrow table (validated; dynamic columns unified across files)."""
-        parts = [self._read_file(table, p) for p in self.files(table)]
+        parts = [self._read_file(table, n) for n in self._file_names(table)]
         if not parts:
             return schema_for(table).empty_table()
         try:
@@ -471,6 +487,40 @@ class ResultStore:
         return self.read_arrow(table).to_pandas()
 
     def completed_run_ids(self) -> set[str]:
-        """Run ids whose ``runs`` row has status ``completed`` (their matrix/curves were written before it)."""
-        runs = self.read_arrow("runs")
-        return {rid for rid, s in zip(runs.column("run_id").to_pylist(), runs.column("status").to_pylist()) if s == "completed"}
+        """Run ids whose ``runs`` row has status ``completed`` and whose files are all intact
+        (see :meth:`check_runs`)."""
+        return self.check_runs()[0]
+
+    def check_runs(self) -> tuple[set[str], dict[str, str]]:
+        """``(completed, damaged)``: the completed runs whose ``runs``, ``matrix`` and ``curves``
+        files are all present and readable, and ``run id -> what is wrong`` for the others that
+        claim (or may have claimed) completion - a corrupt ``runs`` file, or a completed run's
+        ``matrix``/``curves`` file deleted or corrupt. A damaged run is incomplete: the next
+        sweep recomputes it and its new files replace the damaged ones. Files of a newer schema
+        version still raise: they are not damaged, and must not be overwritten."""
+        done, damaged = set(), {}
+        for name in self._file_names("runs"):
+            try:
+                runs = self._read_file("runs", name)
+            except CorruptFileError as e:
+                damaged[name.rsplit("/", 1)[-1].removesuffix(".parquet")] = str(e)
+                continue
+            for rid, status in zip(runs.column("run_id").to_pylist(), runs.column("status").to_pylist()):
+                if status != "completed":
+                    continue
+                problem = None
+                for table in ("matrix", "curves"):
+                    p = self._name(table, rid)
+                    if not self.location.exists(p):
+                        problem = f"its {table} file {self.location.display(p)} is missing"
+                        break
+                    try:
+                        self._read_file(table, p)
+                    except CorruptFileError as e:
+                        problem = str(e)
+                        break
+                if problem is None:
+                    done.add(rid)
+                else:
+                    damaged[rid] = problem
+        return done, damaged

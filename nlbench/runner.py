@@ -76,6 +76,28 @@ def git_sha() -> str | None:
         return None
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def sequential_threads(cpus_per_run: float) -> int:
+    """Torch threads of a `--sequential` run: its CPU share (the config's resources.cpus_per_run,
+    as a Ray actor gets), at least one, at most the CPUs available - torch's default (every core
+    it sees) oversubscribes a shared or quota-limited machine."""
+    return max(1, min(int(cpus_per_run), available_cpus()))
+
+
 def resolve_device(requested: str | None, config: dict) -> torch.device:
     """An explicit `requested` device wins over the config's train.device; 'auto' = cuda if any."""
     name = requested or config["train"].get("device", "auto")
@@ -239,7 +261,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
         train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None,
+        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None,
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -255,6 +277,10 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         run["params"] = int(model.num_params())
         # every model option after defaults and paper_exact, e.g. Hope's stabilisers
         run["model_options"] = json.dumps(getattr(model, "options", None), sort_keys=True)
+        if config["protocol"] == "finetune":  # in_context trains no outer weight
+            from nlbench.optim import routing_counts
+
+            run["optimizer_params"] = json.dumps(routing_counts(config["train"]["optimizer"]["name"], model))
         if config.get("pretrain"):
             run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
@@ -307,14 +333,17 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
     """
     from nlbench.results import ResultStore
 
+    from nlbench.storage import local_dir
+
     store = ResultStore(out_dir)
+    ckpt_dir = Path(local_dir(out_dir, "checkpoints"))
     done = store.completed_run_ids()
     records = []
     for spec in specs:
         if spec.run_id in done:
             continue
         cb = None if progress is None else (lambda p, spec=spec: progress(spec, p))
-        record = execute_run(spec, checkpoint_dir=Path(out_dir) / "checkpoints", device=device, progress=cb,
+        record = execute_run(spec, checkpoint_dir=ckpt_dir, device=device, progress=cb,
                              threads=threads)
         store.write_run(record)
         if record.run["status"] == "completed":
@@ -323,8 +352,8 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
         if on_record is not None:
             on_record(spec, record)
     with _suppress():
-        (Path(out_dir) / "checkpoints").rmdir()  # only when empty: every run finished
+        ckpt_dir.rmdir()  # only when empty: every run finished
     return records
 
 
-__all__ = ["execute_run", "run_sequential", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
+__all__ = ["execute_run", "run_sequential", "sequential_threads", "available_cpus", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]

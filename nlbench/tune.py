@@ -60,6 +60,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from datetime import datetime, timezone
@@ -249,6 +250,16 @@ class TuneConfig(_Strict):
     def study_name(self) -> str:
         return self.study.name or self.name
 
+    @model_validator(mode="after")
+    def _study_name_chars(self):
+        # the study name keys result files (OUT/trials/<study>-NNNNN.parquet): a path separator or
+        # a space there would fail only after the first trial ran
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,99}", self.study_name):
+            field = "study.name" if self.study.name else "name"
+            raise ValueError(f"{field} {self.study_name!r} names the study and its result files: use letters, digits "
+                             f"and . _ + @ - only (no '/' or spaces), starting with a letter or digit")
+        return self
+
 
 def _error_text(e: ValidationError, intro: str) -> str:
     parts = []
@@ -274,13 +285,9 @@ def _error_text(e: ValidationError, intro: str) -> str:
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise TuneConfigError(f"{what} '{path}' does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TuneConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
-    return raw
+    from nlbench.config import read_yaml
+
+    return read_yaml(path, TuneConfigError, what)
 
 
 def base_experiment(tc: TuneConfig, source: Path | None = None) -> dict:
@@ -438,7 +445,14 @@ def open_storage(url: str):
     from optuna.storages.journal import JournalFileBackend
 
     if "://" in url and not url.startswith("journal:"):
-        return optuna.storages.RDBStorage(url)
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as e:  # noqa: BLE001 - unknown scheme, missing driver, unreachable server
+            cause = " ".join(str(e).split())[:300] or type(e).__name__
+            raise TuneConfigError(
+                f"--storage {url!r} cannot be opened as an Optuna RDB storage ({type(e).__name__}: {cause}); give "
+                f"sqlite:///PATH, postgresql://… or mysql://… with its driver installed, or a journal file path."
+            ) from None
     path = url.removeprefix("journal:")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(path))
@@ -736,7 +750,6 @@ def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = 
 
     t0 = time.perf_counter()
     out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     total = int(trials if trials is not None else tc.trials)
     if total < 1:
         raise TuneConfigError(f"--trials must be >= 1 (the study's total number of finished trials); got {total}.")
@@ -745,6 +758,7 @@ def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = 
     storage_url = storage or str(out / JOURNAL_NAME)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(tc, storage_url)
+    out.mkdir(parents=True, exist_ok=True)
     stored_dirs = [d.name for d in study.directions]
     wanted = [o.direction for o in tc.objectives]
     if [d.lower() for d in stored_dirs] != wanted:

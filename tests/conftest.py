@@ -23,7 +23,7 @@ def ray_session():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING", _node_ip_address="127.0.0.1")
         started = True
     ctx = ray.get_runtime_context()
@@ -72,6 +72,7 @@ def tiny_specs():
 MODULE_TIERS = {
     "test_cluster": "ray",
     "test_multinode": "ray",
+    "test_isolation": "ray",
     "test_faults": "ray",
     "test_report_html": "browser",
     "test_compiled_kernels": "compile",

@@ -75,3 +75,46 @@ def test_bad_config_exits_2_names_field_writes_nothing(tmp_path, change, field, 
 def test_missing_config_file_exits_2(tmp_path):
     res = CliRunner().invoke(main, ["run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"), "--sequential"])
     assert res.exit_code == 2 and "does not exist" in res.output and not (tmp_path / "o").exists()
+
+
+def test_deleted_or_corrupt_table_file_is_recomputed_and_said(tmp_path):
+    out = tmp_path / "out"
+    cfg = write(tmp_path, TINY)
+    assert CliRunner().invoke(main, ["run", cfg, "--out", str(out), "--sequential"]).exit_code == 0
+    before = pd.read_parquet(out / "matrix").sort_values(["run_id", "after_task", "eval_task", "metric"])
+    first, second = sorted(p.stem for p in (out / "runs").iterdir())
+    (out / "matrix" / f"{first}.parquet").unlink()  # what the corrupt-file error used to advise
+    cut = out / "curves" / f"{second}.parquet"
+    cut.write_bytes(cut.read_bytes()[:-20])
+
+    res = CliRunner().invoke(main, ["run", cfg, "--out", str(out), "--sequential"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "recomputing transformer/markov-languages/finetune/naive/seed" in text
+    assert f"({first}): its matrix file" in text and "is missing" in text
+    assert f"({second}): results file" in text and "is corrupt" in text
+    assert "already completed" not in res.output  # both ran again
+    after = pd.read_parquet(out / "matrix").sort_values(["run_id", "after_task", "eval_task", "metric"])
+    pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
+    from nlbench.results import ResultStore
+
+    store = ResultStore(out)
+    store.read("curves")  # the corrupt file was replaced
+    assert store.check_runs() == ({first, second}, {}) and len(store.read("runs")) == 2
+
+
+def test_sequential_uses_the_runs_cpu_share_as_torch_threads(tmp_path):
+    from nlbench.runner import available_cpus
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what torch would use by default on a 2-core machine
+    try:
+        for cpus, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+            cfg = dict(TINY, seeds=[0], resources=dict(cpus_per_run=cpus))
+            res = CliRunner().invoke(main, ["run", write(tmp_path, cfg), "--out", str(out), "--sequential"])
+            assert res.exit_code == 0, res.output
+            want = min(cpus, available_cpus())
+            assert f"torch uses {want} thread(s)" in res.output
+            assert list(pd.read_parquet(out / "runs")["device"]) == [f"cpu:{want}threads"]
+    finally:
+        torch.set_num_threads(threads)

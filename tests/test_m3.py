@@ -135,5 +135,5 @@ def test_m3_validation_names_field_and_range(kwargs, pattern):
 
 
 def test_m3_rejects_non_matrix_params():
-    with pytest.raises(ValueError, match=r"M3 only updates 2-D weight matrices"):
+    with pytest.raises(ValueError, match=r"M3 only updates weight matrices or batches of them"):
         M3([torch.nn.Parameter(torch.zeros(3))], lr=0.01)

@@ -115,10 +115,19 @@ def run(config, out, address, sequential, only, device):
     if sequential and address:
         click.echo("error: --sequential runs in this process; it cannot be combined with --address.", err=True)
         sys.exit(2)
+    from nlbench.preflight import check_address, check_writable
+
+    check_writable(out)
+    check_address(address)
     console.print(f"config {cfg.name}: {len(specs)} run(s) -> {out}")
+    announce_repairs(console, out, specs)
 
     if sequential:
-        _run_sequential(console, specs, out, device)
+        from nlbench.runner import sequential_threads
+
+        threads = sequential_threads(cfg.resources.cpus_per_run)
+        console.print(f"sequential: torch uses {threads} thread(s) (resources.cpus_per_run, at most this machine's CPUs)")
+        _run_sequential(console, specs, out, device, threads)
     else:
         if device:
             click.echo("error: --device applies to --sequential; with Ray each run uses a GPU when the config's "
@@ -132,7 +141,25 @@ def run(config, out, address, sequential, only, device):
     sys.exit(1 if status.get("failed") else 0)
 
 
-def _run_sequential(console, specs, out, device):
+def announce_repairs(console, out, specs) -> dict:
+    """Say which of these runs are recomputed because their files in OUT were deleted or corrupted
+    (nlbench.results.ResultStore.check_runs); returns run id -> what was wrong."""
+    import os
+
+    from nlbench.results import ResultStore
+    from nlbench.storage import is_uri
+
+    if not is_uri(out) and not os.path.isdir(out):
+        return {}
+    _, damaged = ResultStore(out).check_runs()
+    names = {s.run_id: s.name for s in specs}
+    found = {rid: why for rid, why in damaged.items() if rid in names}
+    for rid, why in found.items():
+        console.print(f"[yellow]recomputing[/yellow] {names[rid]} ({rid}): {why}")
+    return found
+
+
+def _run_sequential(console, specs, out, device, threads):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from nlbench.runner import run_sequential
@@ -157,7 +184,7 @@ def _run_sequential(console, specs, out, device):
             note = "" if st == "completed" else f": {(record.run['error'] or '').splitlines()[0]}"
             bar.console.print(f"[{color}]{st}[/{color}] {spec.name} ({record.run['wall_s']:.1f}s){note}")
 
-        records = run_sequential(specs, out, device=device, progress=on_step, on_record=on_record)
+        records = run_sequential(specs, out, device=device, progress=on_step, on_record=on_record, threads=threads)
         bar.update(overall, completed=len(specs))
     skipped = len(specs) - len(records)
     if skipped:

@@ -5,7 +5,8 @@
 """
 
 from nlbench.optim.build import (
-    ADAMW_HP, MAIN_HP, OPTIMIZERS, NestedOptimizer, build_optimizer, route_params, update_periods,
+    ADAMW_HP, MAIN_HP, OPTIMIZERS, NestedOptimizer, build_optimizer, route_params, routing, routing_counts,
+    update_periods,
 )
 from nlbench.optim.dgd import DGD
 from nlbench.optim.m3 import M3, M3_VARIANTS
@@ -14,5 +15,6 @@ from nlbench.optim.newton_schulz import NS_COEFFS, newton_schulz
 
 __all__ = [
     "ADAMW_HP", "DGD", "M3", "M3_VARIANTS", "MAIN_HP", "NS_COEFFS", "Muon", "NestedOptimizer",
-    "OPTIMIZERS", "build_optimizer", "newton_schulz", "route_params", "update_periods",
+    "OPTIMIZERS", "build_optimizer", "newton_schulz", "route_params", "routing", "routing_counts",
+    "update_periods",
 ]

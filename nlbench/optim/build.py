@@ -1,9 +1,15 @@
 """`build_optimizer`: route each parameter to the right rule, and step CMS levels at their period.
 
-Routing (spec §6): 2-D hidden weights go to the named optimizer (AdamW, Muon, M3 or DGD);
-embeddings (nn.Embedding weights, hence the LM head tied to them in every nlbench model, and
-any `lm_head` module), biases and norm gains (1-D), conv kernels (≥ 3-D) and scalars go to
-AdamW. Orthogonalizing a vocabulary-sized embedding or a gain vector is meaningless.
+Routing (spec §6): every hidden weight matrix goes to the named optimizer (AdamW, Muon, M3 or
+DGD) — 2-D weights, and for Muon / M3 also [..., out, in] tensors (per-head memory initial
+states, each slice its own matrix) and depthwise conv kernels [C, 1, K] (the [C, K] matrix of
+filters; `muon.matrix_view`). Embeddings (nn.Embedding weights, hence the LM head tied to them in
+every nlbench model, and any `lm_head` module), biases, norm gains and scalars go to AdamW, as in
+public Muon: orthogonalizing a vocabulary-sized embedding or a gain vector is meaningless. DGD
+takes every matrix too (per slice, with each slice's own inputs: nlbench/optim/dgd.py) except
+those a module lists in `nlbench_no_input` (never applied to a layer input, e.g. Titans'
+persistent tokens), which go to AdamW under DGD. `routing(name, model)`
+lists the choice per parameter; the run record stores the element count per optimizer.
 
 Cadence (spec §4, CMS `optimizer` mode, Eq. 70–74): a submodule with an int attribute
 `nlbench_update_period = C` has its parameters stepped only when the optimizer step count
@@ -214,12 +220,47 @@ def adamw_role_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def route_params(model: nn.Module) -> Callable[[str, nn.Parameter], str]:
-    special = adamw_role_ids(model)
+def no_input_ids(model: nn.Module) -> set[int]:
+    """Matrices that are never applied to a layer input (a module names them in its
+    `nlbench_no_input` tuple, e.g. Titans' persistent tokens): DGD has no input term for them,
+    so under "dgd" they go to AdamW."""
+    ids = set()
+    for name, module in model.named_modules():
+        for attr in getattr(module, "nlbench_no_input", ()):
+            p = getattr(module, attr, None)
+            if not isinstance(p, nn.Parameter):
+                raise ValueError(f"module '{name or type(module).__name__}': nlbench_no_input names {attr!r}, "
+                                 f"which is not one of its own parameters.")
+            ids.add(id(p))
+    return ids
 
-    def route(name: str, p: nn.Parameter) -> str:
-        return "main" if p.ndim == 2 and id(p) not in special else "adamw"
+
+def route_params(model: nn.Module, name: str = "muon") -> Callable[[str, nn.Parameter], str]:
+    """route(param name, param) -> "main" (the named optimizer) or "adamw"."""
+    special = adamw_role_ids(model) | (no_input_ids(model) if name == "dgd" else set())
+
+    def route(_: str, p: nn.Parameter) -> str:
+        return "main" if p.ndim >= 2 and id(p) not in special else "adamw"
     return route
+
+
+def routing(name: str, model: nn.Module) -> list[tuple[str, str]]:
+    """(parameter name, optimizer name) for every trainable parameter under optimizer `name`:
+    the optimizer name is `name` for routed matrices and "adamw" for the rest."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}.")
+    route = route_params(model, name)
+    return [(n, name if route(n, p) == "main" else "adamw")
+            for n, p in model.named_parameters() if p.requires_grad]
+
+
+def routing_counts(name: str, model: nn.Module) -> dict[str, int]:
+    """Element count per optimizer name under optimizer `name` (what the run record stores)."""
+    params = dict(model.named_parameters())
+    counts: dict[str, int] = {}
+    for n, opt in routing(name, model):
+        counts[opt] = counts.get(opt, 0) + params[n].numel()
+    return counts
 
 
 def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
@@ -227,8 +268,9 @@ def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
 
     hp: the named rule's hyper-parameters (MAIN_HP[name]) plus adamw_lr (default: lr for
     "adamw", 1e-3 otherwise), adamw_betas, adamw_eps, adamw_weight_decay for the AdamW side.
-    For "dgd", 2-D hidden parameters that are not nn.Linear weights (no layer input to hook)
-    get DGD's plain-SGD fallback.
+    `.routing` on the result: (parameter name, optimizer name) pairs. For "dgd", every routed
+    matrix must receive its layer inputs during the forward (an nn.Linear module call, or
+    `nlbench.models.inputs.report_input`); one that got none is an error at `step()`.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}.")
@@ -270,4 +312,6 @@ def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
         factories["main"] = lambda ps: M3(ps, **main)
     else:
         factories["main"] = lambda ps: DGD(ps, model=model, **main)
-    return NestedOptimizer(model, route_params(model), factories)
+    opt = NestedOptimizer(model, route_params(model, name), factories)
+    opt.routing = routing(name, model)
+    return opt

@@ -1,6 +1,6 @@
 """M3, Multi-scale Momentum Muon (Algorithm 1 of Nested Learning; spec §6).
 
-Per 2-D parameter θ, with learning rate η, betas (β1, β2, β3), α, ε, T = ns_steps and slow
+Per weight matrix θ (each matrix of a [..., out, in] batch on its own), with learning rate η, betas (β1, β2, β3), α, ε, T = ns_steps and slow
 period f = slow_every. Each step t = 1, 2, … with gradient g (`variant="paper"`, literal):
 
     M1 ← M1 + β1 g          V ← V + β2 g²          G ← G + g          (fast momentum, 2nd moment,
@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from nlbench.optim.muon import check_int, check_range, require_matrices
+from nlbench.optim.muon import check_int, check_range, matrix_view, require_matrices
 from nlbench.optim.newton_schulz import newton_schulz
 
 M3_VARIANTS = ("paper", "ema")
@@ -95,12 +95,13 @@ class M3(torch.optim.Optimizer):
                     M1.add_(g, alpha=b1)
                     V.addcmul_(g, g, value=b2)
                 G.add_(g)
-                O1 = newton_schulz(M1, steps=T)
+                O1 = newton_schulz(matrix_view(M1), steps=T).view_as(p)
                 if group["weight_decay"]:
                     p.mul_(1.0 - lr * group["weight_decay"])
                 u = O1.add(O2, alpha=alpha).div_(V.sqrt().add_(eps))
                 if group["rms_normalize"]:
-                    u.div_(u.square().mean().sqrt().clamp_min(1e-12))
+                    um = matrix_view(u)  # unit RMS per matrix (per head for batched states)
+                    um.div_(um.square().mean(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-12))
                 p.add_(u, alpha=-lr)
                 if st["step"] % f == 0:
                     if ema:
@@ -108,5 +109,5 @@ class M3(torch.optim.Optimizer):
                     else:
                         M2.add_(G, alpha=b3)
                     G.zero_()
-                    O2.copy_(newton_schulz(M2, steps=T))
+                    O2.copy_(newton_schulz(matrix_view(M2), steps=T).view_as(p))
         return loss

@@ -1,6 +1,7 @@
 """Muon: momentum, then orthogonalize the update with Newton–Schulz (spec §6).
 
-Per 2-D weight W (rows × cols) with gradient g, momentum μ, learning rate η, weight decay λ:
+Per weight matrix W (rows × cols; a [..., rows, cols] tensor is a batch of them, each updated on
+its own; `matrix_view`) with gradient g, momentum μ, learning rate η, weight decay λ:
 
     m ← μ m + g
     u = g + μ m          (Nesterov; u = m without it)
@@ -8,7 +9,7 @@ Per 2-D weight W (rows × cols) with gradient g, momentum μ, learning rate η, 
 
 NS_T(u) has singular values ≈ 1 whatever the gradient scale, so η is a step size in spectral
 norm; the √max(1, rows/cols) factor keeps the per-entry RMS of tall matrices' updates
-comparable to square ones. Muon is only for 2-D hidden weights: embeddings, the LM head,
+comparable to square ones. Muon is for hidden weight matrices: embeddings, the LM head,
 biases and norm gains go to AdamW (`nlbench.optim.build_optimizer` routes them).
 """
 
@@ -53,24 +54,34 @@ class Muon(torch.optim.Optimizer):
                 m = state["momentum_buffer"]
                 m.mul_(mu).add_(g)
                 u = g.add(m, alpha=mu) if group["nesterov"] else m
-                update = newton_schulz(u, steps=group["ns_steps"])
-                scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+                um = matrix_view(u)
+                update = newton_schulz(um, steps=group["ns_steps"]).view_as(p)
+                scale = math.sqrt(max(1.0, um.shape[-2] / um.shape[-1]))
                 if wd:
                     p.mul_(1.0 - lr * wd)
                 p.add_(update, alpha=-lr * scale)
         return loss
 
 
+def matrix_view(t: torch.Tensor) -> torch.Tensor:
+    """The matrices an orthogonalizing rule sees in a weight: a 2-D weight is one matrix; a
+    [..., out, in] tensor (per-head memory states) is a batch of matrices; a depthwise conv
+    kernel [C, 1, K] is the [C, K] matrix of its filters (as public Muon flattens conv filters)."""
+    if t.ndim >= 3 and t.shape[-2] == 1:
+        return t.reshape(t.shape[0], -1)
+    return t
+
+
 def require_matrices(opt_name: str, param_groups) -> None:
-    """Orthogonalizing optimizers only make sense for 2-D weights; say where the rest belongs."""
+    """Orthogonalizing optimizers need matrices (or batches of them); say where the rest belongs."""
     for gi, group in enumerate(param_groups):
         for pi, p in enumerate(group["params"]):
-            if p.ndim != 2:
+            if p.ndim < 2:
                 raise ValueError(
                     f"{opt_name}: param_groups[{gi}].params[{pi}] has shape {tuple(p.shape)}; "
-                    f"{opt_name} only updates 2-D weight matrices (allowed: ndim == 2). Route "
-                    f"embeddings, the LM head, biases, norm gains and conv kernels to AdamW — "
-                    f"nlbench.optim.build_optimizer does this routing."
+                    f"{opt_name} only updates weight matrices or batches of them (allowed: ndim >= 2). "
+                    f"Route biases, norm gains and scalars to AdamW — nlbench.optim.build_optimizer does "
+                    f"this routing."
                 )
 
 
