@@ -45,7 +45,7 @@ from nlbench.pretrain.config import PretrainConfig, resolve_block
 from nlbench.pretrain.tasks import PRETRAIN_SEED_BASE
 
 PROTOCOLS = ("finetune", "in_context")
-STRATEGIES = ("naive", "replay", "ewc")
+STRATEGIES = ("naive", "replay", "ewc", "joint", "fresh")
 OPTIMIZERS = ("adamw", "muon", "m3", "dgd")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -274,7 +274,7 @@ class ExperimentConfig(_Strict):
     streams: list[StreamEntry] = Field(..., min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     protocol: list[Literal["finetune", "in_context"]] = Field(default_factory=lambda: ["finetune"], min_length=1)
-    strategy: list[Literal["naive", "replay", "ewc"]] = Field(default_factory=lambda: ["naive"], min_length=1)
+    strategy: list[Literal["naive", "replay", "ewc", "joint", "fresh"]] = Field(default_factory=lambda: ["naive"], min_length=1)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
     train: TrainConfig
@@ -326,7 +326,7 @@ class RunConfig(_Strict):
     stream: StreamEntry
     seed: int = Field(..., ge=0, lt=PRETRAIN_SEED_BASE)
     protocol: Literal["finetune", "in_context"]
-    strategy: Literal["naive", "replay", "ewc"]
+    strategy: Literal["naive", "replay", "ewc", "joint", "fresh"]
     variant: str | None = None
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)

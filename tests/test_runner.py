@@ -61,7 +61,7 @@ def test_same_config_and_seed_give_identical_matrix():
     assert sorted(map(str, a.curves)) == sorted(map(str, b.curves))
 
 
-@pytest.mark.parametrize("strategy", ["replay", "ewc"])
+@pytest.mark.parametrize("strategy", ["replay", "ewc", "joint", "fresh"])
 def test_resume_from_checkpoint_equals_undisturbed_run(tmp_path, strategy):
     spec = spec_for(strategy=strategy)
     full = execute_run(spec, device="cpu")
