@@ -33,7 +33,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from nlbench.tune import ObjectiveSpec, Param, StudySettings, TuneConfigError, TuneResources, _Strict
+from nlbench.tune import ObjectiveSpec, StudySettings, TuneConfigError, TuneResources
+from nlbench.tune.space import Param, _Strict
 
 MIN_REPORT_SEEDS = 5  # issue 15: every ranked entry has at least 5 paired seeds
 
@@ -107,9 +108,10 @@ def _slug(text: str) -> str:
 
 
 def _error_text(e: ValidationError, intro: str) -> str:
-    from nlbench.tune import _error_text as tune_error_text
+    from nlbench.errors import validation_text
+    from nlbench.tune import PARAM_TYPES
 
-    return tune_error_text(e, intro)
+    return validation_text(e, intro, tags=PARAM_TYPES)
 
 
 def _base(lc: LeaderboardConfig, source: Path | None, src: str) -> dict:
