@@ -160,6 +160,7 @@ def test_edge_of_range():
 # ---------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_selection_on_tuning_seeds_then_reporting_runs_with_the_selected_values(ray_session, tmp_path):
     from nlbench.results import ResultStore
 
@@ -228,6 +229,7 @@ def test_selection_on_tuning_seeds_then_reporting_runs_with_the_selected_values(
     assert "skipped 10" in r.output
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_keeps_finished_trials(ray_session, tmp_path):
     from nlbench.selection.config import validate_leaderboard_config as validate
 

@@ -213,6 +213,7 @@ def validate_leaderboard_config(raw: Any, source: str | Path | None = None) -> t
                                          f"experiment runs no entry with strategy {key!r} (it has "
                                          f"{', '.join(map(repr, sorted(strategies)))}).")
     families = _families(lc, experiment, src)
+    checked: set[tuple] = set()  # entries whose space corners were checked (they do not depend on the stream)
     plans = []
     for m in experiment["models"]:
         for protocol, strategy in combos:
@@ -221,7 +222,7 @@ def validate_leaderboard_config(raw: Any, source: str | Path | None = None) -> t
             space.update(lc.model_space.get(m["label"], {}))
             space.update(lc.strategy_space.get(strategy, {}))
             for fam, members in families.items():
-                plans.append(_plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src))
+                plans.append(_plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src, checked))
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -230,8 +231,8 @@ def validate_leaderboard_config(raw: Any, source: str | Path | None = None) -> t
     return lc, plans
 
 
-def _plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src) -> StudyPlan:
-    from nlbench.tune import validate_tune_config
+def _plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src, checked: set) -> StudyPlan:
+    from nlbench.tune import TuneConfig, base_experiment, validate_tune_config
 
     entry = f"{m['label']}/{protocol}/{strategy}"
     if not space:
@@ -251,8 +252,18 @@ def _plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src
                study=dict(lc.study.model_dump(mode="json"), name=study_name))
     if lc.parallel is not None:
         raw["parallel"] = lc.parallel
+    # the corners of a space on model/train/eval/replay/ewc paths are checked once per entry (they
+    # build the model, which dominates the check); a stream path is checked on every family
+    key = (m["label"], protocol, strategy)
     try:
-        tc, tuning = validate_tune_config(raw)
+        if key in checked and not any(p.split(".", 1)[0] == "stream" for p in space):
+            tc = TuneConfig.model_validate(raw)
+            tuning = base_experiment(tc)
+        else:
+            tc, tuning = validate_tune_config(raw)
+            checked.add(key)
+    except ValidationError as e:
+        raise LeaderboardConfigError(_error_text(e, f"invalid leaderboard config {src}: entry {entry}, family {fam!r}")) from None
     except TuneConfigError as e:
         text = str(e).replace("invalid tune config (mapping): ", "")
         raise LeaderboardConfigError(f"invalid leaderboard config {src}: entry {entry}, family {fam!r}: {text}") from None
