@@ -11,9 +11,17 @@ curve in each later exposure minus the area in its first exposure.
 """
 from __future__ import annotations
 
-from .base import Stream, Task, check_int
+import inspect
 
-BASES = ("permuted-digits", "markov-languages", "permuted-tokens", "mqar", "split-digits-task")
+from .base import Stream, Task, check_int
+from .digits import build_permuted_digits, build_split_digits_task
+from .markov import build_markov_languages, build_permuted_tokens
+from .mqar import build_mqar
+
+BASES = {"permuted-digits": build_permuted_digits, "markov-languages": build_markov_languages,
+         "permuted-tokens": build_permuted_tokens, "mqar": build_mqar,
+         "split-digits-task": build_split_digits_task}
+_SET_HERE = ("num_tasks", "seq_len", "seed", "eval_size")
 
 
 def source_of(position: int) -> int:
@@ -28,8 +36,6 @@ def recurrences(num_tasks: int) -> list[list[int]]:
 
 def build_recurring(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
                     base: str = "permuted-digits", base_options: dict | None = None) -> Stream:
-    from .registry import build_stream  # the registry imports this module
-
     where = "stream 'recurring'"
     check_int("num_tasks", num_tasks, 3, None, where=where,
               why="(A B A is the shortest stream in which a task recurs)")
@@ -39,13 +45,18 @@ def build_recurring(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
         raise ValueError(f"{where}: `base_options` must be a mapping of the base stream's knobs; "
                          f"got {base_options!r}.")
     options = dict(base_options or {})
-    clash = sorted(set(options) & {"num_tasks", "seq_len", "seed", "eval_size"})
+    clash = sorted(set(options) & set(_SET_HERE))
     if clash:
         raise ValueError(f"{where}: `base_options` may not set {', '.join(clash)} (the recurring "
                          f"stream sets them).")
+    knobs = [k for k in inspect.signature(BASES[base]).parameters if k not in _SET_HERE]
+    unknown = sorted(set(options) - set(knobs))
+    if unknown:
+        raise ValueError(f"{where}: unknown `base_options` {', '.join(unknown)} for base {base!r}; "
+                         f"allowed: {', '.join(knobs) or 'none'}.")
     try:
-        inner = build_stream(base, num_tasks=1 + num_tasks // 2, seq_len=seq_len, seed=seed,
-                             eval_size=eval_size, **options)
+        inner = BASES[base](num_tasks=1 + num_tasks // 2, seq_len=seq_len, seed=seed,
+                            eval_size=eval_size, **options)
     except ValueError as e:
         raise ValueError(f"{where} (base {base!r}): {e}") from None
     tasks, exposures = [], {}

@@ -482,6 +482,8 @@ def test_recurring_errors_name_the_knob():
         build_stream("recurring", base_options=dict(seq_len=12))
     with pytest.raises(ValueError, match="base 'markov-languages'.*order"):
         build_stream("recurring", base="markov-languages", seq_len=32, base_options=dict(order=9))
+    with pytest.raises(ValueError, match="unknown `base_options` colour.*allowed: vocab_size"):
+        build_stream("recurring", base="markov-languages", base_options=dict(colour=1))
 
 
 def test_capability_streams_are_marked_in_the_registry():
