@@ -557,6 +557,9 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
     headline = {k: v for k, v in (figures or {}).items() if k in HEADLINE_FIGURES}
     if headline:
         out += ["## Headline figures", ""] + [f"![{k}]({v})" for k, v in headline.items()] + [""]
+    from nlbench.report.cms_ablation import render_markdown as ablation_markdown
+
+    out += ablation_markdown(doc.get("cms_ablation") or [], figures, _md_table)
     out += ["## Details", ""]
     out.append(f"Cells: seed mean [95% CI]. CI method: {doc['ci_method']}. {doc['did_not_learn_rule']}; "
                "such entries are flagged and not ranked. Ranking: " + doc["ranking_rule"] + ".")
@@ -583,7 +586,7 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
         out += ["## Metrics", ""] + metric_notes(doc) + [""]
     else:
         out += ["No completed runs to rank.", ""]
-    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES}
+    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES and not k.startswith("CMS ablation")}
     if rest:
         out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in rest.items()] + [""]
     if throughput_md:
