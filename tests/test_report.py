@@ -509,3 +509,22 @@ def test_results_written_before_the_ceiling_column_still_report(tmp_path):
     old = build_leaderboard(load_results([tmp_path / "o"]))
     assert old["schema_version"] == 2 and _entry(old["streams"][0], "hope")["ceiling"] is None
     assert old["verdict"][0]["outcome"] == "better"
+
+
+def test_recurring_stream_section_shows_relearn_savings(tmp_path):
+    # A B A: A's curve is [b, R[0][0]] = [0.2, 0.9] the first time and [R[1][2], R[2][2]] = [0.6, 0.95]
+    # when it comes back: savings (0.6 + 0.95)/2 − (0.2 + 0.9)/2 = 0.225
+    R = [[0.9, 0.2, 0.9], [0.6, 0.9, 0.6], [0.95, 0.3, 0.95]]
+    store = ResultStore(tmp_path / "o")
+    for seed in (0, 1):
+        write_run(store, "hope", "recurring", seed, R)
+        write_run(store, "hope", "split-digits", seed, HOPE)
+    build_report([tmp_path / "o"], formats=("json", "md"), figures=False)
+    doc = json.loads((tmp_path / "o" / "report" / "leaderboard.json").read_text())
+    by_stream = {s["stream"]: s for s in doc["streams"]}
+    assert by_stream["recurring"]["kind"] == "forgetting"
+    assert by_stream["recurring"]["entries"][0]["metrics"]["relearn_savings"]["mean"] == pytest.approx(0.225)
+    md = (tmp_path / "o" / "report" / "leaderboard.md").read_text()
+    header_lines = [line for line in md.splitlines() if line.startswith("| rank |")]
+    assert sum("relearn_savings" in line for line in header_lines) == 1   # only the recurring section
+    assert "0.225" in md

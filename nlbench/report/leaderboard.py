@@ -35,6 +35,7 @@ import pandas as pd
 
 from nlbench import metrics as M
 from nlbench.report.load import ReportError, Results
+from nlbench.tasks import capability_streams
 
 SCHEMA_VERSION = 2
 # The metrics of the table, in the order shown (forgetting always next to plasticity); lca needs
@@ -43,8 +44,10 @@ TABLE_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalized
 RANK_METRIC = "acc_final"  # the one metric a rank is computed from (no metric counted twice)
 PAIRED_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalized")
 # Streams that test a capability (transfer, learnability at a budget), not forgetting: their own
-# section of the report, outside the verdict.
-CAPABILITY_STREAMS = ("passkey", "modular-arithmetic", "text-domains")
+# section of the report, outside the verdict. The stream registry marks them (StreamSpec.measures).
+CAPABILITY_STREAMS = capability_streams()
+# Shown as an extra column only in sections where some entry has a value (recurring streams).
+SECTION_EXTRA_METRICS = ("relearn_savings",)
 HEADLINE_FIGURES = ("final score vs forgetting",)  # shown right after the verdict; the rest with the details
 RANKING_RULE = (
     "per stream section: entries that learned, by acc_final; rank = 1 + the number of entries whose paired "
@@ -414,7 +417,10 @@ def fmt_rate(a: dict | None) -> str:
 
 def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
     """Header and rows (display text, sort value) of one stream section's table."""
-    head = ["rank", "entry", "seeds", "chance", *TABLE_METRICS, "train tok/s", "flags"]
+    shown = TABLE_METRICS + tuple(m for m in SECTION_EXTRA_METRICS if any(
+        (e["metrics"].get(m) or {}).get("mean") is not None and not math.isnan(e["metrics"][m]["mean"])
+        for e in section["entries"]))
+    head = ["rank", "entry", "seeds", "chance", *shown, "train tok/s", "flags"]
     rows = []
     for e in section["entries"]:
         flags = []
@@ -428,7 +434,7 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
             (str(e["n_seeds"]), e["n_seeds"]),
             (f"{e['chance']['mean']:.3f}" if e["chance"]["mean"] is not None and not math.isnan(e["chance"]["mean"]) else "—",
              e["chance"]["mean"]),
-            *[(fmt_ci(e["metrics"][m]), e["metrics"][m]["mean"]) for m in TABLE_METRICS],
+            *[(fmt_ci(e["metrics"][m]), e["metrics"][m]["mean"]) for m in shown],
             (fmt_rate(e["train_tokens_per_s"]), e["train_tokens_per_s"]["mean"]),
             ("; ".join(flags), "; ".join(flags)),
         ]
