@@ -34,7 +34,7 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     chunk_size      chunk of the projection memories k, v, η, α (default 16; 64 let
                     their W2 diverge on long carried streams)                     [hope only]
     mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
-    eta_init, alpha_init  learning rate / retention gates at init (0.3, 0.999: chosen so that
+    eta_init, alpha_init  learning rate / retention gates at init (0.2, 0.999: chosen so that
                     Hope learns standard.yaml's passkey stream with its optimizer; why:
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
@@ -85,7 +85,7 @@ __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
                     cms_hidden=None, cms_lr=0.5, cms_lr_mode="period",
                     cms_objective="next_input")
-SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.3,
+SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.2,
                     alpha_init=0.999, memory_kernel="chunked", **STABILISERS)
 
 
