@@ -5,7 +5,7 @@ K MLP levels; level ℓ has update period C^(ℓ) (frequency 1/C^(ℓ)). Wiring,
     independent (head-wise, Agg = sum):  x ← x + Σ_ℓ MLP^(ℓ)(norm_ℓ(x))
     nested (in-context only):            the sequential chain, and level ℓ < K re-initializes
         from its own initial state φ^(ℓ) every C^(ℓ+1) tokens, after φ^(ℓ) took one step of
-        level ℓ+1: φ ← φ − η^(ℓ+1) Σ_{that block} ∇ℓ_t (first order; `_fold`). Periods must
+        level ℓ+1: φ ← φ − η^(ℓ+1) Σ_{that block} ∇ℓ_t (first order; `nlbench.kernels.cms.state.fold`). Periods must
         divide one another.
 
 Periods are non-decreasing, fastest first; equal periods are allowed ([1, 1, 1] is the
@@ -47,8 +47,9 @@ Two meanings of "step" (spec §4), chosen with `mode`:
   gradient sum of the block in progress, "count": tokens since the last update (0-dim long),
   "prev": last input [B, d]; nested levels also "phi", "phi_acc" (gradient sum since the last
   re-initialization) and "since" (tokens since then)}. Carrying it across calls continues the stream exactly, also when
-  a call ends mid-block. `cms_level_reference` (token loop with a counter) and
-  `cms_level_chunked` (loop over blocks, matmuls inside) compute the same thing.
+  a call ends mid-block. The update itself lives in `nlbench.kernels.cms`: `cms_level_reference`
+  (token loop with a counter) and `cms_level_chunked` (loop over blocks, matmuls inside) compute
+  the same thing.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlbench.kernels.cms import (cms_level_chunked, cms_level_reference, cms_level_teach, swiglu_apply, swiglu_grads,
+                                 teach_grads)
+from nlbench.kernels.cms.state import check_period
 from nlbench.models.inputs import collecting, report_input
 from nlbench.models.layers import RMSNorm, SwiGLU
 
@@ -73,135 +77,6 @@ CMS_OBJECTIVES = ("next_input", "teach")
 CMS_LR_MODES = ("period", "scaled")
 
 
-def _dsilu(x):
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
-def swiglu_apply(w, x):
-    """SwiGLU with per-batch weights w = [W_gate, W_up, W_down]: x [B, N, d] -> [B, N, d]."""
-    wg, wu, wd = w
-    return (F.silu(x @ wg.transpose(-1, -2)) * (x @ wu.transpose(-1, -2))) @ wd.transpose(-1, -2)
-
-
-def _apply_and_grads(w, x_ext, target):
-    """One pass over rows x_ext = [x_{s-1}, x_s, .., x_{s+n-1}] (n + 1 rows).
-
-    Returns the outputs of rows 1..n (the block's outputs) and Σ_t ∇_w ½‖MLP_w(x_{t-1}) − x_t‖²
-    over the n targets, using rows 0..n-1 as inputs (closed-form SwiGLU backprop).
-    """
-    wg, wu, wd = w
-    g, u = x_ext @ wg.transpose(-1, -2), x_ext @ wu.transpose(-1, -2)
-    a = F.silu(g)
-    m = a * u
-    out = m @ wd.transpose(-1, -2)
-    e = out[:, :-1] - target                       # δ_t, [B, n, d]
-    return out[:, 1:], _backprop(wd, x_ext[:, :-1], g[:, :-1], u[:, :-1], a[:, :-1], m[:, :-1], e)
-
-
-def _backprop(wd, xin, g, u, a, m, e):
-    """Σ_t ∇_w of e_t · SwiGLU_w(xin_t) (closed form): the weight gradients for output errors e."""
-    dm = e @ wd                                    # [B, n, h]
-    d_wd = e.transpose(-1, -2) @ m
-    d_wu = (dm * a).transpose(-1, -2) @ xin
-    d_wg = (dm * u * _dsilu(g)).transpose(-1, -2) @ xin
-    return [d_wg, d_wu, d_wd]
-
-
-def teach_grads(w, x, delta):
-    """Σ_t ∇_w ½‖SwiGLU_w(x_t) − sg(SwiGLU_w(x_t) − δ_t)‖² = Σ_t J_tᵀ δ_t: the teach-signal
-    objective of spec §4 (δ_t = ∂L/∂out_t, used as given; detach it yourself)."""
-    wg, wu, wd = w
-    g, u = x @ wg.transpose(-1, -2), x @ wu.transpose(-1, -2)
-    a = F.silu(g)
-    return _backprop(wd, x, g, u, a, a * u, delta)
-
-
-def swiglu_grads(w, x_prev, x_next):
-    """Σ_t ∇_w ½‖SwiGLU_w(x_prev_t) − x_next_t‖² (x_next is used as given; detach it yourself)."""
-    ext = torch.cat([x_prev, x_prev[:, -1:]], dim=1)  # the extra row only feeds an unused output
-    return _apply_and_grads(w, ext, x_next)[1]
-
-
-def _check_period(period):
-    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise ValueError(f"CMS period must be a positive integer, got {period!r}.")
-
-
-def _fold(st, grads, n, period, lr, nest=None):
-    """Fold the summed gradients `grads` of n more tokens (all taken at st["w"]) into a level
-    state with python-int counters: the block sum, the update when the block is complete
-    (count hits the period), and for the nested variant the re-initialization from φ at the
-    end of the slower level's block (`nest` = (its period, its η)), φ first taking that block's
-    summed gradients at the slower level's step."""
-    st = {**st, "acc": [a + g for a, g in zip(st["acc"], grads)], "count": st["count"] + n}
-    if st["count"] == period:
-        st["w"] = [p - lr * a for p, a in zip(st["w"], st["acc"])]
-        st["acc"], st["count"] = [torch.zeros_like(a) for a in st["acc"]], 0
-    if nest is not None:
-        reset_period, reset_lr = nest
-        st["phi_acc"] = [a + g for a, g in zip(st["phi_acc"], grads)]
-        st["since"] += n
-        if st["since"] == reset_period:
-            st["phi"] = [p - reset_lr * a for p, a in zip(st["phi"], st["phi_acc"])]
-            st["w"] = list(st["phi"])
-            st["phi_acc"], st["since"] = [torch.zeros_like(a) for a in st["phi_acc"]], 0
-    return st
-
-
-def _unpack(state):
-    st = {**state, "w": list(state["w"]), "acc": list(state["acc"]), "count": int(state["count"])}
-    if "phi" in state:
-        st.update(phi=list(state["phi"]), phi_acc=list(state["phi_acc"]), since=int(state["since"]))
-    return st
-
-
-def _pack(st):
-    st = {**st, "count": torch.tensor(st["count"], dtype=torch.long)}
-    if "since" in st:
-        st["since"] = torch.tensor(st["since"], dtype=torch.long)
-    return st
-
-
-def cms_level_reference(state, x, period: int, lr, nest=None):
-    """Token loop with a counter: out_t = MLP_θ(x_t); acc += ∇ℓ_t(θ); update when the count hits C."""
-    _check_period(period)
-    st, outs = _unpack(state), []
-    for t in range(x.shape[1]):
-        x_t = x[:, t : t + 1]
-        outs.append(swiglu_apply(st["w"], x_t))
-        grads = swiglu_grads(st["w"], st["prev"][:, None], x_t.detach())
-        st = _fold({**st, "prev": x[:, t]}, grads, 1, period, lr, nest)
-    return torch.cat(outs, dim=1), _pack(st)
-
-
-def cms_level_chunked(state, x, period: int, lr, nest=None):
-    """Same as `cms_level_reference`, one segment per block (matmuls inside, no token loop)."""
-    _check_period(period)
-    st, T, outs = _unpack(state), x.shape[1], []
-    first = min(period - st["count"], T)  # the rest of the block in progress, then whole blocks
-    sizes = [first] + [period] * ((T - first) // period) + ([(T - first) % period] if (T - first) % period else [])
-    # split once (a slice per block would zero-fill a full-length gradient per block)
-    for xs in x.split([n for n in sizes if n], dim=1):
-        out, grads = _apply_and_grads(st["w"], torch.cat([st["prev"][:, None], xs], dim=1), xs.detach())
-        outs.append(out)
-        st = _fold({**st, "prev": xs[:, -1]}, grads, xs.shape[1], period, lr, nest)
-    return torch.cat(outs, dim=1), _pack(st)
-
-
-def cms_level_teach(state, x, delta, period: int, lr, nest=None):
-    """Teach-signal objective: fold Σ_t J_tᵀ δ_t of a segment x [B, n, d] whose outputs were
-    read with state["w"] (`teach_grads`) into the level state. The segment must not cross the
-    level's block boundary (its tokens all used the same θ_b)."""
-    _check_period(period)
-    st, n = _unpack(state), x.shape[1]
-    if st["count"] + n > period:
-        raise ValueError(f"teach segment of {n} tokens crosses the level's block boundary "
-                         f"({st['count']} of {period} tokens already in the block).")
-    st = _fold({**st, "prev": x[:, -1]}, teach_grads(st["w"], x, delta), n, period, lr, nest)
-    return _pack(st)
-
-
 class CMSLevel(nn.Module):
     """One CMS level: pre-norm + SwiGLU with update period C^(ℓ).
 
@@ -212,7 +87,7 @@ class CMSLevel(nn.Module):
     def __init__(self, dim: int, hidden: int, period: int, mode: str, lr: float, lr_mode: str = "period",
                  objective: str = "next_input"):
         super().__init__()
-        _check_period(period)
+        check_period(period)
         if lr_mode not in CMS_LR_MODES:
             raise ValueError(f"cms_lr_mode must be one of {', '.join(CMS_LR_MODES)}; got {lr_mode!r}.")
         if objective not in CMS_OBJECTIVES:

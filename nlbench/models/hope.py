@@ -217,7 +217,7 @@ class Hope(NLModel):
     def compiled(self, mode: str = "default"):
         """Hope with each chunk step of its self-modifying layers compiled by `torch.compile`
         (projections, gates, curvature guard and DGD chunk in one graph with one fused backward;
-        `self_modifying_titans._compiled_fused_chunk_step`, or the DGD kernel alone when the two
+        `self_modifying_titans._compiled_stacked_chunk_step`, or the DGD kernel alone when the two
         chunk sizes differ); the chunk loop and everything else run eagerly. Hope-Attention has
         no chunk loop and compiles whole."""
         if self.family != "hope":
@@ -227,14 +227,14 @@ class Hope(NLModel):
             b.mixer.compile_kernels = mode
         return self
 
-    def set_kernel(self, kernel: str):
+    def set_memory_kernel(self, kernel: str):
         """"chunked" (default), "triton" (Hope's memories on the Triton kernel) or "reference"
         (per-token loops) for every in-context memory."""
         if kernel not in ("chunked", "triton", "reference"):
             raise ValueError(f"kernel must be 'chunked', 'triton' or 'reference', got {kernel!r}.")
         for b in self.blocks:
             if b.mixer_kind == "smt":
-                b.mixer.kernel = kernel
+                b.mixer.memory_kernel = kernel
             b.cms.reference = kernel == "reference"
 
     def flops_per_token(self, seq_len: int) -> float:
