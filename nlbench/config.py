@@ -334,6 +334,9 @@ class RunConfig(_Strict):
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     pretrain: PretrainConfig | None = None
+    # provenance of a leaderboard run (nlbench.selection): the values chosen on the tuning seeds,
+    # those seeds, the study; None (and absent from the dict, so run ids stay) for other runs
+    selected: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _strategy_fits_protocol(self):
@@ -455,6 +458,8 @@ def validate_run_config(config: dict) -> dict:
     except ValidationError as e:
         raise ConfigError(_error_text(e, "invalid run config")) from None
     out = rc.model_dump(mode="json")
+    if out["selected"] is None:
+        del out["selected"]
     if out["pretrain"] is None:
         del out["pretrain"]  # runs without pretraining keep the ids they had before the block existed
     else:

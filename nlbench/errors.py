@@ -23,6 +23,7 @@ USER_ERRORS = (
     "nlbench.execution:SweepError",
     "nlbench.results:ResultsError",
     "nlbench.tune.config:TuneConfigError",
+    "nlbench.selection.config:LeaderboardConfigError",
     "nlbench.bench.bench_config:BenchConfigError",
     "nlbench.report.load:ReportError",
     "nlbench.metrics:MetricsError",
