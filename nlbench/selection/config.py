@@ -36,7 +36,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from nlbench.tune import ObjectiveSpec, StudySettings, TuneConfigError, TuneResources
 from nlbench.tune.space import Param, _Strict
 
-MIN_REPORT_SEEDS = 5  # issue 15: every ranked entry has at least 5 paired seeds
+MIN_REPORT_SEEDS = 5  # every ranked entry has at least 5 paired seeds
 
 
 class LeaderboardConfigError(ValueError):
