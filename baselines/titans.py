@@ -27,6 +27,7 @@ from nlbench.kernels.compiling import compile_mode
 from nlbench.kernels.titans import memory_flops_per_token, memory_read, titans_memory_chunked
 from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
+from nlbench.models.inputs import report_chain_inputs, report_conv_input
 from nlbench.models.layers import (
     CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, causal_conv, init_weights, swiglu_hidden,
 )
@@ -84,7 +85,9 @@ class NeuralMemory(nn.Module):
 
     def project(self, x, tail):
         """q, k, v [B, H, T, dh] through the causal conv continued from `tail`; returns the new tail."""
-        qkv, tail = causal_conv(self.qkv(x), tail, self.conv.conv.weight)
+        qkv = self.qkv(x)
+        report_conv_input(self.conv.conv.weight, qkv, tail)  # DGD sees the conv's inputs (models/inputs.py)
+        qkv, tail = causal_conv(qkv, tail, self.conv.conv.weight)
         q, k, v = (self.heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, tail
 
@@ -122,6 +125,7 @@ class NeuralMemory(nn.Module):
     def memorize(self, x, state, conv_key="conv"):
         """Run the memory over x: reads y_t = M_{t-1}(q_t) while learning (k_t, v_t). Returns (out, state)."""
         q, k, v, tail = self.project(x, state[conv_key])
+        report_chain_inputs(list(self.w0), q)  # the memory's initial state per head, read at q (DGD)
         eta, theta, alpha = self.gate_values(x)
         theta = theta / chunk_key_scale(k, self.chunk_size)
         y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size,
@@ -196,6 +200,7 @@ class MAGBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
         self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.nlbench_no_input = ("persistent",)  # learned tokens, no layer input: AdamW under DGD
         self.attn = CausalSelfAttention(d_model, n_heads, window=window)
         self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
         self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
@@ -237,6 +242,7 @@ class MACBlock(nn.Module):
         self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
         self.read_norm, self.y_norm = RMSNorm(d_model), RMSNorm(d_model)
         self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.nlbench_no_input = ("persistent",)  # learned tokens, no layer input: AdamW under DGD
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
         self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))

@@ -404,8 +404,10 @@ def run_sweep(
     from nlbench.results import ResultsError, ResultStore
     from nlbench.runner import clear_checkpoint
 
-    out = Path(out_dir).absolute()
-    store = ResultStore(out)
+    from nlbench.storage import local_dir
+
+    store = ResultStore(out_dir)
+    out = store.out_dir
     specs = list({s.run_id: s for s in specs}.values())  # a run id twice would be one run
     done_before = store.completed_run_ids()
     pending = [s for s in specs if s.run_id not in done_before]
@@ -417,7 +419,7 @@ def run_sweep(
     import ray
 
     started_ray = connect(address, num_cpus=num_cpus, num_gpus=num_gpus)
-    ckpt_dir = str(out / "checkpoints")
+    ckpt_dir = local_dir(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     width = sweep_capacity(cpus_per_run, gpus_per_run)
     if width == 0:
@@ -432,7 +434,7 @@ def run_sweep(
     try:  # pretrained checkpoints the runs name: each computed once, as a Ray task, before any actor holds CPUs
         from nlbench.pretrain.remote import pretrain_jobs, run_pretrain_jobs
 
-        run_pretrain_jobs(pretrain_jobs(pending), out / "pretrained", cpus=cpus_per_run, gpus=gpus_per_run,
+        run_pretrain_jobs(pretrain_jobs(pending), Path(local_dir(out_dir, "pretrained")), cpus=cpus_per_run, gpus=gpus_per_run,
                           max_failures=max_failures)
     except BaseException:
         if started_ray:

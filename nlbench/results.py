@@ -1,11 +1,11 @@
 """Parquet results store (docs/ARCHITECTURE.md, "Results store").
 
-``OUT/<table>/`` is a Parquet dataset that ``pandas.read_parquet(OUT / "runs")`` reads whole. Each
-run writes one file per table, named by its run id; bench/tune write one file per key. A file is
-written to a hidden temp file in the same directory (``.<name>.<random>.tmp``: readers skip names
-starting with ``.``), fsynced, then ``os.replace``d over the old one and the directory fsynced, so
-a reader sees the old file or the new one, never half of one, and a re-written run never has two
-rows. Every file carries ``nlbench.schema_version`` and ``nlbench.table`` in its Arrow schema
+``OUT/<table>/`` is a Parquet dataset that ``pandas.read_parquet(OUT / "runs")`` reads whole. OUT
+is a directory or an object-store prefix (``s3://…``, ``gs://…``; :mod:`nlbench.storage`). Each
+run writes one file per table, named by its run id; bench/tune write one file per key. Every file
+is written whole through :mod:`nlbench.storage` (local: hidden temp file, fsync, ``os.replace``;
+object stores: one upload), so a reader sees the old file or the new one, never half of one, and
+a re-written run never has two rows. Every file carries ``nlbench.schema_version`` and ``nlbench.table`` in its Arrow schema
 metadata; :meth:`ResultStore.read` refuses files from a newer version and corrupt files with a
 :class:`ResultsError` that names the file.
 
@@ -31,7 +31,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -315,30 +314,10 @@ def _to_arrow(table: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 # ----------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path):
-    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(data: pa.Table, path: Path):
-    """Hidden temp file in the same directory, fsync, ``os.replace``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+def _parquet_bytes(data: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(data, sink)
+    return sink.getvalue().to_pybytes()
 
 
 @dataclass
@@ -354,22 +333,39 @@ class ResultStore:
     """``OUT/<table>/<key>.parquet`` files; see the module docstring for the guarantees."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.out_dir = Path(out_dir)
+        from nlbench.storage import location
 
-    def path(self, table: str, key: str) -> Path:
+        self.location = location(out_dir)
+        # a Path for a local OUT (as before), else the URI as given
+        self.out_dir = Path(self.location.root) if self.location.local else self.location.uri
+
+    def _name(self, table: str, key: str) -> str:
         _check_table(table)
         if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
             raise ResultsError(
                 f"results file key {key!r} is not usable as a file name: it must be 1-200 characters of "
                 f"letters, digits and . _ + @ -, starting with a letter or digit."
             )
-        return self.out_dir / table / f"{key}.parquet"
+        return f"{table}/{key}.parquet"
+
+    def path(self, table: str, key: str) -> Path | str:
+        """Where ``OUT/<table>/<key>.parquet`` is: a Path for a local OUT, else its URI."""
+        name = self._name(table, key)
+        return Path(self.location.join(name)) if self.location.local else self.location.display(name)
+
+    def _write(self, name: str, data: pa.Table):
+        from nlbench.storage import StorageError
+
+        try:
+            self.location.write(name, _parquet_bytes(data))
+        except StorageError as e:
+            raise ResultsError(str(e)) from e
 
     def write_rows(self, table: str, rows: Sequence[Mapping[str, Any]], key: str) -> Path:
         """Replace ``OUT/<table>/<key>.parquet`` with ``rows`` (atomic; same key twice -> one file)."""
-        path = self.path(table, key)
-        _atomic_write(_to_arrow(table, list(rows)), path)
-        return path
+        data = _to_arrow(table, list(rows))
+        self._write(self._name(table, key), data)
+        return self.path(table, key)
 
     def write_run(self, record: RunRecord) -> None:
         """Write a run's matrix, curves, then runs row, each replacing that run's previous file.
@@ -381,7 +377,7 @@ class ResultStore:
         run_id = run.get("run_id")
         if not isinstance(run_id, str):
             raise ResultsError(f"runs.run_id is required and must be a string (see run_id_for); got {run_id!r}.")
-        path = self.path("runs", run_id)
+        name = self._name("runs", run_id)
         tables = {}
         for table, rows in (("matrix", record.matrix), ("curves", record.curves)):
             filled = []
@@ -399,24 +395,35 @@ class ResultStore:
             tables[table] = _to_arrow(table, filled)
         runs = _to_arrow("runs", [run])  # validate everything before the first file changes
         for table, data in tables.items():
-            _atomic_write(data, self.path(table, run_id))
-        _atomic_write(runs, path)
+            self._write(self._name(table, run_id), data)
+        self._write(name, runs)
 
-    def files(self, table: str) -> list[Path]:
-        """The table's data files, hidden temp files and other names excluded."""
+    def _file_names(self, table: str) -> list[str]:
         _check_table(table)
-        d = self.out_dir / table
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
+        from nlbench.storage import StorageError
 
-    def _read_file(self, table: str, path: Path) -> pa.Table:
         try:
-            meta = pq.read_schema(path).metadata or {}
-        except (OSError, pa.ArrowException) as e:
+            names = self.location.list(table)
+        except StorageError as e:
+            raise ResultsError(str(e)) from e
+        return [f"{table}/{n}" for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
+
+    def files(self, table: str) -> list[Path | str]:
+        """The table's data files (Paths for a local OUT, else URIs), hidden temp files and other names excluded."""
+        names = self._file_names(table)
+        if self.location.local:
+            return [Path(self.location.join(n)) for n in names]
+        return [self.location.display(n) for n in names]
+
+    def _read_file(self, table: str, name: str) -> pa.Table:
+        path = self.location.display(name)
+        try:
+            blob = pa.BufferReader(self.location.read(name))
+            meta = pq.read_schema(blob).metadata or {}
+        except (OSError, ValueError, pa.ArrowException) as e:
             raise CorruptFileError(
-                f"results file {path} is corrupt or not Parquet ({e}); re-run what wrote it (`nlbench run` "
-                f"recomputes the run)."
+                f"results file {path} is corrupt, not Parquet or unreadable ({e}); re-run what wrote it "
+                f"(`nlbench run` recomputes the run)."
             ) from e
         raw_version = meta.get(SCHEMA_VERSION_KEY.encode())
         if raw_version is None:
@@ -434,7 +441,8 @@ class ResultStore:
         if written_for != table:
             raise ResultsError(f"results file {path} holds table {written_for!r}, not {table!r}; it is in the wrong directory.")
         try:
-            data = pq.read_table(path)
+            blob.seek(0)
+            data = pq.read_table(blob)
         except (OSError, pa.ArrowException) as e:
             raise CorruptFileError(
                 f"results file {path} is corrupt ({e}); re-run what wrote it (`nlbench run` recomputes the run)."
@@ -456,7 +464,7 @@ class ResultStore:
 
     def read_arrow(self, table: str) -> pa.Table:
         """All of a table as one Arrow table (validated; dynamic columns unified across files)."""
-        parts = [self._read_file(table, p) for p in self.files(table)]
+        parts = [self._read_file(table, n) for n in self._file_names(table)]
         if not parts:
             return schema_for(table).empty_table()
         try:
@@ -492,20 +500,20 @@ class ResultStore:
         sweep recomputes it and its new files replace the damaged ones. Files of a newer schema
         version still raise: they are not damaged, and must not be overwritten."""
         done, damaged = set(), {}
-        for path in self.files("runs"):
+        for name in self._file_names("runs"):
             try:
-                runs = self._read_file("runs", path)
+                runs = self._read_file("runs", name)
             except CorruptFileError as e:
-                damaged[path.stem] = str(e)
+                damaged[name.rsplit("/", 1)[-1].removesuffix(".parquet")] = str(e)
                 continue
             for rid, status in zip(runs.column("run_id").to_pylist(), runs.column("status").to_pylist()):
                 if status != "completed":
                     continue
                 problem = None
                 for table in ("matrix", "curves"):
-                    p = self.path(table, rid)
-                    if not p.is_file():
-                        problem = f"its {table} file {p} is missing"
+                    p = self._name(table, rid)
+                    if not self.location.exists(p):
+                        problem = f"its {table} file {self.location.display(p)} is missing"
                         break
                     try:
                         self._read_file(table, p)

@@ -363,14 +363,17 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
     """
     from nlbench.results import ResultStore
 
+    from nlbench.storage import local_dir
+
     store = ResultStore(out_dir)
+    ckpt_dir = Path(local_dir(out_dir, "checkpoints"))
     done = store.completed_run_ids()
     records = []
     for spec in specs:
         if spec.run_id in done:
             continue
         cb = None if progress is None else (lambda p, spec=spec: progress(spec, p))
-        record = execute_run(spec, checkpoint_dir=Path(out_dir) / "checkpoints", device=device, progress=cb,
+        record = execute_run(spec, checkpoint_dir=ckpt_dir, device=device, progress=cb,
                              threads=threads)
         store.write_run(record)
         if record.run["status"] == "completed":
@@ -379,7 +382,7 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
         if on_record is not None:
             on_record(spec, record)
     with _suppress():
-        (Path(out_dir) / "checkpoints").rmdir()  # only when empty: every run finished
+        ckpt_dir.rmdir()  # only when empty: every run finished
     return records
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nlbench.models.layers import RMSNorm
+from nlbench.models.inputs import report_conv_input, report_input
 from nlbench.optim import DGD, M3, OPTIMIZERS, Muon, NestedOptimizer, build_optimizer
 
 torch.set_num_threads(1)
@@ -86,8 +87,11 @@ class Tiny(nn.Module):
 
     def forward(self, tokens):
         x = self.tok_emb(tokens)
+        # the conv and the free matrix are applied functionally: they report their inputs (DGD)
+        report_conv_input(self.conv.weight, x, x.new_zeros(x.shape[0], 1, x.shape[-1]))
         x = x + self.conv(nn.functional.pad(x.transpose(1, 2), (1, 0))).transpose(1, 2)
-        x = x + self.block(x @ self.mem0)
+        report_input(self.mem0, x)
+        x = x + self.block(nn.functional.linear(x, self.mem0))
         return self.lm_head(self.norm(x))
 
 
@@ -102,8 +106,8 @@ def test_routing(name, cls):
     main = _inner(opt, cls)
     adamw = _inner(opt, torch.optim.AdamW)
     hidden = {id(model.block[0].weight), id(model.block[2].weight), id(model.mem0)}
-    # the depthwise conv kernel [C, 1, K] is a matrix of filters for Muon / M3; DGD needs 2-D inputs
-    conv_to = "main" if name != "dgd" else "adamw"
+    # the depthwise conv kernel [C, 1, K] is a matrix of filters for Muon / M3, C 1 × K matrices for DGD
+    conv_to = "main"
     assert main == hidden | ({id(model.conv.weight)} if conv_to == "main" else set())
     assert adamw == {id(model.tok_emb.weight), id(model.block[0].bias), id(model.norm.weight)} | (
         {id(model.conv.weight)} if conv_to == "adamw" else set())

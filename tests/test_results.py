@@ -306,6 +306,6 @@ def test_sigkill_mid_write_leaves_a_readable_dataset(tmp_path):
         assert len(store.read("matrix")) == n * len(per_run) and "base" in store.completed_run_ids()
         if torn:
             break
-    assert torn, "never caught the writer with a half-written temp file"
-    with pytest.raises(Exception):  # what the kill interrupted really was a partial Parquet file
-        pq.read_table(torn[0])
+    # the kill landed between a temp file's first bytes and its rename (the file is serialized in
+    # memory and written in one call, so it may be complete or partial): readers never saw it
+    assert torn, "never caught the writer with an unrenamed temp file"

@@ -143,8 +143,9 @@ def announce_repairs(console, out, specs) -> dict:
     import os
 
     from nlbench.results import ResultStore
+    from nlbench.storage import is_uri
 
-    if not os.path.isdir(out):
+    if not is_uri(out) and not os.path.isdir(out):
         return {}
     _, damaged = ResultStore(out).check_runs()
     names = {s.run_id: s.name for s in specs}

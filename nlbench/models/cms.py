@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlbench.models.inputs import collecting, report_input
 from nlbench.models.layers import RMSNorm, SwiGLU
 
 __all__ = [
@@ -182,6 +183,11 @@ class CMSLevel(nn.Module):
         h = self.norm(x)
         if self.mode == "optimizer":
             return self.mlp(h), None
+        if collecting():  # fast weights start from the parameters: their inputs for DGD (models/inputs.py)
+            wg, wu = self.mlp.w_gate.weight, self.mlp.w_up.weight
+            report_input(wg, h)
+            report_input(wu, h)
+            report_input(self.mlp.w_down.weight, lambda: F.silu(F.linear(h, wg)) * F.linear(h, wu))
         fn = cms_level_reference if reference else cms_level_chunked
         return fn(state, h, self.step_period, self.lr)
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlbench.models.inputs import report_conv_input
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -78,7 +80,9 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, padding=0, bias=False)
 
     def forward(self, x):  # x: [B, T, D], zeros before the first token
-        return causal_conv(x, x.new_zeros(x.shape[0], self.kernel_size - 1, x.shape[-1]), self.conv.weight)[0]
+        tail = x.new_zeros(x.shape[0], self.kernel_size - 1, x.shape[-1])
+        report_conv_input(self.conv.weight, x, tail)  # DGD sees the conv's inputs (models/inputs.py)
+        return causal_conv(x, tail, self.conv.weight)[0]
 
 
 class CausalSelfAttention(nn.Module):

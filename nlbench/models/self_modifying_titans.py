@@ -102,6 +102,7 @@ from nlbench.kernels.dgd import (
     dgd_chunk, dgd_chunk_stacked, dgd_chunk_triton, dgd_flops_per_token, dgd_memory_reference, memory_apply,
     resolve_backend,
 )
+from nlbench.models.inputs import collecting, report_chain_inputs, report_conv_input, report_input
 from nlbench.models.layers import ShortConv, causal_conv
 
 __all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PAPER_FORM", "PROJECTION_MEMORIES", "STABILISERS"]
@@ -330,6 +331,7 @@ class SelfModifyingTitans(nn.Module):
         inputs, output = _compiled_layer_io(x.device.type, mode) if mode else (layer_inputs, layer_output)
         z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
                                       self.conv_q.conv.weight, self.n_heads, self.normalize_inputs)
+        self._report_inputs(x, z, q, state)
         if self.kernel == "triton":
             try:
                 resolve_backend("triton", x.device)
@@ -340,7 +342,19 @@ class SelfModifyingTitans(nn.Module):
             y, mems = self._memories_fused(z, q, state)
         else:
             y, mems = self._memories(z, q, state)
+        report_input(self.w_o.weight, lambda: y.transpose(1, 2).flatten(-2))
         return output(y, self.w_o.weight), {**mems, "conv_x": conv_x, "conv_q": conv_q}
+
+    def _report_inputs(self, x, z, q, state):
+        """Every static weight's layer inputs for DGD (nlbench/models/inputs.py): W_q, both convs,
+        and each memory's initial state per head at its read inputs (z_□, or q for M_mem)."""
+        if not collecting():
+            return
+        report_input(self.w_q.weight, x)
+        report_conv_input(self.conv_x.weight, x, state["conv_x"])
+        report_conv_input(self.conv_q.conv.weight, lambda: F.linear(x, self.w_q.weight), state["conv_q"])
+        for name, zz in zip((*PROJECTION_MEMORIES, "mem"), (*z.unbind(0), q)):
+            report_chain_inputs(self._weights0(name), zz)
 
     def _memories(self, z, q, state):
         """Eq. 84–91 as written: the projection memories chunk by chunk, then M_mem over its own

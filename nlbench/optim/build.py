@@ -6,7 +6,9 @@ states, each slice its own matrix) and depthwise conv kernels [C, 1, K] (the [C,
 filters; `muon.matrix_view`). Embeddings (nn.Embedding weights, hence the LM head tied to them in
 every nlbench model, and any `lm_head` module), biases, norm gains and scalars go to AdamW, as in
 public Muon: orthogonalizing a vocabulary-sized embedding or a gain vector is meaningless. DGD
-takes the 2-D weights only (its input term needs the layer's inputs). `routing(name, model)`
+takes every matrix too (per slice, with each slice's own inputs: nlbench/optim/dgd.py) except
+those a module lists in `nlbench_no_input` (never applied to a layer input, e.g. Titans'
+persistent tokens), which go to AdamW under DGD. `routing(name, model)`
 lists the choice per parameter; the run record stores the element count per optimizer.
 
 Cadence (spec §4, CMS `optimizer` mode, Eq. 70–74): a submodule with an int attribute
@@ -218,13 +220,27 @@ def adamw_role_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+def no_input_ids(model: nn.Module) -> set[int]:
+    """Matrices that are never applied to a layer input (a module names them in its
+    `nlbench_no_input` tuple, e.g. Titans' persistent tokens): DGD has no input term for them,
+    so under "dgd" they go to AdamW."""
+    ids = set()
+    for name, module in model.named_modules():
+        for attr in getattr(module, "nlbench_no_input", ()):
+            p = getattr(module, attr, None)
+            if not isinstance(p, nn.Parameter):
+                raise ValueError(f"module '{name or type(module).__name__}': nlbench_no_input names {attr!r}, "
+                                 f"which is not one of its own parameters.")
+            ids.add(id(p))
+    return ids
+
+
 def route_params(model: nn.Module, name: str = "muon") -> Callable[[str, nn.Parameter], str]:
     """route(param name, param) -> "main" (the named optimizer) or "adamw"."""
-    special = adamw_role_ids(model)
-    max_ndim = 2 if name == "dgd" else math.inf
+    special = adamw_role_ids(model) | (no_input_ids(model) if name == "dgd" else set())
 
     def route(_: str, p: nn.Parameter) -> str:
-        return "main" if 2 <= p.ndim <= max_ndim and id(p) not in special else "adamw"
+        return "main" if p.ndim >= 2 and id(p) not in special else "adamw"
     return route
 
 
@@ -252,9 +268,9 @@ def build_optimizer(name: str, model: nn.Module, **hp) -> NestedOptimizer:
 
     hp: the named rule's hyper-parameters (MAIN_HP[name]) plus adamw_lr (default: lr for
     "adamw", 1e-3 otherwise), adamw_betas, adamw_eps, adamw_weight_decay for the AdamW side.
-    `.routing` on the result: (parameter name, optimizer name) pairs. For "dgd", 2-D hidden
-    parameters that are not nn.Linear weights (no layer input to hook) get DGD's plain-SGD
-    fallback.
+    `.routing` on the result: (parameter name, optimizer name) pairs. For "dgd", every routed
+    matrix must receive its layer inputs during the forward (an nn.Linear module call, or
+    `nlbench.models.inputs.report_input`); one that got none is an error at `step()`.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}.")

@@ -14,18 +14,36 @@ def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True) -> d
 
     Raises :class:`ReportError` for inputs that cannot give correct numbers.
     """
-    from nlbench.report import html as H
-    from nlbench.report import leaderboard as lb
-    from nlbench.report import throughput as tp
-    from nlbench.report.figures import make_figures
     from nlbench.report.load import ReportError, load_results
+    from nlbench.storage import location
 
     bad = sorted(set(formats) - set(FORMATS))
     if bad:
         raise ReportError(f"format(s) {bad} unknown; allowed values are {', '.join(FORMATS)} (or 'all')")
     res = load_results(list(dirs))
-    out = Path(out_dir) if out_dir else Path(dirs[0]) / "report"
+
+    target = location(out_dir) if out_dir else location(dirs[0]).child("report")
+    if not target.local:  # render locally, then upload each file whole
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nlbench-report-") as tmp:
+            got = _build(res, Path(tmp), formats, figures)
+            files = []
+            for f in got["files"]:
+                rel = Path(f).relative_to(tmp).as_posix()
+                files.append(target.write(rel, Path(f).read_bytes()))
+            return dict(got, files=files)
+    out = Path(target.root)
     out.mkdir(parents=True, exist_ok=True)
+    return _build(res, out, formats, figures)
+
+
+def _build(res, out: Path, formats, figures: bool) -> dict:
+    from nlbench.report import html as H
+    from nlbench.report import leaderboard as lb
+    from nlbench.report import throughput as tp
+    from nlbench.report.figures import make_figures
+
     doc = lb.build_leaderboard(res)
     rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
     if rep is not None:

@@ -39,10 +39,11 @@ class Results:
         return not getattr(self, table).empty
 
 
-def _read_table(out: Path, table: str) -> pd.DataFrame | None:
+def _read_table(out, table: str) -> pd.DataFrame | None:
+    """``out``: a :class:`nlbench.storage.Location` (a directory or an object-store prefix)."""
     from nlbench.results import ResultStore
 
-    if not (out / table).is_dir():
+    if not out.is_dir(table):
         return None
     try:
         df = ResultStore(out).read(table)
@@ -106,11 +107,21 @@ def load_results(dirs: list[str | Path]) -> Results:
         raise ReportError("no results directory given")
     warnings: list[str] = []
     per_table: dict[str, list[tuple[str, pd.DataFrame]]] = {t: [] for t in TABLES}
+    from nlbench.storage import StorageError, location
+
     for d in dirs:
-        out = Path(d)
-        if not out.is_dir():
+        try:
+            loc = location(d)
+            exists = loc.is_dir()
+        except (StorageError, OSError) as e:
+            raise ReportError(f"results location {d} cannot be read: {e}") from e
+        out = loc.display()
+        if not exists:
             raise ReportError(f"results directory {out} does not exist (expected a directory written by `nlbench run` or `nlbench bench`)")
-        found = {t: _read_table(out, t) for t in TABLES}
+        try:
+            found = {t: _read_table(loc, t) for t in TABLES}
+        except (StorageError, OSError) as e:
+            raise ReportError(f"results location {out} cannot be read: {e}") from e
         if all(v is None for v in found.values()):
             raise ReportError(
                 f"results directory {out} holds none of the tables {', '.join(TABLES)}; "
