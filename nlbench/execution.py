@@ -455,7 +455,7 @@ def run_sweep(
     deaths: dict[str, int] = {}  # the actor running it died
     slots = [_Slot(new_actor()) for _ in range(width)]
     bar = _Progress(len(pending), progress)
-    pretrained_dir = str(out / "pretrained")
+    pretrained_dir = local_dir(out_dir, "pretrained")
 
     def submit(slot: _Slot):
         slot.spec = queue.pop()
