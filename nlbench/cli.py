@@ -29,6 +29,18 @@ class LazyGroup(click.Group):
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx):
+        """Every user error of every sub-command: one paragraph on stderr, exit 2, no traceback."""
+        from nlbench.errors import one_paragraph, user_errors
+
+        try:
+            return super().invoke(ctx)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a user error
+            if isinstance(e, click.ClickException) or not isinstance(e, user_errors()):
+                raise
+            click.echo(f"error: {one_paragraph(e)}", err=True)
+            ctx.exit(2)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nlbench")

@@ -164,6 +164,14 @@ class StreamEntry(_Strict):
         unknown = sorted(set(v) - set(knobs))
         if unknown:
             raise ValueError(f"stream {name!r}: unknown option(s) {_allowed(unknown)}; allowed options: {_allowed(knobs)}")
+        # counts (eval_size and every knob whose default is a positive integer: vocab_size, ...)
+        # must be positive integers; the stream's builder checks finer bounds when a run starts
+        counts = {"eval_size", *(k for k, d in getattr(STREAMS[name], "knobs", {}).items()
+                                 if isinstance(d, int) and not isinstance(d, bool) and d >= 1)}
+        for key in sorted(counts & set(v)):
+            value = v[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"stream {name!r}: option {key!r} must be an integer >= 1, got {value!r}")
         return v
 
 
@@ -198,7 +206,16 @@ class OptimizerConfig(BaseModel):
             )
             if not ok:
                 raise ValueError(f"hyper-parameter {key!r} must be a number, string, bool or list of numbers, got {value!r}")
+            # signs torch would reject only once a run builds its optimizer
+            if key.endswith(("weight_decay", "eps")) and not (_is_number(value) and value >= 0):
+                raise ValueError(f"hyper-parameter {key!r} must be a number >= 0, got {value!r}")
+            if key.endswith("lr") and not (_is_number(value) and value > 0):
+                raise ValueError(f"hyper-parameter {key!r} must be a number > 0, got {value!r}")
         return self
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class TrainConfig(_Strict):
@@ -409,9 +426,37 @@ def read_yaml(path: str | Path, error: type[Exception] = ConfigError, what: str 
     if not path.is_file():
         raise error(f"{what} '{path}' does not exist.")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} '{path}' is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from None
+    except OSError as e:
+        raise error(f"{what} '{path}' cannot be read: {e.strerror or e}.") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise error(f"{what} '{path}' is not valid YAML: {e}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, so a typo'd override would quietly lose a setting)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:  # unhashable key: SafeLoader reports it
+                break
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (each key may appear once per mapping)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -419,8 +419,6 @@ def run_sweep(
     import ray
 
     started_ray = connect(address, num_cpus=num_cpus, num_gpus=num_gpus)
-    ckpt_dir = local_dir(out_dir, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
     width = sweep_capacity(cpus_per_run, gpus_per_run)
     if width == 0:
         total = ray.cluster_resources()
@@ -431,6 +429,8 @@ def run_sweep(
             f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; lower the per-run "
             f"resources (config `resources:` section) or add nodes."
         )
+    ckpt_dir = local_dir(out_dir, "checkpoints")  # only once the sweep can run: a refused one leaves nothing
+    os.makedirs(ckpt_dir, exist_ok=True)
     try:  # pretrained checkpoints the runs name: each computed once, as a Ray task, before any actor holds CPUs
         from nlbench.pretrain.remote import pretrain_jobs, run_pretrain_jobs
 

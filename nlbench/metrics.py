@@ -30,8 +30,8 @@ import numpy as np
 __all__ = [
     "CI_LEVEL", "CI_METHOD", "DID_NOT_LEARN_RULE", "LCA_BETA", "METRIC_INFO", "METRIC_NAMES",
     "MetricsError", "TRANSFER_METRICS", "Undefined", "acc_avg_incremental", "acc_final", "aggregate", "aggregate_by",
-    "all_metrics", "bwt", "curve_matrix", "did_not_learn", "forgetting", "fwt", "lca",
-    "learn_margin", "matrix_from_long", "per_run_metrics", "plasticity",
+    "all_metrics", "bwt", "curve_matrix", "did_not_learn", "forgetting", "forgetting_normalized", "fwt", "lca",
+    "learn_margin", "matrix_from_long", "paired_difference", "per_run_metrics", "plasticity",
 ]
 
 CI_LEVEL = 0.95
@@ -58,6 +58,10 @@ METRIC_INFO: dict[str, dict[str, str]] = {
     "lca": dict(
         formula="(1/(β+1)) Σ_{b=0..β} Z_b, Z_b = (1/T) Σ_k Z[k][b]",
         source="Chaudhry et al. 2019 (A-GEM), learning curve area; Z[k][b]: task-k score after b evaluation points of task k",
+    ),
+    "forgetting_normalized": dict(
+        formula="forgetting / (plasticity − chance), chance = mean per-task chance",
+        source="forgetting as a share of what was learned above chance; NaN when plasticity ≤ chance (accuracy only)",
     ),
 }
 METRIC_NAMES = tuple(METRIC_INFO)
@@ -161,6 +165,35 @@ def forgetting(R) -> float:
     return float(np.mean(per_task))
 
 
+def forgetting_normalized(forgetting_value: float, plasticity_value: float, chance) -> float:
+    """``forgetting / (plasticity − chance)``: the share of what was learned above chance that was lost.
+
+    Raw forgetting rewards a model that learns little (it has little to lose); dividing by the
+    headroom it actually gained makes entries of different plasticity comparable. Undefined when
+    plasticity ≤ chance or either value is NaN. ``chance``: scalar or per-task list (averaged).
+    """
+    c = float(np.mean(np.asarray(chance, dtype=float)))
+    gain = plasticity_value - c
+    if math.isnan(forgetting_value) or math.isnan(gain):
+        return Undefined("forgetting_normalized needs a defined forgetting, plasticity and chance")
+    if gain <= 0:
+        return Undefined(f"forgetting_normalized: plasticity {plasticity_value:.4f} is not above chance {c:.4f}")
+    return float(forgetting_value / gain)
+
+
+def paired_difference(a, b) -> tuple[float, float, float, int]:
+    """``(diff_mean, ci_low, ci_high, n)`` of ``a[s] − b[s]`` over the seeds ``s`` both define.
+
+    ``a``, ``b``: mappings seed -> value. Runs of two entries with the same seed share the task
+    data, so the per-seed differences carry far less noise than the two unpaired means; the
+    interval is :data:`CI_METHOD` applied to the differences (Student t, ddof = 1). Seeds where
+    either value is NaN are left out; ``n < 2`` gives a NaN interval.
+    """
+    common = sorted(set(a) & set(b), key=repr)
+    diffs = [float(a[s]) - float(b[s]) for s in common]
+    return aggregate(diffs)
+
+
 def plasticity(R) -> float:
     """Mean score just after learning each task: ``(1/T) Σ_j R[j][j]``."""
     R = _matrix(R)
@@ -233,6 +266,13 @@ def all_metrics(
         "plasticity": plasticity(R),
         "lca": lca(Z, lca_beta) if Z is not None else Undefined("lca needs learning curves (Z); none were given"),
     }
+    if chance is None or not higher_is_better:
+        out["forgetting_normalized"] = Undefined(
+            "forgetting_normalized needs a chance level and an accuracy matrix" if higher_is_better
+            else "forgetting_normalized is defined on accuracy matrices (chance is an accuracy)")
+    else:
+        c = np.asarray([np.nan if x is None else x for x in np.atleast_1d(np.asarray(chance, dtype=object))], dtype=float)
+        out["forgetting_normalized"] = forgetting_normalized(out["forgetting"], out["plasticity"], c)
     reasons = {k: v.reason for k, v in out.items() if isinstance(v, Undefined)}
     reasons.update({k: "score is NaN (a matrix cell is NaN)" for k, v in out.items() if k not in reasons and math.isnan(v)})
     chance_values = None if chance is None else np.asarray(

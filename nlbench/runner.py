@@ -284,7 +284,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
         train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None,
+        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None, ceiling=None,
         node_id=None,  # set by the Ray actor that ran it
     )
     matrix, curves = [], []
@@ -297,6 +297,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         seed_everything(int(config["seed"]))
         stream = build_run_stream(config)
         run["chance"] = json.dumps([float(t.chance) for t in stream.tasks])
+        run["ceiling"] = json.dumps([None if t.ceiling is None else float(t.ceiling) for t in stream.tasks])
         model = build_run_model(config, stream.vocab_size).to(dev)
         run["params"] = int(model.num_params())
         # every model option after defaults and paper_exact, e.g. Hope's stabilisers

@@ -55,11 +55,13 @@ unchanged —, `importances.yaml`, and PNG plots `history*.png`, `importances*.p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from datetime import datetime, timezone
@@ -249,6 +251,16 @@ class TuneConfig(_Strict):
     def study_name(self) -> str:
         return self.study.name or self.name
 
+    @model_validator(mode="after")
+    def _study_name_chars(self):
+        # the study name keys result files (OUT/trials/<study>-NNNNN.parquet): a path separator or
+        # a space there would fail only after the first trial ran
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,99}", self.study_name):
+            field = "study.name" if self.study.name else "name"
+            raise ValueError(f"{field} {self.study_name!r} names the study and its result files: use letters, digits "
+                             f"and . _ + @ - only (no '/' or spaces), starting with a letter or digit")
+        return self
+
 
 def _error_text(e: ValidationError, intro: str) -> str:
     parts = []
@@ -274,13 +286,9 @@ def _error_text(e: ValidationError, intro: str) -> str:
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise TuneConfigError(f"{what} '{path}' does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TuneConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
-    return raw
+    from nlbench.config import read_yaml
+
+    return read_yaml(path, TuneConfigError, what)
 
 
 def base_experiment(tc: TuneConfig, source: Path | None = None) -> dict:
@@ -438,7 +446,14 @@ def open_storage(url: str):
     from optuna.storages.journal import JournalFileBackend
 
     if "://" in url and not url.startswith("journal:"):
-        return optuna.storages.RDBStorage(url)
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as e:  # noqa: BLE001 - unknown scheme, missing driver, unreachable server
+            cause = " ".join(str(e).split())[:300] or type(e).__name__
+            raise TuneConfigError(
+                f"--storage {url!r} cannot be opened as an Optuna RDB storage ({type(e).__name__}: {cause}); give "
+                f"sqlite:///PATH, postgresql://… or mysql://… with its driver installed, or a journal file path."
+            ) from None
     path = url.removeprefix("journal:")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(path))
@@ -454,22 +469,65 @@ def _pruner(tc: TuneConfig):
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
 
 
-def _sampler(tc: TuneConfig):
+def _sampler(tc: TuneConfig, trials_so_far: int = 0):
+    """The configured sampler. A resumed study seeds it with `seed + trials_so_far`: the same seed
+    would restart the sampler's random stream and re-propose the first trials' values."""
     import optuna
 
+    seed = None if tc.study.seed is None else tc.study.seed + trials_so_far
     if tc.study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tc.study.seed)
-    return optuna.samplers.TPESampler(seed=tc.study.seed, n_startup_trials=max(1, tc.study.startup_trials),
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, tc.study.startup_trials),
                                       constant_liar=True)
 
 
 def open_study(tc: TuneConfig, storage_url: str):
+    """Create the study, or load it with a sampler seeded past the trials it already holds."""
     import optuna
 
-    return optuna.create_study(
-        study_name=tc.study_name, storage=open_storage(storage_url), sampler=_sampler(tc), pruner=_pruner(tc),
+    storage = open_storage(storage_url)
+    study = optuna.create_study(
+        study_name=tc.study_name, storage=storage, sampler=_sampler(tc), pruner=_pruner(tc),
         directions=[o.direction for o in tc.objectives], load_if_exists=True,
     )
+    so_far = len(study.get_trials(deepcopy=False))
+    if so_far:
+        study = optuna.load_study(study_name=tc.study_name, storage=storage, sampler=_sampler(tc, so_far),
+                                  pruner=_pruner(tc))
+    return study
+
+
+@contextlib.contextmanager
+def tuner_lock(tc: TuneConfig, storage_url: str, out: Path):
+    """Hold an exclusive lock for this study while tuning: a second tuner on the same study would
+    mark the first one's running trials as interrupted and both would tell the same trials
+    (Optuna's UpdateFinishedTrialError). The lock file sits next to a journal storage (else in
+    OUT) and names the holder's host and pid; the OS releases it when the holder dies."""
+    import fcntl
+    import socket
+
+    is_journal = "://" not in storage_url or storage_url.startswith("journal:")
+    if is_journal:
+        journal = Path(storage_url.removeprefix("journal:")).absolute()
+        path = journal.with_name(f"{journal.name}.{tc.study_name}.lock")
+    else:
+        path = out / f".{tc.study_name}.tune.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise TuneConfigError(
+                f"study {tc.study_name!r} in {storage_url} is being tuned right now by {holder} (lock {path}); "
+                f"wait for that tuner to finish (re-running then adds the missing trials), or use another "
+                f"study.name or --out.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def recover_interrupted(study) -> list[int]:
@@ -722,10 +780,21 @@ def _param_key(params: dict) -> str:
 def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = None, parallel: int | None = None,
              storage: str | None = None, address: str | None = None, log=print) -> dict:
     """Run the study until it has `trials` finished trials (default: the config's), write outputs.
+    One tuner per study at a time (`tuner_lock`).
 
     Returns {study, finished, new, failed, pruned, interrupted, best (values/params/number or
     pareto list), importances, storage, wall_s, plots}.
     """
+    storage_url = storage or str(Path(out_dir).absolute() / JOURNAL_NAME)
+    if "://" in storage_url and not storage_url.startswith("journal:"):
+        open_storage(storage_url)  # a bad RDB URL fails before anything is written
+    with tuner_lock(tc, storage_url, Path(out_dir).absolute()):
+        return _run_tune(tc, experiment, out_dir, trials=trials, parallel=parallel, storage=storage,
+                         address=address, log=log)
+
+
+def _run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = None, parallel: int | None = None,
+              storage: str | None = None, address: str | None = None, log=print) -> dict:
     import optuna
     import ray
     from optuna.trial import TrialState
@@ -736,7 +805,6 @@ def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = 
 
     t0 = time.perf_counter()
     out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     total = int(trials if trials is not None else tc.trials)
     if total < 1:
         raise TuneConfigError(f"--trials must be >= 1 (the study's total number of finished trials); got {total}.")
@@ -745,6 +813,7 @@ def run_tune(tc: TuneConfig, experiment: dict, out_dir, *, trials: int | None = 
     storage_url = storage or str(out / JOURNAL_NAME)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(tc, storage_url)
+    out.mkdir(parents=True, exist_ok=True)
     stored_dirs = [d.name for d in study.directions]
     wanted = [o.direction for o in tc.objectives]
     if [d.lower() for d in stored_dirs] != wanted:

@@ -67,7 +67,7 @@ def test_bad_bench_config_exits_2_naming_the_field(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "sizes" in proc.stdout and "gpt9" in proc.stdout
+    assert "sizes" in proc.stderr and "gpt9" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
 
 

@@ -133,12 +133,42 @@ def test_bad_shapes_are_named():
 
 
 def test_metric_info_table_covers_every_metric():
-    assert list(M.METRIC_INFO) == ["acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting", "plasticity", "lca"]
+    assert list(M.METRIC_INFO) == ["acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting", "plasticity", "lca",
+                                   "forgetting_normalized"]
     assert all(info["formula"] and info["source"] for info in M.METRIC_INFO.values())
     assert "t" in M.CI_METHOD and "95%" in M.CI_METHOD
 
 
 # ----------------------------------------------------------------------------- seed aggregation
+
+
+def test_forgetting_normalized_divides_by_the_gain_over_chance():
+    assert M.forgetting_normalized(0.15, 0.9, [0.2, 0.2, 0.2]) == pytest.approx(0.15 / 0.7)
+    assert M.forgetting_normalized(0.1, 0.6, [0.1, 0.3]) == pytest.approx(0.1 / 0.4)  # chance averaged per task
+    at_chance = M.forgetting_normalized(0.0, 0.2, 0.2)
+    assert math.isnan(at_chance) and "not above chance" in at_chance.reason
+    m = M.all_metrics([[0.9, 0.2], [0.5, 0.8]], [0.2, 0.2], chance=[0.2, 0.2])
+    assert m["forgetting_normalized"] == pytest.approx(0.4 / (0.85 - 0.2))
+    loss = M.all_metrics([[2.0, 3.0], [2.5, 1.5]], [4.0, 4.0], chance=[0.1, 0.1], higher_is_better=False)
+    assert math.isnan(loss["forgetting_normalized"]) and "accuracy" in loss["reasons"]["forgetting_normalized"]
+
+
+def test_paired_difference_uses_common_seeds_and_a_t_interval():
+    from scipy import stats
+
+    a = {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.9}
+    b = {0: 0.45, 1: 0.50, 2: 0.52, 7: 0.1}  # seeds 3 and 7 are not shared: left out
+    mean, lo, hi, n = M.paired_difference(a, b)
+    d = np.array([0.05, 0.10, 0.03])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    assert n == 3 and mean == pytest.approx(d.mean()) and (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half))
+    # pairing removes the shared per-seed offset: unpaired intervals would overlap, the paired one excludes 0
+    offset = {s: 0.3 * s for s in range(5)}
+    mean, lo, hi, n = M.paired_difference({s: 0.51 + o for s, o in offset.items()}, {s: 0.5 + o for s, o in offset.items()})
+    assert lo == pytest.approx(0.01) and hi == pytest.approx(0.01) and n == 5
+    one = M.paired_difference({0: 1.0}, {0: 0.5})
+    assert one[0] == 0.5 and math.isnan(one[1]) and one[3] == 1
+    assert M.paired_difference({0: float("nan"), 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 1.0})[3] == 2
 
 
 def test_aggregate_t_interval_hand_computed():

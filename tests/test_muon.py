@@ -105,3 +105,13 @@ def test_muon_rejects_non_matrices_and_bad_hp():
         Muon([torch.nn.Parameter(torch.zeros(5))], lr=0.02)
     with pytest.raises(ValueError, match=r"momentum must be a float in \[0, 1\)"):
         Muon([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.02, momentum=1.0)
+
+
+def test_newton_schulz_many_equals_one_by_one():
+    """Stacking same-shape matrices into one batched call changes nothing per matrix."""
+    from nlbench.optim.newton_schulz import newton_schulz_many
+
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(*s, generator=gen) for s in [(5, 3), (2, 4, 4), (5, 3), (2, 4, 4), (7, 2), (5, 3)]]
+    for got, m in zip(newton_schulz_many(mats, steps=5), mats):
+        torch.testing.assert_close(got, newton_schulz(m, steps=5), rtol=1e-5, atol=1e-6)

@@ -342,3 +342,14 @@ def test_both_protocols_start_from_the_pretrained_weights(tmp_path):
     fresh = build_model(cfg["model"]["name"], vocab_size=stream.vocab_size).eval()
     assert evaluate(fresh, stream.tasks[0].eval_set(), batch_size=4, max_sequences=4, device=dev)["loss"] != \
         pytest.approx(b0, rel=1e-3)
+
+
+def test_a_diverged_pretraining_is_recorded_and_not_recomputed(tmp_path):
+    b = {**block(), "optimizer": {"name": "adamw", "lr": 1e36}}  # one step sends the weights to ±1e37: overflow
+    entry = dict(name="transformer", size="tiny", options={})
+    with pytest.raises(PretrainError, match=r"diverged: non-finite .* at pretraining step 2"):
+        ensure_pretrained(entry, b, tmp_path)
+    key = pretrain_key(entry, b)
+    with pytest.raises(PretrainError, match=r"diverged before .*delete .*failed.txt"):
+        ensure_pretrained(entry, b, tmp_path)
+    assert executions(tmp_path, key) == 1

@@ -153,19 +153,68 @@ def test_did_not_learn_is_flagged_and_not_ranked(doc):
     assert [(e["model"], e["rank"]) for e in s["entries"]] == [("hope", 1), ("transformer", 2), ("titans", None)]
     titans = _entry(s, "titans")
     assert titans["did_not_learn"] and titans["n_did_not_learn"] == 3
-    assert all(o["entry"] != titans["entry"] for o in doc["overall"])
+    # the baseline is the best non-Hope entry that learned: titans is never the baseline
+    assert s["baseline"] == "transformer/tiny/finetune/naive"
+    assert "overall" not in doc and "win_rate" not in json.dumps(doc)  # no mean win rate over correlated metrics
 
 
-def test_overall_ranking_is_mean_win_rate(doc):
-    # split-digits: hope beats transformer on acc_final, bwt, forgetting, acc_avg; ties fwt, plasticity
-    #   -> hope (1+1+1+.5+.5+1)/6 = 5/6.  markov-lm (accuracy): transformer wins fwt (0.15 > 0.1)
-    #   -> hope (1+1+1+0+.5+1)/6 = 0.75.  overall hope (5/6 + 3/4)/2, transformer the complement.
-    o = {r["model"]: r for r in doc["overall"]}
-    assert o["hope"]["per_stream"]["split-digits"] == pytest.approx(5 / 6)
-    assert o["hope"]["per_stream"]["markov-lm"] == pytest.approx(0.75)
-    assert o["hope"]["win_rate"] == pytest.approx((5 / 6 + 0.75) / 2)
-    assert o["transformer"]["win_rate"] == pytest.approx(1 - (5 / 6 + 0.75) / 2)
-    assert [r["model"] for r in doc["overall"]] == ["hope", "transformer"] and doc["overall"][0]["rank"] == 1
+def test_paired_rows_against_the_best_non_hope_entry(doc):
+    s = _section(doc, "split-digits")
+    rows = {(r["entry"].split("/")[0], r["metric"]): r for r in s["paired"]}
+    assert all(r["baseline"] == "transformer/tiny/finetune/naive" for r in s["paired"])
+    assert {m for (e, m) in rows if e == "hope"} == {"acc_final", "plasticity", "forgetting", "forgetting_normalized"}
+    # both entries shift by the same per-seed offset: the paired differences are exact, zero-width
+    acc = rows[("hope", "acc_final")]
+    assert (acc["diff_mean"], acc["ci_low"], acc["ci_high"], acc["n"]) == pytest.approx((0.3, 0.3, 0.3, 3))
+    assert rows[("hope", "forgetting")]["diff_mean"] == pytest.approx(0.15 - 0.6)
+    assert rows[("hope", "plasticity")]["diff_mean"] == pytest.approx(0.0, abs=1e-12)
+    # forgetting / (plasticity − chance), per run (plasticity 0.9 + shift): hope 0.15/(0.7 + d), transformer 0.6/(0.7 + d)
+    hope = _entry(s, "hope")
+    gains = [0.7 + d for d in SHIFT.values()]
+    assert hope["metrics"]["forgetting_normalized"]["mean"] == pytest.approx(np.mean([0.15 / g for g in gains]))
+    assert rows[("hope", "forgetting_normalized")]["diff_mean"] == pytest.approx(np.mean([(0.15 - 0.6) / g for g in gains]))
+    assert hope["chance"]["mean"] == pytest.approx(0.2) and hope["ceiling"] is None and hope["selected"] is None
+    assert ("transformer", "acc_final") not in rows  # the baseline is not compared with itself
+
+
+def test_verdict_puts_hope_against_the_baseline_per_stream(doc):
+    v = {r["stream"]: r for r in doc["verdict"]}
+    assert v["split-digits"]["outcome"] == "better" and v["split-digits"]["baseline"] == "transformer/tiny/finetune/naive"
+    assert v["split-digits"]["acc_final"]["diff_mean"] == pytest.approx(0.3)
+    assert v["split-digits"]["forgetting"]["diff_mean"] == pytest.approx(-0.45)
+    # markov-lm has one seed: no interval, so no claim either way
+    assert v["markov-lm"]["outcome"] == "no interval" and v["markov-lm"]["score"] == "accuracy"
+
+
+def test_entries_whose_paired_interval_covers_zero_share_a_rank(tmp_path):
+    store = ResultStore(tmp_path / "o")
+    for seed, (d_hope, d_tr) in {0: (0.0, 0.05), 1: (0.0, -0.05), 2: (0.01, 0.0)}.items():
+        write_run(store, "hope", "s", seed, (np.array(HOPE) + d_hope).tolist())
+        write_run(store, "transformer", "s", seed, (np.array(HOPE) + d_tr).tolist())
+        write_run(store, "lstm", "s", seed, (np.array(TRANSFORMER) + d_hope).tolist())
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    s = doc["streams"][0]
+    ranks = {e["model"]: e["rank"] for e in s["entries"]}
+    # hope − transformer per seed: −0.05, +0.05, +0.01: the interval covers 0 -> a shared rank 1;
+    # lstm is 0.3 below both on every seed -> 1 + 2 entries that beat it
+    assert ranks == {"hope": 1, "transformer": 1, "lstm": 3}
+    assert doc["verdict"][0]["outcome"] == "tie" and doc["verdict"][0]["baseline"] == "transformer/tiny/finetune/naive"
+
+
+def test_capability_streams_have_their_own_section_outside_the_verdict(tmp_path):
+    from nlbench.report.leaderboard import CAPABILITY_STREAMS
+    from nlbench.tasks.registry import STREAMS
+
+    assert set(CAPABILITY_STREAMS) <= set(STREAMS)
+    store = ResultStore(tmp_path / "o")
+    for seed in (0, 1):
+        write_run(store, "hope", "passkey", seed, HOPE)
+        write_run(store, "transformer", "passkey", seed, TRANSFORMER)
+    build_report([tmp_path / "o"], formats=("json", "md"), figures=False)
+    doc = json.loads((tmp_path / "o" / "report" / "leaderboard.json").read_text())
+    assert doc["streams"][0]["kind"] == "capability" and doc["verdict"] == []
+    md = (tmp_path / "o" / "report" / "leaderboard.md").read_text()
+    assert md.index("## Capability streams") > md.index("## Verdict")
 
 
 def test_loss_section_flips_signs_and_ranks_lower_first(doc):
@@ -177,7 +226,9 @@ def test_loss_section_flips_signs_and_ranks_lower_first(doc):
     assert hope["metrics"]["forgetting"]["mean"] == pytest.approx(0.5)
     assert hope["metrics"]["acc_final"]["mean"] == pytest.approx(2.0)
     assert tr["metrics"]["acc_final"]["mean"] == pytest.approx(2.5)
-    assert (hope["rank"], tr["rank"]) == (1, 2)
+    assert hope["metrics"]["acc_final"]["mean"] < tr["metrics"]["acc_final"]["mean"]
+    assert (hope["rank"], tr["rank"]) == (1, 1)  # one seed: no paired interval, so no claim -> shared rank
+    assert [e["model"] for e in s["entries"]] == ["hope", "transformer"]  # lower loss listed first
     assert hope["metrics"]["acc_final"]["ci_low"] is None  # one seed: no interval, not a fake one
     assert any("signs flip" in n for n in doc["notes"])
 
@@ -202,9 +253,8 @@ def test_single_task_stream_gives_undefined_transfer_not_zero(tmp_path):
     e = doc["streams"][0]["entries"][0]
     assert e["metrics"]["acc_final"]["mean"] == pytest.approx(0.9)
     assert all(e["metrics"][m]["mean"] is None and e["metrics"][m]["n"] == 0 for m in ("bwt", "fwt", "forgetting"))
-    # win rate over the defined metrics only: hope wins acc_final and acc_avg_incremental, plasticity too
-    assert doc["overall"][0]["model"] == "hope" and doc["overall"][0]["win_rate"] == pytest.approx(1.0)
-    assert "| 1 | hope/tiny/finetune/naive | 1 | 0.900 | — | — | — |" in (tmp_path / "o" / "report" / "leaderboard.md").read_text()
+    assert doc["verdict"][0]["outcome"] == "no interval"  # one seed
+    assert "| 1 | hope/tiny/finetune/naive | 1 | 0.200 | 0.900 | 0.900 | — | — | — | — |" in (tmp_path / "o" / "report" / "leaderboard.md").read_text()
 
 
 # ----------------------------------------------------------------------------- bad or mixed inputs
@@ -340,7 +390,7 @@ def test_cli_writes_every_format_and_figure(results_dir, tmp_path):
     r = _cli(src, "--out-dir", out)
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "leaderboard.json").read_text())  # strict JSON: NaN written as null
-    assert doc["schema_version"] == 1 and "Student t" in doc["ci_method"]
+    assert doc["schema_version"] == 2 and "Student t" in doc["ci_method"]
     assert doc["throughput"]["rows"][0]["by_device"]["cpu:x86_64:2threads (float32)"]["tokens_per_s"] == 1000.0
     md = (out / "leaderboard.md").read_text()
     assert "Chaudhry et al. 2018" in md and "Rebuffi et al. 2017" in md and "Student t" in md
@@ -360,7 +410,8 @@ def test_cli_writes_every_format_and_figure(results_dir, tmp_path):
 
 def test_readme_documents_every_json_key(doc):
     readme = (Path(__file__).resolve().parents[1] / "reports" / "README.md").read_text()
-    keys = set(doc) | {"throughput"} | set(doc["streams"][0]) | set(doc["streams"][0]["entries"][0]) | set(doc["overall"][0])
+    keys = (set(doc) | {"throughput"} | set(doc["streams"][0]) | set(doc["streams"][0]["entries"][0])
+            | set(doc["verdict"][0]) | set(doc["streams"][0]["paired"][0]))
     missing = sorted(k for k in keys if f"`{k}`" not in readme)
     assert not missing, f"reports/README.md does not document {missing}"
 
@@ -377,3 +428,23 @@ def test_task_boundaries_are_where_each_task_starts():
         for t in range(start, end, 80):  # eval_every 80: the last mid-task point is 240, 540, 840
             rows.append(dict(train_task=k, tokens_seen=t))
     assert task_boundaries(pd.DataFrame(rows)) == [300.0, 600.0]
+
+
+def test_results_written_before_the_ceiling_column_still_report(tmp_path):
+    """runs.ceiling came with results schema v6: a v5 runs file (without it) reports, ceiling null."""
+    from nlbench.results import SCHEMA_VERSION_KEY
+
+    store = ResultStore(tmp_path / "o")
+    for seed in (0, 1):
+        write_run(store, "hope", "s", seed, HOPE, ceiling=[0.95, 0.95, 0.95])
+        write_run(store, "transformer", "s", seed, TRANSFORMER)
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    assert _entry(doc["streams"][0], "hope")["ceiling"] == pytest.approx(0.95)
+    assert _entry(doc["streams"][0], "transformer")["ceiling"] is None  # unknown ceilings stay unknown
+    for f in (tmp_path / "o" / "runs").glob("*.parquet"):
+        t = pq.read_table(f)
+        t = t.drop_columns(["ceiling"])
+        pq.write_table(t.replace_schema_metadata({**t.schema.metadata, SCHEMA_VERSION_KEY.encode(): b"5"}), f)
+    old = build_leaderboard(load_results([tmp_path / "o"]))
+    assert old["schema_version"] == 2 and _entry(old["streams"][0], "hope")["ceiling"] is None
+    assert old["verdict"][0]["outcome"] == "better"

@@ -72,6 +72,16 @@ def test_page_is_self_contained(page):
     assert 'data-sort="0.8' in html and '<td data-sort="">—</td>' in html
 
 
+def test_page_leads_with_the_verdict_then_headline_figures_then_details(page):
+    html = page.read_text()
+    order = [html.index(x) for x in ("<h2>Verdict: Hope vs the best baseline</h2>", 'id="verdict"',
+                                     "<h2>Headline figures</h2>", "final score vs forgetting</figcaption>",
+                                     "<h2>Details</h2>", "<h2>Forgetting streams</h2>", f'id="{TABLE}"',
+                                     'id="paired-split-digits-accuracy"', "<h2>Figures</h2>")]
+    assert order == sorted(order), order
+    assert "better" in html[html.index('id="verdict"'):html.index("<h2>Headline figures</h2>")]
+
+
 # ----------------------------------------------------------------------------- in Chromium
 
 
@@ -95,7 +105,7 @@ PROBE = """<script>
 def test_page_loads_in_chromium_with_its_tables(page, tmp_path):
     dom = _chromium(["--virtual-time-budget=3000", "--dump-dom", page.as_uri()], tmp_path)
     assert _entries(dom, TABLE) == ["hope/tiny/finetune/naive", "transformer/tiny/finetune/naive", "titans/tiny/finetune/naive"]
-    assert _entries(dom, "overall")[0] == "hope/tiny/finetune/naive"
+    assert _entries(dom, "verdict") == ["hope/tiny/finetune/naive", "hope/tiny/finetune/naive"]  # split-digits, markov-lm
     assert "<h2>Throughput</h2>" in dom and 'id="throughput"' in dom
 
 
@@ -103,7 +113,7 @@ def test_page_loads_in_chromium_with_its_tables(page, tmp_path):
 def test_clicking_headers_reorders_rows_in_chromium(page, tmp_path):
     hope, tr, ti = "hope/tiny/finetune/naive", "transformer/tiny/finetune/naive", "titans/tiny/finetune/naive"
     plan = [[TABLE, "acc_final"], [TABLE, "acc_final"], [TABLE, "rank"], [TABLE, "rank"], [TABLE, "entry"],
-            ["overall", "win rate"]]
+            ["verdict", "Δ acc_final"]]
     probed = tmp_path / "probed.html"
     html = page.read_text()
     probed.write_text(html.replace("</body>", PROBE.replace("PLAN", json.dumps(plan)) + "</body>"))
@@ -117,7 +127,7 @@ def test_clicking_headers_reorders_rows_in_chromium(page, tmp_path):
         ["ascending", [hope, tr, ti]],    # rank 1, 2, then the unranked one ("—")
         ["descending", [tr, hope, ti]],   # missing values stay last in both directions
         ["ascending", [hope, ti, tr]],    # text columns sort as text
-        ["ascending", [tr, "hope/tiny/finetune/naive"]],  # overall win rate 0.208 < 0.792
+        ["ascending", [hope, hope]],      # verdict rows: Hope entries (markov-lm +0.1 < split-digits +0.3)
     ]
     assert _entries(dom, TABLE) == [hope, ti, tr]  # the DOM itself was reordered
 

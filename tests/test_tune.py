@@ -161,9 +161,14 @@ def test_cli_invalid_space_exits_2_before_any_trial(tmp_path):
 
 
 def test_example_configs_are_valid_and_base_path_resolves(tmp_path):
+    reporting = set()
+    for name in ("standard.yaml", "quick.yaml"):
+        reporting |= set(yaml.safe_load((ROOT / "configs" / name).read_text())["seeds"])
     for name in ("tune-cms.yaml", "tune-m3.yaml"):
         tc, experiment = load_tune_config(ROOT / "configs" / name)
         assert tc.trials >= 4 and experiment["models"][0]["name"] == "hope"
+        # tuning on a reporting seed is tuning on the test data (the stream content depends on the seed)
+        assert not set(experiment["seeds"]) & reporting, (name, experiment["seeds"])
     # `base:` is resolved next to the tune config
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(base_experiment()))
     cfg = tune_config()

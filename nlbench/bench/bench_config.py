@@ -30,7 +30,7 @@ class BenchModel(BaseModel):
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "throughput"
-    models: list[BenchModel]
+    models: list[BenchModel] = Field(..., min_length=1)
     sizes: list[str] = ["small"]
     seq_lens: list[int] = [256]
     batch_size: int = Field(8, ge=1)
@@ -92,10 +92,17 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     if not isinstance(raw, dict):
         raise BenchConfigError(f"bench config '{path}' must be a mapping of fields, got {type(raw).__name__}.")
     try:
-        return BenchConfig.model_validate(raw)
+        cfg = BenchConfig.model_validate(raw)
     except ValidationError as e:
         msgs = []
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             msgs.append(f"field '{loc}': {err['msg']}")
         raise BenchConfigError(f"invalid bench config '{path}': " + "; ".join(msgs) + ".") from None
+    from nlbench.config import ConfigError, _check_model_options
+
+    try:  # each model factory rejects unknown or invalid options before any measuring
+        _check_model_options(cfg.models, "models")
+    except ConfigError as e:
+        raise BenchConfigError(str(e).replace("invalid config:", f"invalid bench config '{path}':", 1)) from None
+    return cfg

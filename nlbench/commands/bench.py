@@ -23,7 +23,7 @@ def bench(config, out, only, device):
     from rich.console import Console
     from rich.table import Table
 
-    from nlbench.bench.bench_config import BenchConfigError, load_bench_config
+    from nlbench.bench.bench_config import load_bench_config
     from nlbench.bench.throughput import BenchCase, bench_case, device_name, measure_matmul_peak, versions
     from nlbench.malloc import keep_freed_memory
     from nlbench.results import ResultStore
@@ -31,10 +31,14 @@ def bench(config, out, only, device):
     console = Console()
     if not console.is_terminal:  # logs and CI: don't wrap rows at 80 columns
         console = Console(width=160)
-    try:
-        cfg = load_bench_config(config)
-    except BenchConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+    from nlbench.preflight import check_writable
+
+    cfg = load_bench_config(config)
+    check_writable(out)
+    models = [m for m in cfg.models if only is None or only in m.name]
+    if not models:
+        click.echo(f"error: --only {only!r} matches none of the config's models "
+                      f"({', '.join(m.name for m in cfg.models)}); nothing measured or written.", err=True)
         sys.exit(2)
     dev_str = device or cfg.device
     if dev_str == "auto":
@@ -57,7 +61,6 @@ def bench(config, out, only, device):
     meta = dict(versions(), command=cmd, timestamp=stamp, matmul_peak_flops=peak, config_name=cfg.name)
 
     rows = []
-    models = [m for m in cfg.models if only is None or only in m.name]
     for size in cfg.sizes:
         for seq_len in cfg.seq_lens:
             for m in models:

@@ -15,7 +15,13 @@ import click
 @click.option("--no-figures", is_flag=True, help="Skip the matplotlib figures.")
 def report(dirs, fmt, out_dir, no_figures):
     """Rank models per stream (95% CI over seeds), draw figures, line up throughput per device."""
+    from pathlib import Path
+
+    from nlbench.preflight import check_writable
     from nlbench.report import ReportError, build_report
+
+    check_writable(out_dir or (dirs[0] if "://" in dirs[0] else Path(dirs[0]) / "report"),
+                   "--out-dir" if out_dir else "report folder")
 
     formats = ("md", "html", "json") if fmt == "all" else (fmt,)
     try:

@@ -115,6 +115,10 @@ def run(config, out, address, sequential, only, device):
     if sequential and address:
         click.echo("error: --sequential runs in this process; it cannot be combined with --address.", err=True)
         sys.exit(2)
+    from nlbench.preflight import check_address, check_writable
+
+    check_writable(out)
+    check_address(address)
     console.print(f"config {cfg.name}: {len(specs)} run(s) -> {out}")
     announce_repairs(console, out, specs)
 

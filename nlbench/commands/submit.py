@@ -113,6 +113,9 @@ def submit(config, address, out, working_dir, pip, job_id, wait):
             f"directory on the head; pass an absolute path to keep the results.", err=True,
         )
     entrypoint, runtime_env = build_job(config, out, working_dir, pip)
+    from nlbench.config import expand_runs, load_config
+
+    expand_runs(load_config(config))  # a bad config fails here, before anything is uploaded
     client = _client(address)
     job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
                             metadata={"nlbench_config": str(config)})

@@ -38,6 +38,10 @@ def tune(config, out, address, trials, storage, parallel):
     if parallel is not None and parallel < 1:
         click.echo(f"error: --parallel must be >= 1; got {parallel}.", err=True)
         sys.exit(2)
+    from nlbench.preflight import check_address, check_writable
+
+    check_writable(out)
+    check_address(address)
     try:
         tc, experiment = load_tune_config(config)
         summary = run_tune(tc, experiment, out, trials=trials, parallel=parallel, storage=storage, address=address,

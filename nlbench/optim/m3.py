@@ -32,7 +32,7 @@ import math
 import torch
 
 from nlbench.optim.muon import check_int, check_range, matrix_view, require_matrices
-from nlbench.optim.newton_schulz import newton_schulz
+from nlbench.optim.newton_schulz import newton_schulz, newton_schulz_many
 
 M3_VARIANTS = ("paper", "ema")
 
@@ -77,9 +77,8 @@ class M3(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (b1, b2, b3), alpha = group["lr"], group["betas"], group["alpha"]
             f, T, eps, ema = group["slow_every"], group["ns_steps"], group["eps"], group["variant"] == "ema"
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 g = p.grad
                 st = self.state[p]
                 if not st:
@@ -87,18 +86,22 @@ class M3(torch.optim.Optimizer):
                     for k in ("M1", "M2", "V", "G", "O2"):
                         st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1
-                M1, M2, V, G, O2 = st["M1"], st["M2"], st["V"], st["G"], st["O2"]
+                M1, V = st["M1"], st["V"]
                 if ema:
                     M1.mul_(b1).add_(g, alpha=1 - b1)
                     V.mul_(b2).addcmul_(g, g, value=1 - b2)
                 else:
                     M1.add_(g, alpha=b1)
                     V.addcmul_(g, g, value=b2)
-                G.add_(g)
-                O1 = newton_schulz(matrix_view(M1), steps=T).view_as(p)
+                st["G"].add_(g)
+            # O1 = NS_T(M1): same-shape matrices in one batched call (per slice, as one by one)
+            O1s = newton_schulz_many([matrix_view(self.state[p]["M1"]) for p in params], steps=T)
+            for p, O1 in zip(params, O1s):
+                st = self.state[p]
+                M2, V, G, O2 = st["M2"], st["V"], st["G"], st["O2"]
                 if group["weight_decay"]:
                     p.mul_(1.0 - lr * group["weight_decay"])
-                u = O1.add(O2, alpha=alpha).div_(V.sqrt().add_(eps))
+                u = O1.view_as(p).add(O2, alpha=alpha).div_(V.sqrt().add_(eps))
                 if group["rms_normalize"]:
                     um = matrix_view(u)  # unit RMS per matrix (per head for batched states)
                     um.div_(um.square().mean(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-12))

@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from nlbench.optim.newton_schulz import newton_schulz
+from nlbench.optim.newton_schulz import newton_schulz_many
 
 
 class Muon(torch.optim.Optimizer):
@@ -44,22 +44,22 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            us = []
+            for p in params:
                 g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 m = state["momentum_buffer"]
                 m.mul_(mu).add_(g)
-                u = g.add(m, alpha=mu) if group["nesterov"] else m
-                um = matrix_view(u)
-                update = newton_schulz(um, steps=group["ns_steps"]).view_as(p)
+                us.append(matrix_view(g.add(m, alpha=mu) if group["nesterov"] else m))
+            # same-shape matrices orthogonalized in one batched call (per slice, as one by one)
+            for p, um, update in zip(params, us, newton_schulz_many(us, steps=group["ns_steps"])):
                 scale = math.sqrt(max(1.0, um.shape[-2] / um.shape[-1]))
                 if wd:
                     p.mul_(1.0 - lr * wd)
-                p.add_(update, alpha=-lr * scale)
+                p.add_(update.view_as(p), alpha=-lr * scale)
         return loss
 
 

@@ -3,6 +3,7 @@
     ROOT/<key>/model.pt        the finished checkpoint (written once, atomically)
     ROOT/<key>/progress.pt     the resumable state while training (removed when finished)
     ROOT/<key>/executions.log  one line per time the training actually started (pid, host, UTC)
+    ROOT/<key>/failed.txt      why it diverged (a NaN is deterministic: later callers fail fast)
     ROOT/<key>/.lock           held while computing, so concurrent callers compute it once
 
 `ensure_pretrained` returns the finished checkpoint, computing it first under the lock if it is
@@ -30,6 +31,7 @@ from nlbench.pretrain.config import pretrain_key
 FORMAT = "nlbench-pretrained"
 PROGRESS_FORMAT = "nlbench-pretrain-progress"
 MODEL_FILE, PROGRESS_FILE, EXECUTIONS_FILE, LOCK_FILE = "model.pt", "progress.pt", "executions.log", ".lock"
+FAILED_FILE = "failed.txt"
 
 
 class PretrainError(RuntimeError):
@@ -133,7 +135,7 @@ def ensure_pretrained(model_entry: dict, block: dict, root, device="cpu", progre
     `progress(step, steps, losses)` sees every step; `stop_after_step` (test hook) stops early
     as a killed process would and returns the progress checkpoint's path."""
     from nlbench.pretrain.tasks import build_pretrain_stream
-    from nlbench.pretrain.train import pretrain
+    from nlbench.pretrain.train import PretrainDiverged, pretrain
 
     key = pretrain_key(model_entry, block)
     d = checkpoint_dir(root, key)
@@ -143,6 +145,10 @@ def ensure_pretrained(model_entry: dict, block: dict, root, device="cpu", progre
     with _locked(d):
         if final.is_file():
             return final, False
+        failed = d / FAILED_FILE
+        if failed.is_file():
+            raise PretrainError(f"pretraining {key} diverged before ({failed.read_text().strip()}); it would again "
+                                f"with the same config and seed: change them, or delete '{failed}' to try again.")
         device = torch.device(device)
         with open(d / EXECUTIONS_FILE, "a") as log:
             log.write(f"{datetime.now(timezone.utc).isoformat()} pid={os.getpid()} host={socket.gethostname()}\n")
@@ -155,9 +161,13 @@ def ensure_pretrained(model_entry: dict, block: dict, root, device="cpu", progre
             if resume.get("key") != key:
                 raise PretrainError(f"'{progress_path}' belongs to key {resume.get('key')!r}, not {key!r}; delete it.")
         t0 = time.perf_counter()
-        result = pretrain(model, block, stream, device, resume=resume, progress=progress,
-                          on_checkpoint=lambda p: save_atomic(progress_path, dict(format=PROGRESS_FORMAT, key=key, **p)),
-                          stop_after_step=stop_after_step)
+        try:
+            result = pretrain(model, block, stream, device, resume=resume, progress=progress,
+                              on_checkpoint=lambda p: save_atomic(progress_path, dict(format=PROGRESS_FORMAT, key=key, **p)),
+                              stop_after_step=stop_after_step)
+        except PretrainDiverged as e:
+            failed.write_text(f"{e}\n")
+            raise PretrainError(f"pretraining {key} diverged: {e}; recorded in '{failed}'.") from None
         if result["steps_done"] < int(block["steps"]):  # test hook: stopped early, progress kept
             return progress_path, True
         save_atomic(final, dict(

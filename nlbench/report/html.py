@@ -1,4 +1,4 @@
-"""One static HTML page: the leaderboard, the throughput table and the figures.
+"""One static HTML page: verdict first, headline figures, then the leaderboard details and throughput.
 
 Self-contained (no server, no network, no CDN): figures are embedded as base64 PNG, styles and
 the sorting script are inline. Every table with class ``sortable`` reorders its rows when a
@@ -95,28 +95,54 @@ def _img(path: str, alt: str) -> str:
     return f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{escape(alt)}</figcaption></figure>'
 
 
+def _section_html(s: dict) -> list[str]:
+    direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
+    p = [f"<h3>{escape(s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
+    head, rows = lb.section_rows(s)
+    tid = f"stream-{slug(s['stream'])}-{s['score']}"
+    p.append(table_html(head, rows, tid, ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
+    if s["paired"]:
+        p.append(f"<p>Paired differences against <b>{escape(s['baseline'])}</b> (entry − baseline, 95% CI over common seeds):</p>")
+        p.append(table_html(*lb.paired_table(s), f"paired-{slug(s['stream'])}-{s['score']}"))
+    return p
+
+
 def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, list[str]] | None = None) -> str:
+    """The page leads with the answer: verdict table, headline figures, then the details."""
     p = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">', "<title>nlbench leaderboard</title>",
          f"<style>{CSS}</style></head><body>", "<h1>nlbench leaderboard</h1>"]
+    if doc.get("verdict"):
+        p += ["<h2>Verdict: Hope vs the best baseline</h2>", f"<p>{escape(lb.verdict_sentence(doc))}</p>",
+              table_html(*lb.verdict_table(doc), "verdict")]
+    elif doc.get("streams"):
+        p += ["<h2>Verdict: Hope vs the best baseline</h2>", f"<p>{escape(lb.NO_VERDICT)}</p>"]
+    figures = figures or {}
+    headline = {k: v for k, v in figures.items() if k in lb.HEADLINE_FIGURES}
+    if headline:
+        p.append("<h2>Headline figures</h2>")
+        p += [_img(paths[0], name) for name, paths in headline.items() if paths and paths[0].endswith(".png")]
+    p.append("<h2>Details</h2>")
     if doc.get("sources"):
         p.append(f"<p>Generated {escape(doc['generated_at'])} from {escape(', '.join(doc['sources']))}. "
                  "Click a column header to sort.</p>")
         p.append(f"<p>Cells: seed mean [95% CI]. CI method: {escape(doc['ci_method'])}. "
-                 f"{escape(doc['did_not_learn_rule'])}; such entries are greyed out and not ranked.</p>")
+                 f"{escape(doc['did_not_learn_rule'])}; such entries are greyed out and not ranked. "
+                 f"Ranking: {escape(doc['ranking_rule'])}.</p>")
     for n in doc.get("notes", []):
         p.append(f'<p class="note">{escape(n)}</p>')
     for w in doc.get("warnings", []):
         p.append(f'<p class="warn">warning: {escape(w)}</p>')
-    if doc.get("overall"):
-        p += ["<h2>Overall ranking (mean win rate)</h2>", f"<p>{escape(doc['ranking_rule'])}.</p>",
-              table_html(*lb.overall_rows(doc), "overall")]
-    elif doc.get("streams"):
-        p += ["<h2>Overall ranking</h2>", f"<p>{escape(lb.NO_OVERALL)}</p>"]
-    for s in doc.get("streams", []):
-        direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
-        p.append(f"<h2>{escape(s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h2>")
-        head, rows = lb.section_rows(s)
-        p.append(table_html(head, rows, f"stream-{slug(s['stream'])}-{s['score']}", ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
+    forgetting = [s for s in doc.get("streams", []) if s["kind"] == "forgetting"]
+    capability = [s for s in doc.get("streams", []) if s["kind"] == "capability"]
+    if forgetting:
+        p.append("<h2>Forgetting streams</h2>")
+        for s in forgetting:
+            p += _section_html(s)
+    if capability:
+        p += ["<h2>Capability streams (not in the verdict)</h2>",
+              "<p>These streams test transfer or learnability at a budget rather than forgetting.</p>"]
+        for s in capability:
+            p += _section_html(s)
     if doc.get("streams"):
         p.append("<h2>Metrics</h2><ul>")
         p += [f"<li><b>{escape(k)}</b> = {escape(v['formula'])} — {escape(v['source'])}</li>" for k, v in doc["metrics"].items()]
@@ -125,8 +151,9 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append("<h2>Throughput</h2>")
         p.append(f"<p>{escape(tp.legend(throughput))}</p>")
         p.append(table_html(*tp.table_rows(throughput), "throughput"))
-    if figures:
+    rest = {k: v for k, v in figures.items() if k not in lb.HEADLINE_FIGURES}
+    if rest:
         p.append("<h2>Figures</h2>")
-        p += [_img(paths[0], name) for name, paths in figures.items() if paths and paths[0].endswith(".png")]
+        p += [_img(paths[0], name) for name, paths in rest.items() if paths and paths[0].endswith(".png")]
     p.append(f"<script>{SORT_JS}</script></body></html>")
     return "\n".join(p)

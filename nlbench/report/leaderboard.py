@@ -1,20 +1,23 @@
-"""The leaderboard: per stream, entries ranked by final accuracy, with every metric's 95% CI.
+"""The leaderboard: per stream, entries ranked by final accuracy with paired 95% intervals.
 
 An *entry* is one configuration evaluated over several seeds: model label, size, protocol,
 strategy, and — when runs of the same label differ in anything else (learning rate, tokens per
 task, …) — a short fingerprint of that configuration, so two configurations are never pooled as
 if they were seeds of one.
 
-Per-run metrics come from :func:`nlbench.metrics.per_run_metrics` (``docs/METRICS.md``), seed
-aggregation from :func:`nlbench.metrics.aggregate` (:data:`nlbench.metrics.CI_METHOD`). Sections
-are per (stream, score): ``accuracy`` (higher is better) and, for language-modelling streams,
-``loss`` (lower is better; the transfer metrics are computed on −R so a positive BWT/FWT still
-means "helped" and a positive forgetting "got worse").
+Per-run metrics come from :func:`nlbench.metrics.per_run_metrics` (docs/METRICS.md), seed
+aggregation from :func:`nlbench.metrics.aggregate`. Sections are per (stream, score):
+``accuracy`` (higher is better) and, for language-modelling streams, ``loss`` (lower is better;
+the transfer metrics are computed on −R so a positive BWT/FWT still means "helped" and a
+positive forgetting "got worse").
 
-Overall ranking: mean win rate. In each stream's primary section (accuracy when the stream has
-it, else loss) and for each ranked metric, an entry's win rate is the share of the *other* ranked
-entries it beats on the seed mean (ties count half); the overall score is the mean over metrics
-and streams. Entries flagged "did not learn" are listed but never ranked.
+Runs of different entries with the same seed share the task data, so entries are compared per
+seed (:func:`nlbench.metrics.paired_difference`). Rank: 1 + the number of entries whose paired
+acc_final interval lies wholly on the better side; entries whose paired interval covers 0 share
+a rank. Each section's ``paired`` rows compare every entry with the best non-Hope entry, and the
+``verdict`` puts Hope against that baseline per forgetting stream. Capability streams (passkey,
+modular-arithmetic, text-domains) are reported in their own section, outside the verdict.
+Entries flagged "did not learn" are listed but never ranked.
 """
 
 from __future__ import annotations
@@ -30,10 +33,23 @@ import pandas as pd
 from nlbench import metrics as M
 from nlbench.report.load import ReportError, Results
 
-SCHEMA_VERSION = 1
-# The metrics of the table, in the order shown; lca needs current-task curves, so it is JSON only.
-TABLE_METRICS = ("acc_final", "bwt", "forgetting", "fwt", "plasticity", "acc_avg_incremental")
-RANKED_METRICS = TABLE_METRICS
+SCHEMA_VERSION = 2
+# The metrics of the table, in the order shown (forgetting always next to plasticity); lca needs
+# current-task curves, so it is JSON only.
+TABLE_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalized", "bwt", "fwt", "acc_avg_incremental")
+RANK_METRIC = "acc_final"  # the one metric a rank is computed from (no metric counted twice)
+PAIRED_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalized")
+# Streams that test a capability (transfer, learnability at a budget), not forgetting: their own
+# section of the report, outside the verdict.
+CAPABILITY_STREAMS = ("passkey", "modular-arithmetic", "text-domains")
+HEADLINE_FIGURES = ("final score vs forgetting",)  # shown right after the verdict; the rest with the details
+RANKING_RULE = (
+    "per stream section: entries that learned, by acc_final; rank = 1 + the number of entries whose paired "
+    "acc_final difference (95% Student t interval over the common seeds) lies wholly on the better side, so "
+    "entries whose paired interval covers 0 share a rank (with fewer than 2 common seeds there is no interval "
+    "and the two tie). No overall rank across streams: the verdict compares Hope with the best non-Hope entry "
+    "per forgetting stream"
+)
 LOSS_NOTE = (
     "Loss sections (language-modelling streams): lower is better for acc_final, "
     "acc_avg_incremental and plasticity (they are mean losses); bwt, fwt and forgetting are computed "
@@ -41,7 +57,7 @@ LOSS_NOTE = (
     "'helped' and positive forgetting 'got worse'."
 )
 _ENTRY_KEYS = ("model", "size", "protocol", "strategy")
-NO_OVERALL = "None: no stream has two or more entries that learned, so there is nobody to beat."
+NO_VERDICT = "None: no forgetting stream has both a Hope entry and a non-Hope entry that learned."
 LOWER_IS_BETTER = ("loss", "perplexity")  # matrix scores where lower is better
 
 
@@ -128,38 +144,101 @@ def _agg(values) -> dict:
     return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": n}
 
 
+def is_hope(entry: dict) -> bool:
+    """Hope entries: the config's model name, else the model label (``hope``, ``hope@variant``, …)."""
+    name = (entry.get("config") or {}).get("model", {}).get("name") if isinstance((entry.get("config") or {}).get("model"), dict) else None
+    return str(name or entry.get("model", "")).split("@")[0].lower().startswith("hope")
+
+
+def _better_sign(score: str) -> float:
+    return 1.0 if higher_is_better(RANK_METRIC, score) else -1.0
+
+
+def _pair(a: dict, b: dict, metric: str) -> dict:
+    mean, lo, hi, n = M.paired_difference(a["_per_seed"][metric], b["_per_seed"][metric])
+    return {"diff_mean": mean, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def _beats(a: dict, b: dict, score: str) -> bool:
+    """a is better than b on the rank metric: the paired interval excludes 0 on a's side."""
+    d = _pair(a, b, RANK_METRIC)
+    if math.isnan(d["ci_low"]):
+        return False
+    return d["ci_low"] > 0 if _better_sign(score) > 0 else d["ci_high"] < 0
+
+
 def _rank_section(entries: list[dict], score: str) -> None:
-    """Set 'rank' (1 = best acc_final) on learned entries with a defined acc_final; others None."""
-    hib = higher_is_better("acc_final", score)
-    rankable = [e for e in entries if not e["did_not_learn"] and not math.isnan(e["metrics"]["acc_final"]["mean"])]
-    rankable.sort(key=lambda e: ((-1 if hib else 1) * e["metrics"]["acc_final"]["mean"], e["entry"]))
+    """Set 'rank' on learned entries with a defined acc_final (RANKING_RULE); others None."""
+    sign = _better_sign(score)
+    rankable = [e for e in entries if not e["did_not_learn"] and not math.isnan(e["metrics"][RANK_METRIC]["mean"])]
     for e in entries:
         e["rank"] = None
-    for i, e in enumerate(rankable, 1):
-        e["rank"] = i
-    entries.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, e["entry"]))
+    for e in rankable:
+        e["rank"] = 1 + sum(_beats(o, e, score) for o in rankable if o is not e)
+    entries.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, -sign * e["metrics"][RANK_METRIC]["mean"]
+                                if not math.isnan(e["metrics"][RANK_METRIC]["mean"]) else 0.0, e["entry"]))
 
 
-def win_rates(entries: list[dict], score: str, metrics=RANKED_METRICS) -> dict[str, float]:
-    """Mean over ``metrics`` of the share of other ranked entries each ranked entry beats.
+def _baseline(entries: list[dict], score: str) -> dict | None:
+    """The best ranked non-Hope entry by its acc_final seed mean (ties: entry name)."""
+    sign = _better_sign(score)
+    cands = [e for e in entries if e["rank"] is not None and not is_hope(e)]
+    cands.sort(key=lambda e: (-sign * e["metrics"][RANK_METRIC]["mean"], e["entry"]))
+    return cands[0] if cands else None
 
-    Ties count half; a metric undefined (NaN) for an entry is skipped for it and does not count as
-    an opponent. Sections with fewer than two ranked entries give no win rate (nothing to beat).
-    """
-    ranked = [e for e in entries if e["rank"] is not None]
-    if len(ranked) < 2:
-        return {}
-    per_entry: dict[str, list[float]] = {e["entry"]: [] for e in ranked}
-    for m in metrics:
-        sign = 1.0 if higher_is_better(m, score) else -1.0
-        vals = {e["entry"]: e["metrics"][m]["mean"] for e in ranked if not math.isnan(e["metrics"][m]["mean"])}
-        if len(vals) < 2:
+
+def paired_rows(entries: list[dict], baseline: dict | None) -> list[dict]:
+    """``{entry, baseline, metric, diff_mean, ci_low, ci_high, n}`` of every entry against ``baseline``."""
+    if baseline is None:
+        return []
+    return [
+        {"entry": e["entry"], "baseline": baseline["entry"], "metric": m, **_pair(e, baseline, m)}
+        for e in entries if e is not baseline for m in PAIRED_METRICS
+    ]
+
+
+def _outcome(d: dict, score: str) -> str:
+    if d["ci_low"] is None or math.isnan(d["ci_low"]):
+        return "no interval"
+    better = d["ci_low"] > 0 if _better_sign(score) > 0 else d["ci_high"] < 0
+    worse = d["ci_high"] < 0 if _better_sign(score) > 0 else d["ci_low"] > 0
+    return "better" if better else "worse" if worse else "tie"
+
+
+def verdict_rows(sections: list[dict]) -> list[dict]:
+    """Per forgetting stream (its primary section): each Hope entry against the section's baseline."""
+    rows = []
+    for s in sections:
+        if s["kind"] != "forgetting" or not s["primary"]:
             continue
-        for name, v in vals.items():
-            others = [w for o, w in vals.items() if o != name]
-            beaten = sum(1.0 if sign * (v - w) > 0 else 0.5 if v == w else 0.0 for w in others)
-            per_entry[name].append(beaten / len(others))
-    return {k: float(np.mean(v)) for k, v in per_entry.items() if v}
+        pairs = {(p["entry"], p["metric"]): p for p in s["paired"]}
+        for e in s["entries"]:
+            if not is_hope(e):
+                continue
+            row = {"stream": s["stream"], "score": s["score"], "entry": e["entry"], "baseline": s["baseline"],
+                   "did_not_learn": e["did_not_learn"]}
+            if s["baseline"] is None:
+                row["outcome"] = "no baseline"
+            elif e["did_not_learn"]:
+                row["outcome"] = "did not learn"
+            else:
+                row["outcome"] = _outcome(pairs[(e["entry"], RANK_METRIC)], s["score"])
+            for m in PAIRED_METRICS:
+                p = pairs.get((e["entry"], m))
+                row[m] = {k: p[k] for k in ("diff_mean", "ci_low", "ci_high", "n")} if p else None
+            rows.append(row)
+    return rows
+
+
+def _mean_of_lists(values) -> float | None:
+    """Mean over runs of each run's mean per-task value (JSON lists); None when any value is unknown."""
+    per_run = []
+    for v in values:
+        lst = _loads(v) if isinstance(v, str) else v
+        if not isinstance(lst, list) or not lst or any(x is None for x in lst):
+            return None
+        per_run.append(float(np.mean(lst)))
+    return float(np.mean(per_run)) if per_run else None
 
 
 def build_leaderboard(res: Results) -> dict:
@@ -178,15 +257,13 @@ def build_leaderboard(res: Results) -> dict:
             )
             for name, info in M.METRIC_INFO.items()
         },
-        "ranking_rule": (
-            "per stream: entries that learned, by acc_final seed mean; overall: mean win rate over "
-            f"{', '.join(RANKED_METRICS)} in each stream's primary section (accuracy if present, else loss), "
-            "win rate = share of the other ranked entries beaten on the seed mean, ties count half"
-        ),
+        "ranking_rule": RANKING_RULE,
+        "paired_metrics": list(PAIRED_METRICS),
+        "capability_streams": list(CAPABILITY_STREAMS),
         "notes": [],
         "warnings": list(res.warnings),
+        "verdict": [],
         "streams": [],
-        "overall": [],
     }
     if res.runs.empty:
         return _clean(doc)
@@ -207,7 +284,8 @@ def build_leaderboard(res: Results) -> dict:
     # the chance rule lives on accuracy; a run's loss section inherits its accuracy flag
     acc_flag = per_run[per_run["score"] == "accuracy"].set_index("run_id")["did_not_learn"].to_dict()
     per_run["did_not_learn"] = [acc_flag.get(r, f) for r, f in zip(per_run["run_id"], per_run["did_not_learn"])]
-    keep = ["run_id", "entry", "config_dict", "status", *_ENTRY_KEYS, *[c for c in ("seed", "train_tokens_per_s") if c in runs]]
+    keep = ["run_id", "entry", "config_dict", "status", *_ENTRY_KEYS,
+            *[c for c in ("seed", "train_tokens_per_s", "chance", "ceiling") if c in runs]]
     per_run = per_run.drop(columns=["model", "seed"]).merge(runs[[c for c in keep if c in runs]], on="run_id", how="left")
     if set(LOWER_IS_BETTER) & set(per_run["score"]):
         doc["notes"].append(LOSS_NOTE)
@@ -239,7 +317,12 @@ def build_leaderboard(res: Results) -> dict:
                     {"run_id": r.run_id, "seed": _clean(getattr(r, "seed", None)), "status": r.status, "error": getattr(r, "error", None)}
                     for r in f_runs.itertuples()
                 ],
+                "ceiling": _mean_of_lists(g["ceiling"]) if "ceiling" in g else None,
+                # chosen hyper-parameters with the seeds they were tuned on; null until selection exists
+                "selected": first["config_dict"].get("selected"),
                 "metrics": {m: _agg(g[m]) for m in M.METRIC_NAMES},
+                "_per_seed": {m: {int(sd): float(v) for sd, v in zip(g["seed"], pd.to_numeric(g[m], errors="coerce"))
+                                  if not (isinstance(sd, float) and math.isnan(sd))} for m in M.METRIC_NAMES},
                 # mean per-task chance of each run (majority baseline), over seeds
                 "chance": _agg([chance_of.get(r, math.nan) for r in g["run_id"]]),
                 "train_tokens_per_s": _agg(g["train_tokens_per_s"]) if "train_tokens_per_s" in g else _agg([]),
@@ -247,14 +330,22 @@ def build_leaderboard(res: Results) -> dict:
                 "environment": _environment(runs[runs["run_id"].isin(set(g["run_id"]))]),
             })
         _rank_section(entries, score)
+        baseline = _baseline(entries, score)
+        scores = set(per_run.loc[per_run["stream"] == stream, "score"])
         doc["streams"].append({
             "stream": stream,
             "score": score,
+            "kind": "capability" if stream in CAPABILITY_STREAMS else "forgetting",
+            "primary": score == "accuracy" or "accuracy" not in scores,
             "higher_is_better": score not in LOWER_IS_BETTER,
             "num_tasks": int(sec["T"].max()),
+            "baseline": baseline["entry"] if baseline else None,
+            "paired": paired_rows(entries, baseline),
             "entries": entries,
         })
-    doc["overall"] = overall_ranking(doc["streams"])
+        for e in entries:
+            del e["_per_seed"]
+    doc["verdict"] = verdict_rows(doc["streams"])
     return _clean(doc)
 
 
@@ -268,28 +359,6 @@ def _run_chance(runs) -> dict:
         if values:
             out[rid] = sum(values) / len(values)
     return out
-
-
-def overall_ranking(sections: list[dict]) -> list[dict]:
-    by_stream: dict[str, dict] = {}
-    for s in sections:  # primary section: accuracy when the stream has it
-        if s["stream"] not in by_stream or s["score"] == "accuracy":
-            by_stream[s["stream"]] = s
-    per_entry: dict[str, dict] = {}
-    for stream, s in sorted(by_stream.items()):
-        for name, wr in win_rates(s["entries"], s["score"]).items():
-            e = next(x for x in s["entries"] if x["entry"] == name)
-            rec = per_entry.setdefault(name, {"entry": name, **{k: e[k] for k in _ENTRY_KEYS}, "per_stream": {}})
-            rec["per_stream"][stream] = wr
-    rows = []
-    for rec in per_entry.values():
-        rec["win_rate"] = float(np.mean(list(rec["per_stream"].values())))
-        rec["n_streams"] = len(rec["per_stream"])
-        rows.append(rec)
-    rows.sort(key=lambda r: (-r["win_rate"], r["entry"]))
-    for i, r in enumerate(rows, 1):
-        r["rank"] = i
-    return rows
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -313,7 +382,7 @@ def fmt_rate(a: dict | None) -> str:
 
 def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
     """Header and rows (display text, sort value) of one stream section's table."""
-    head = ["rank", "entry", "seeds", *TABLE_METRICS, "train tok/s", "flags"]
+    head = ["rank", "entry", "seeds", "chance", *TABLE_METRICS, "train tok/s", "flags"]
     rows = []
     for e in section["entries"]:
         flags = []
@@ -325,6 +394,8 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
             (str(e["rank"]) if e["rank"] is not None else "—", e["rank"]),
             (e["entry"], e["entry"]),
             (str(e["n_seeds"]), e["n_seeds"]),
+            (f"{e['chance']['mean']:.3f}" if e["chance"]["mean"] is not None and not math.isnan(e["chance"]["mean"]) else "—",
+             e["chance"]["mean"]),
             *[(fmt_ci(e["metrics"][m]), e["metrics"][m]["mean"]) for m in TABLE_METRICS],
             (fmt_rate(e["train_tokens_per_s"]), e["train_tokens_per_s"]["mean"]),
             ("; ".join(flags), "; ".join(flags)),
@@ -333,18 +404,47 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
     return head, rows
 
 
-def overall_rows(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
-    streams = sorted({s for r in doc["overall"] for s in r["per_stream"]})
-    head = ["rank", "entry", "win rate", "streams", *streams]
+def fmt_diff(d: dict | None, digits: int = 3) -> str:
+    """Paired difference cell: '+0.012 [+0.004, +0.020] (n=5)'."""
+    if not d or d.get("diff_mean") is None:
+        return "—"
+    s = f"{d['diff_mean']:+.{digits}f}"
+    if d.get("ci_low") is not None:
+        s += f" [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+    return s + f" (n={d['n']})"
+
+
+def verdict_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
+    """Hope vs the best non-Hope entry per forgetting stream: paired differences (Hope − baseline)."""
+    head = ["stream", "Hope entry", "baseline", "outcome (acc_final)", *[f"Δ {m}" for m in PAIRED_METRICS]]
     rows = [
-        [
-            (str(r["rank"]), r["rank"]), (r["entry"], r["entry"]), (f"{r['win_rate']:.3f}", r["win_rate"]),
-            (str(r["n_streams"]), r["n_streams"]),
-            *[(f"{r['per_stream'][s]:.3f}" if s in r["per_stream"] else "—", r["per_stream"].get(s)) for s in streams],
-        ]
-        for r in doc["overall"]
+        [(r["stream"], r["stream"]), (r["entry"], r["entry"]), (r["baseline"] or "—", r["baseline"] or ""),
+         (r["outcome"], r["outcome"]),
+         *[(fmt_diff(r[m]), (r[m] or {}).get("diff_mean")) for m in PAIRED_METRICS]]
+        for r in doc["verdict"]
     ]
     return head, rows
+
+
+def paired_table(section: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
+    """One row per entry: its paired differences against the section's baseline, metric by metric."""
+    head = ["rank", "entry", *[f"Δ {m}" for m in PAIRED_METRICS]]
+    by_entry: dict[str, dict] = {}
+    for p in section["paired"]:
+        by_entry.setdefault(p["entry"], {})[p["metric"]] = p
+    ranks = {e["entry"]: e["rank"] for e in section["entries"]}
+    rows = [
+        [(str(ranks[name]) if ranks.get(name) is not None else "—", ranks.get(name)), (name, name),
+         *[(fmt_diff(ms.get(m)), (ms.get(m) or {}).get("diff_mean")) for m in PAIRED_METRICS]]
+        for name, ms in by_entry.items()
+    ]
+    return head, rows
+
+
+def verdict_sentence(doc: dict) -> str:
+    return ("Hope − best non-Hope entry (by acc_final) on each forgetting stream, paired over common seeds, "
+            "95% Student t interval; outcome on acc_final: better/worse when the interval excludes 0, else tie. "
+            "Lower is better for Δ forgetting; read it with Δ plasticity.")
 
 
 def _md_table(head, rows) -> str:
@@ -358,32 +458,54 @@ def metric_notes(doc: dict) -> list[str]:
     return lines
 
 
+def _md_section(s: dict) -> list[str]:
+    direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
+    out = [f"### {s['stream']} — {s['score']} ({direction}, T = {s['num_tasks']})", ""]
+    out += [_md_table(*section_rows(s)), ""]
+    if s["paired"]:
+        out += [f"Paired differences against **{s['baseline']}** (entry − baseline, 95% CI over common seeds):", ""]
+        out += [_md_table(*paired_table(s)), ""]
+    return out
+
+
 def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict | None = None) -> str:
     out = ["# nlbench leaderboard", ""]
     out.append(f"Generated {doc['generated_at']} from {', '.join(doc['sources'])}.")
     out.append("")
+    if doc["verdict"]:
+        out += ["## Verdict: Hope vs the best baseline", "", verdict_sentence(doc), ""]
+        out += [_md_table(*verdict_table(doc)), ""]
+    elif doc["streams"]:
+        out += ["## Verdict: Hope vs the best baseline", "", NO_VERDICT, ""]
+    headline = {k: v for k, v in (figures or {}).items() if k in HEADLINE_FIGURES}
+    if headline:
+        out += ["## Headline figures", ""] + [f"![{k}]({v})" for k, v in headline.items()] + [""]
+    out += ["## Details", ""]
     out.append(f"Cells: seed mean [95% CI]. CI method: {doc['ci_method']}. {doc['did_not_learn_rule']}; "
-               "such entries are flagged and not ranked.")
+               "such entries are flagged and not ranked. Ranking: " + doc["ranking_rule"] + ".")
     out.append("")
     for n in doc["notes"]:
         out += [f"> {n}", ""]
     for w in doc["warnings"]:
         out += [f"> **warning:** {w}", ""]
-    if doc["overall"]:
-        out += ["## Overall ranking (mean win rate)", "", doc["ranking_rule"] + ".", ""]
-        out += [_md_table(*overall_rows(doc)), ""]
-    elif doc["streams"]:
-        out += ["## Overall ranking", "", NO_OVERALL, ""]
-    for s in doc["streams"]:
-        direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
-        out += [f"## {s['stream']} — {s['score']} ({direction}, T = {s['num_tasks']})", ""]
-        out += [_md_table(*section_rows(s)), ""]
+    forgetting = [s for s in doc["streams"] if s["kind"] == "forgetting"]
+    capability = [s for s in doc["streams"] if s["kind"] == "capability"]
+    if forgetting:
+        out += ["## Forgetting streams", ""]
+        for s in forgetting:
+            out += _md_section(s)
+    if capability:
+        out += ["## Capability streams (not in the verdict)", "",
+                "These streams test transfer or learnability at a budget rather than forgetting.", ""]
+        for s in capability:
+            out += _md_section(s)
     if doc["streams"]:
         out += ["## Metrics", ""] + metric_notes(doc) + [""]
     else:
         out += ["No completed runs to rank.", ""]
-    if figures:
-        out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES}
+    if rest:
+        out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in rest.items()] + [""]
     if throughput_md:
         out += [throughput_md, ""]
     return "\n".join(out)
