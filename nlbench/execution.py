@@ -326,8 +326,14 @@ class _Progress:
 class _Slot:
     actor: Any
     spec: Any = None
-    ref: Any = None
+    ref: Any = None  # the run in flight (a streaming generator)
     started: float = 0.0
+    ready_ref: Any = None  # the actor's start-up (its pid() call) until it answers
+    ready: bool | None = None  # the actor has started and takes runs
+
+
+# how often (s) a sweep whose actors all wait for resources re-checks the live nodes
+ACTOR_POLL_S = 10.0
 
 
 @dataclass
@@ -494,33 +500,63 @@ def run_sweep(
         tally.placements[spec.run_id] = info
         return value, False
 
+    def replenish():
+        """Keep as many actors as the live nodes hold (at least one, at most ``width``): a lost
+        node shrinks the sweep, a node that comes back (or joins) may grow it again."""
+        want = max(1, min(_live_capacity(cpus_per_run, gpus_per_run), width))
+        for s in slots:
+            if s.actor is None and sum(x.actor is not None for x in slots) < want:
+                s.actor, s.ready = new_actor(), None
+                s.ready_ref = s.actor.pid.remote()
+
+    def hand_out():
+        # runs go only to actors that have started: one created while a node was dying may wait
+        # for resources forever, and a run sent to it would wait with it
+        for s in slots:
+            if queue and s.actor is not None and s.ready and s.ref is None:
+                submit(s)
+
+    def drop(slot: _Slot):
+        with contextlib.suppress(Exception):  # a dead actor may be gone already
+            ray.kill(slot.actor, no_restart=True)
+        slot.actor, slot.ready, slot.ready_ref = None, None, None
+
     try:
         for slot in slots:
-            submit(slot)
-        while any(s.ref is not None for s in slots):
+            slot.ready_ref = slot.actor.pid.remote()
+        while queue or any(s.ref is not None for s in slots):
             bar.update(len(tally.completed) + len(tally.diverged), sum(s.ref is not None for s in slots), len(tally.failed))
             busy = {s.ref: s for s in slots if s.ref is not None}
-            ready, _ = ray.wait(list(busy), num_returns=1)
-            for gen in ready:
-                slot = busy[gen]
+            starting = {s.ready_ref: s for s in slots if s.ready_ref is not None} if queue else {}
+            # a timeout so a sweep left with no actor re-checks the cluster now and then
+            ready, _ = ray.wait([*busy, *starting], num_returns=1, timeout=ACTOR_POLL_S)
+            if not ready:
+                replenish()
+                continue
+            for ref in ready:
+                if ref in starting:  # an actor has started (or failed to: its node is gone)
+                    slot = starting[ref]
+                    slot.ready_ref = None
+                    try:
+                        ray.get(ref)
+                        slot.ready = True
+                    except ray.exceptions.RayError:
+                        drop(slot)
+                        replenish()
+                    hand_out()
+                    continue
+                slot = busy[ref]
                 spec, started = slot.spec, slot.started
                 record, replace = record_of(slot, spec, started)
                 if record == "checkpoint":
                     continue  # the run goes on
                 slot.ref = slot.spec = None
                 if replace:
-                    with contextlib.suppress(Exception):  # a dead actor may be gone already
-                        ray.kill(slot.actor, no_restart=True)
-                    slot.actor = None
-                    # a lost node shrinks the cluster: keep only as many actors as still fit
-                    live = sum(s.actor is not None for s in slots)
-                    if live < max(1, min(_live_capacity(cpus_per_run, gpus_per_run), width)):
-                        slot.actor = new_actor()
-                # hand the actor its next run before writing this one's results, so the
+                    drop(slot)
+                    replenish()
+                # hand the actors their next runs before writing this one's results, so the
                 # driver's Parquet writes overlap the actors' work
-                for s in slots:
-                    if queue and s.actor is not None and s.ref is None:
-                        submit(s)
+                hand_out()
                 if record is not None:
                     try:
                         store.write_run(record)
@@ -538,12 +574,6 @@ def run_sweep(
                         tally.failed[spec.run_id] = record.run.get("error") or status
                     if on_record is not None:
                         on_record(record)
-            if queue and not any(s.ref is not None for s in slots):
-                # every actor was lost and none fits now: wait for one (a node may come back)
-                slot = next((s for s in slots if s.actor is not None), slots[0])
-                if slot.actor is None:
-                    slot.actor = new_actor()
-                submit(slot)
         bar.update(len(tally.completed) + len(tally.diverged), 0, len(tally.failed))
     finally:
         bar.close()
