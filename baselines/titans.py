@@ -1,11 +1,13 @@
-"""Titans baselines (spec §1): the neural long-term memory as a layer (LMM), as context (MAC)
-and as a gate (MAG).
+"""Titans baselines (spec §1): the neural long-term memory as a layer (LMM), as context (MAC),
+as a gate (MAG) and as a layer before sliding-window attention (MAL).
 
 Every block is pre-norm: x = x + mixer(norm(x)); x = x + SwiGLU(norm(x)). The mixer is
   LMM  the memory alone (a recurrent sequence layer);
   MAC  per segment, attention over [persistent ‖ memory read ‖ segment], then the memory
        learns from the attention output y and gates it: o = y ⊗ σ(M(y));
-  MAG  sliding-window attention (with persistent tokens) gated by the memory output.
+  MAG  sliding-window attention (with persistent tokens) gated by the memory output;
+  MAL  the memory layer, then sliding-window attention (with persistent tokens), each with
+       its own residual: x = x + M(norm(x)); x = x + SWA([P ‖ norm(x)]).
 Each family narrows its SwiGLU so that a block holds as many parameters as a Transformer
 block of the same width (the 15% budget of ARCHITECTURE.md).
 
@@ -32,26 +34,32 @@ from nlbench.models.layers import (
     CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, causal_conv, init_weights, swiglu_hidden,
 )
 
-# Gate initialisation (sigmoid of a bias): forgetting α ≈ 0.007 so memory decays slowly
-# (not the 0.5-per-token halving of spec §7), momentum η ≈ 0.5, inner learning rate
-# θ = max_lr · (1 − η) · sigmoid(0) / λ_t (see NeuralMemory.gate_values for why).
-ALPHA_BIAS, ETA_BIAS, THETA_BIAS = -5.0, 0.0, 0.0
+# Gate initialisation (the sigmoid's value at init; the bias is its logit): forgetting
+# α ≈ 0.007 so memory decays slowly (not the 0.5-per-token halving of spec §7), momentum
+# η = 0.5, the θ sigmoid 0.5. Options `alpha_init`, `eta_init`, `theta_init`.
+GATE_INITS = {"eta_init": 0.5, "theta_init": 0.5, "alpha_init": 0.006692850924284856}  # sigmoid(-5)
 
 
 class NeuralMemory(nn.Module):
     """Titans LMM over multi-head keys/values (spec §1): projections, conv, gates, memory, output.
 
     q, k, v = SiLU(conv4(x W)); q, k L2-normalised per head. Gates η, α = sigmoid(x W_g + b) and
-    θ = (max_lr / C) · (1 − η) · sigmoid(x W_θ + b_θ), one per token and head (gate_values says
-    why θ is bounded this way). The initial memory weights are parameters (meta-learned).
+    θ = max_lr · [(1 − η)] · sigmoid(x W_θ + b_θ) [/ λ_t], one per token and head; the bracketed
+    factors are the stabilisers `momentum_coupling` and `key_gram_norm` (gate_values says why).
+    With max_lr = 1 and both off (`paper_exact`) θ = sigmoid(x W_θ + b_θ), spec §1 as written.
+    The initial memory weights are parameters (meta-learned).
     """
 
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
-                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3):
+                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3,
+                 momentum_coupling: bool = True, key_gram_norm: bool = True,
+                 eta_init: float = GATE_INITS["eta_init"], theta_init: float = GATE_INITS["theta_init"],
+                 alpha_init: float = GATE_INITS["alpha_init"]):
         super().__init__()
         self.compile_kernels = False  # or a compile mode: torch.compile each memory chunk (`Titans.compiled`)
         self.n_heads, self.head_dim, self.chunk_size = n_heads, d_model // n_heads, chunk_size
-        self.max_lr = max_lr
+        self.max_lr, self.momentum_coupling, self.key_gram_norm = max_lr, momentum_coupling, key_gram_norm
+        self.gate_inits = (eta_init, theta_init, alpha_init)
         dh = self.head_dim
         hidden = memory_hidden or 2 * dh
         if memory == "linear":
@@ -67,7 +75,7 @@ class NeuralMemory(nn.Module):
 
     def reset_gates(self):
         nn.init.zeros_(self.gates.weight)  # gates start input-independent, learn their dependence
-        bias = torch.tensor([ETA_BIAS, THETA_BIAS, ALPHA_BIAS]).repeat_interleave(self.n_heads)
+        bias = torch.logit(torch.tensor(self.gate_inits, dtype=torch.float64)).float().repeat_interleave(self.n_heads)
         with torch.no_grad():
             self.gates.bias.copy_(bias)
 
@@ -94,6 +102,7 @@ class NeuralMemory(nn.Module):
     def gate_values(self, x):
         """Momentum η_t, inner learning rate θ_t, forgetting α_t of spec §1, each [B, H, T] in (0, 1).
 
+        Paper form (`paper_exact`): θ_t = sigmoid(x_t W_θ + b_θ). Default (stabilised):
         θ_t = max_lr · (1 − η_t) · sigmoid(x_t W_θ + b_θ) / λ_t, λ_t the Frobenius norm of the
         Gram matrix of the (unit) keys of token t's chunk up to t (1 ≤ λ_t ≤ C, causal; see
         `chunk_key_scale`). Guard, and why: the largest total step the memory can take on one
@@ -117,17 +126,28 @@ class NeuralMemory(nn.Module):
         keep most of their step (a fixed 1 / C would slow every write C-fold). The update itself
         is exactly spec §1 (S_t = η_t S_{t−1} − θ_t ∇ℓ, M_t = (1 − α_t) M_{t−1} + S_t); only the
         range of the data-dependent gate θ_t is chosen so that it cannot leave the stable
-        region. This method returns θ before the 1 / λ_t factor (it needs the keys).
+        region. The price: λ_t grows along a chunk, so a token's step depends on its position in
+        the chunk, which the paper form does not. `momentum_coupling` switches the (1 − η_t)
+        factor, `key_gram_norm` the 1 / λ_t factor, `max_lr` scales the range. This method
+        returns θ before the 1 / λ_t factor (it needs the keys; `memorize` applies it).
         """
         eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
-        return eta, self.max_lr * (1 - eta) * theta, alpha
+        theta = self.max_lr * theta
+        return eta, (1 - eta) * theta if self.momentum_coupling else theta, alpha
+
+    def inner_gates(self, x, k):
+        """η_t, θ_t, α_t [B, H, T] as the memory update uses them: gate_values, then 1 / λ_t
+        when `key_gram_norm` (k: the keys of x, [B, H, T, dh])."""
+        eta, theta, alpha = self.gate_values(x)
+        if self.key_gram_norm:
+            theta = theta / chunk_key_scale(k, self.chunk_size)
+        return eta, theta, alpha
 
     def memorize(self, x, state, conv_key="conv"):
         """Run the memory over x: reads y_t = M_{t-1}(q_t) while learning (k_t, v_t). Returns (out, state)."""
         q, k, v, tail = self.project(x, state[conv_key])
         report_chain_inputs(list(self.w0), q)  # the memory's initial state per head, read at q (DGD)
-        eta, theta, alpha = self.gate_values(x)
-        theta = theta / chunk_key_scale(k, self.chunk_size)
+        eta, theta, alpha = self.inner_gates(x, k)
         y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size,
                                         compiled=self.compile_kernels)
         return self.output(y), {**state, "W": W, "S": S, conv_key: tail}
@@ -214,6 +234,38 @@ class MAGBlock(nn.Module):
         a = self.attn(torch.cat([P, h], dim=1), n_prefix=P.shape[1])[:, P.shape[1]:]
         m, state = self.memory.memorize(h, state)
         x = x + a * torch.sigmoid(m)
+        return x + self.mlp(self.norm2(x)), state
+
+    def flops_per_token(self, seq_len):
+        d = self.attn.proj.in_features
+        attn = 2 * (self.attn.qkv.weight.numel() + self.attn.proj.weight.numel())
+        attn += attention_flops(seq_len, d, self.attn.window) + 2 * 2 * self.persistent.shape[0] * d
+        return attn + self.memory.flops_per_token() + 2 * 3 * self.mlp.w_up.weight.numel()
+
+
+class MALBlock(nn.Module):
+    """Memory as a layer: x = x + M(norm(x)); x = x + SWA([P ‖ norm(x)]); x = x + SwiGLU(norm(x)).
+    The memory compresses the past beyond the window; the attention reads the memory's output
+    (and the persistent tokens) within its sliding window."""
+
+    def __init__(self, d_model, n_heads, mem_kw, window, n_persistent):
+        super().__init__()
+        self.norm1, self.norm_attn, self.norm2 = RMSNorm(d_model), RMSNorm(d_model), RMSNorm(d_model)
+        self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
+        self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.nlbench_no_input = ("persistent",)  # learned tokens, no layer input: AdamW under DGD
+        self.attn = CausalSelfAttention(d_model, n_heads, window=window)
+        self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
+
+    def init_state(self, batch_size):
+        return self.memory.init_state(batch_size)
+
+    def forward(self, x, state):
+        m, state = self.memory.memorize(self.norm1(x), state)
+        x = x + m
+        h = self.norm_attn(x)
+        P = self.persistent.unsqueeze(0).expand(h.shape[0], -1, -1)
+        x = x + self.attn(torch.cat([P, h], dim=1), n_prefix=P.shape[1])[:, P.shape[1]:]
         return x + self.mlp(self.norm2(x)), state
 
     def flops_per_token(self, seq_len):
@@ -327,33 +379,67 @@ MEMORY_OPTIONS = {
     "memory": "'mlp' (default) or 'linear'",
     "memory_layers": "layers of the MLP memory, >= 2 (default 2)",
     "memory_hidden": "hidden width of the MLP memory per head (default 2 * head_dim)",
-    "max_lr": "in (0, 1] (default 0.3): θ_t ≤ max_lr · (1 − η_t) / λ_t (norm of the chunk's prefix key Gram), the bound on one chunk's total step",
+    "max_lr": "in (0, 1] (default 0.3; paper 1): θ_t = max_lr · sigmoid(·), times the factors below",
+    "momentum_coupling": "true (default; paper false): θ_t carries a factor (1 − η_t)",
+    "key_gram_norm": "true (default; paper false): θ_t divided by λ_t, the norm of the chunk's prefix key Gram",
+    "eta_init": "momentum gate η at init, in (0, 1) (default 0.5)",
+    "theta_init": "θ gate sigmoid at init, in (0, 1) (default 0.5)",
+    "alpha_init": "forgetting gate α at init, in (0, 1) (default sigmoid(-5) ≈ 0.0067)",
+    "paper_exact": "true: max_lr 1, momentum_coupling and key_gram_norm false (spec §1 as written); "
+                   "options given beside it still win",
 }
+# The stabilisers and their paper values (`paper_exact: true`); gate inits are hyper-parameters.
+STABILISER_DEFAULTS = {"max_lr": 0.3, "momentum_coupling": True, "key_gram_norm": True}
+PAPER_FORM = {"max_lr": 1.0, "momentum_coupling": False, "key_gram_norm": False}
 
 
-def _memory_kwargs(name: str, d_model: int, n_layers: int, n_heads: int, opts: dict) -> dict:
+def _resolve(name: str, d_model: int, n_layers: int, n_heads: int, opts: dict, extra: dict) -> tuple[dict, dict]:
+    """Every option after defaults, then `paper_exact`'s paper values, then the options given
+    explicitly (an explicit stabiliser wins: one-at-a-time ablations). Returns (options, the
+    NeuralMemory keyword arguments)."""
     for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
         check_positive_int(name, key, value)
     if d_model % n_heads:
         raise ModelConfigError(f"model '{name}': d_model={d_model} must be divisible by n_heads={n_heads}.")
-    kw = {"chunk_size": check_positive_int(name, "chunk_size", opts.get("chunk_size", 16)),
-          "memory": opts.get("memory", "mlp"),
-          "memory_layers": check_positive_int(name, "memory_layers", opts.get("memory_layers", 2), minimum=2)}
-    if kw["memory"] not in ("mlp", "linear"):
-        raise ModelConfigError(f"model '{name}': option 'memory' must be one of 'mlp', 'linear', got {kw['memory']!r}.")
-    max_lr = opts.get("max_lr", 0.3)
-    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr <= 1:
-        raise ModelConfigError(f"model '{name}': option 'max_lr' must be a number in (0, 1], got {max_lr!r}.")
-    kw["max_lr"] = float(max_lr)
-    if opts.get("memory_hidden") is not None:
-        kw["memory_hidden"] = check_positive_int(name, "memory_hidden", opts["memory_hidden"])
-    return kw
+    paper = opts.get("paper_exact", False)
+    if not isinstance(paper, bool):
+        raise ModelConfigError(f"model '{name}': option 'paper_exact' must be true or false, got {paper!r}.")
+    res = {"chunk_size": 16, "memory": "mlp", "memory_layers": 2, "memory_hidden": None,
+           **STABILISER_DEFAULTS, **GATE_INITS, **extra, "paper_exact": paper}
+    if paper:
+        res.update(PAPER_FORM)
+    res.update(opts)
+    res["chunk_size"] = check_positive_int(name, "chunk_size", res["chunk_size"])
+    res["memory_layers"] = check_positive_int(name, "memory_layers", res["memory_layers"], minimum=2)
+    if res["memory"] not in ("mlp", "linear"):
+        raise ModelConfigError(f"model '{name}': option 'memory' must be one of 'mlp', 'linear', got {res['memory']!r}.")
+    for key in ("max_lr", *GATE_INITS):
+        value, hi_closed = res[key], key == "max_lr"
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not (0 < value <= 1 if hi_closed else 0 < value < 1)):
+            span = "(0, 1]" if hi_closed else "(0, 1)"
+            raise ModelConfigError(f"model '{name}': option '{key}' must be a number in {span}, got {value!r}.")
+        res[key] = float(value)
+    for key in ("momentum_coupling", "key_gram_norm"):
+        if not isinstance(res[key], bool):
+            raise ModelConfigError(f"model '{name}': option '{key}' must be true or false, got {res[key]!r}.")
+    if res["memory_hidden"] is not None:
+        res["memory_hidden"] = check_positive_int(name, "memory_hidden", res["memory_hidden"])
+    mem_kw = {k: res[k] for k in ("chunk_size", "memory", "memory_layers", "memory_hidden", *STABILISER_DEFAULTS,
+                                  *GATE_INITS)}
+    return res, mem_kw
+
+
+def _titans(variant, vocab_size, d_model, n_layers, n_heads, options, block_fn) -> Titans:
+    model = Titans(variant, vocab_size, d_model, n_layers, n_heads, block_fn)
+    model.options = options
+    return model
 
 
 def build_titans_lmm(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
     check_overrides("titans-lmm", overrides, MEMORY_OPTIONS)
-    mem_kw = _memory_kwargs("titans-lmm", d_model, n_layers, n_heads, overrides)
-    return Titans("lmm", vocab_size, d_model, n_layers, n_heads, lambda: LMMBlock(d_model, n_heads, mem_kw))
+    opts, mem_kw = _resolve("titans-lmm", d_model, n_layers, n_heads, overrides, {})
+    return _titans("lmm", vocab_size, d_model, n_layers, n_heads, opts, lambda: LMMBlock(d_model, n_heads, mem_kw))
 
 
 MAC_OPTIONS = {**MEMORY_OPTIONS,
@@ -363,20 +449,35 @@ MAC_OPTIONS = {**MEMORY_OPTIONS,
 
 def build_titans_mac(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
     check_overrides("titans-mac", overrides, MAC_OPTIONS)
-    mem_kw = _memory_kwargs("titans-mac", d_model, n_layers, n_heads, overrides)
-    seg = check_positive_int("titans-mac", "segment_len", overrides.get("segment_len", 32))
-    n_p = check_positive_int("titans-mac", "n_persistent", overrides.get("n_persistent", 4), minimum=0)
-    return Titans("mac", vocab_size, d_model, n_layers, n_heads, lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
+    opts, mem_kw = _resolve("titans-mac", d_model, n_layers, n_heads, overrides,
+                            {"segment_len": 32, "n_persistent": 4})
+    seg = check_positive_int("titans-mac", "segment_len", opts["segment_len"])
+    n_p = check_positive_int("titans-mac", "n_persistent", opts["n_persistent"], minimum=0)
+    return _titans("mac", vocab_size, d_model, n_layers, n_heads, opts,
+                   lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
 
 
-MAG_OPTIONS = {**MEMORY_OPTIONS,
-               "window": "sliding-window attention span in tokens, itself included (default 64)",
-               "n_persistent": "learned persistent-memory tokens (default 4)"}
+# Sliding window of MAG / MAL: half the shipped 64-token sequences, so that it slides.
+DEFAULT_WINDOW = 32
+WINDOW_OPTIONS = {**MEMORY_OPTIONS,
+                  "window": f"sliding-window attention span in tokens, itself included (default {DEFAULT_WINDOW})",
+                  "n_persistent": "learned persistent-memory tokens (default 4)"}
+MAG_OPTIONS = MAL_OPTIONS = WINDOW_OPTIONS
+
+
+def _windowed(name, variant, block_cls, vocab_size, d_model, n_layers, n_heads, overrides) -> Titans:
+    check_overrides(name, overrides, WINDOW_OPTIONS)
+    opts, mem_kw = _resolve(name, d_model, n_layers, n_heads, overrides,
+                            {"window": DEFAULT_WINDOW, "n_persistent": 4})
+    window = check_positive_int(name, "window", opts["window"])
+    n_p = check_positive_int(name, "n_persistent", opts["n_persistent"], minimum=0)
+    return _titans(variant, vocab_size, d_model, n_layers, n_heads, opts,
+                   lambda: block_cls(d_model, n_heads, mem_kw, window, n_p))
 
 
 def build_titans_mag(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
-    check_overrides("titans-mag", overrides, MAG_OPTIONS)
-    mem_kw = _memory_kwargs("titans-mag", d_model, n_layers, n_heads, overrides)
-    window = check_positive_int("titans-mag", "window", overrides.get("window", 64))
-    n_p = check_positive_int("titans-mag", "n_persistent", overrides.get("n_persistent", 4), minimum=0)
-    return Titans("mag", vocab_size, d_model, n_layers, n_heads, lambda: MAGBlock(d_model, n_heads, mem_kw, window, n_p))
+    return _windowed("titans-mag", "mag", MAGBlock, vocab_size, d_model, n_layers, n_heads, overrides)
+
+
+def build_titans_mal(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    return _windowed("titans-mal", "mal", MALBlock, vocab_size, d_model, n_layers, n_heads, overrides)

@@ -40,12 +40,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nlbench.errors import validation_text
 from nlbench.models import MODELS, PRESETS
 from nlbench.pretrain.config import PretrainConfig, resolve_block
 from nlbench.pretrain.tasks import PRETRAIN_SEED_BASE
 
 PROTOCOLS = ("finetune", "in_context")
-STRATEGIES = ("naive", "replay", "ewc")
+STRATEGIES = ("naive", "replay", "ewc", "joint", "fresh")
 OPTIMIZERS = ("adamw", "muon", "m3", "dgd")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -274,7 +275,7 @@ class ExperimentConfig(_Strict):
     streams: list[StreamEntry] = Field(..., min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     protocol: list[Literal["finetune", "in_context"]] = Field(default_factory=lambda: ["finetune"], min_length=1)
-    strategy: list[Literal["naive", "replay", "ewc"]] = Field(default_factory=lambda: ["naive"], min_length=1)
+    strategy: list[Literal["naive", "replay", "ewc", "joint", "fresh"]] = Field(default_factory=lambda: ["naive"], min_length=1)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
     train: TrainConfig
@@ -326,7 +327,7 @@ class RunConfig(_Strict):
     stream: StreamEntry
     seed: int = Field(..., ge=0, lt=PRETRAIN_SEED_BASE)
     protocol: Literal["finetune", "in_context"]
-    strategy: Literal["naive", "replay", "ewc"]
+    strategy: Literal["naive", "replay", "ewc", "joint", "fresh"]
     variant: str | None = None
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
@@ -348,26 +349,9 @@ class RunConfig(_Strict):
 
 
 def _error_text(e: ValidationError, intro: str) -> str:
-    """One paragraph: every failing field by dotted path, with pydantic's reason (our validators
-    put the allowed values in the reason)."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (remove it or check its spelling)"
-            parent = err["loc"][:-1]
-            known = _known_keys(parent)
-            if known:
-                msg += f"; allowed keys here: {_allowed(known)}"
-        elif err["type"] == "literal_error":
-            msg = msg.replace("Input should be", "must be one of") + f", got {err.get('input')!r}"
-        elif msg.startswith("Input should be"):
-            msg = msg.replace("Input should be", "must be") + f", got {err.get('input')!r}"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        parts.append(f"field '{loc or '<root>'}': {msg}")
-    return f"{intro}: " + "; ".join(parts) + "."
+    """One paragraph naming every failing field (nlbench.errors.validation_text), with the keys
+    allowed where an unknown one was found."""
+    return validation_text(e, intro, known_keys=_known_keys)
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {

@@ -1,7 +1,7 @@
 """One run, start to finish: `execute_run(spec) -> RunRecord`.
 
     record = execute_run(spec, checkpoint_dir=OUT / "checkpoints", device="cpu")
-    record.run      # the `runs` row: status completed | failed | diverged, timings, versions, …
+    record.run      # the `runs` row: status completed | failed | diverged (| stopped), timings, versions, …
     record.matrix   # accuracy / loss matrix rows incl. the init row (after_task = −1)
     record.curves   # learning-curve rows (train.eval_every)
 
@@ -44,6 +44,9 @@ from nlbench.config import RunSpec, run_label
 
 CHECKPOINT_NAME = "last.pt"
 TRACEBACK_CHARS = 4000
+# status of a run halted by `stop_after_task`: an outcome, not a failure; its checkpoint resumes
+# it. Never a results row (not among nlbench.results.RUN_STATUSES): only finished runs are written.
+STOPPED = "stopped"
 
 
 # ------------------------------------------------------------------------------ environment
@@ -260,7 +263,8 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
     device: 'cpu', 'cuda', 'cuda:1', 'auto' or None (= the config's train.device).
     threads: torch CPU threads for this run (None leaves torch's setting).
     progress: called with nlbench.protocol.Progress(done, total, message) after every step.
-    stop_after_task: test hook; stop (status failed, checkpoint kept) after that task.
+    stop_after_task: stop after that task with status STOPPED, its checkpoint kept for the next
+    call to resume from (tune's trials run task by task this way).
     pretrained_dir: pretrained checkpoints (default: checkpoint_dir's parent / "pretrained");
     a run whose config has a `pretrain` block starts from that checkpoint, computing it first
     if it is missing, and names its key in the `pretrain` column.
@@ -337,9 +341,8 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         elif result.status == "diverged":
             run["status"] = "diverged"
             run["error"] = f"diverged at step {result.diverged_step}: {result.error}"
-        else:
-            run["error"] = (f"stopped after task {result.tasks_done - 1} by stop_after_task; "
-                            f"the checkpoint in {ckpt.parent if ckpt else '(kept by the caller)'} resumes it")
+        else:  # stop_after_task: not a failure; the checkpoint resumes it
+            run["status"] = STOPPED
     except Exception as e:  # noqa: BLE001 - a failing run is a result, not a crash of the sweep
         run["status"], run["error"] = "failed", _error_text(e)
     run["finished_at"] = _now()

@@ -26,6 +26,7 @@ V = 32
 # second half of one full sequence; their carried memory state is still checked.
 CONTEXT_NOT_IN_STATE = {
     "titans-mag": "sliding-window attention spans the boundary between the halves",
+    "titans-mal": "sliding-window attention spans the boundary between the halves",
     "hope-attention": "softmax attention spans the boundary between the halves",
 }
 

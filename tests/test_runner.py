@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nlbench.config import apply_override, expand_runs, spec_from_config, validate_config
-from nlbench.results import TABLES, ResultStore
-from nlbench.runner import checkpoint_path, execute_run, run_sequential
+from nlbench.results import TABLES, ResultsError, ResultStore
+from nlbench.runner import STOPPED, checkpoint_path, execute_run, run_sequential
 
 torch.set_num_threads(1)
 
@@ -62,12 +62,14 @@ def test_same_config_and_seed_give_identical_matrix():
     assert sorted(map(str, a.curves)) == sorted(map(str, b.curves))
 
 
-@pytest.mark.parametrize("strategy", ["replay", "ewc"])
+@pytest.mark.parametrize("strategy", ["replay", "ewc", "joint", "fresh"])
 def test_resume_from_checkpoint_equals_undisturbed_run(tmp_path, strategy):
     spec = spec_for(strategy=strategy)
     full = execute_run(spec, device="cpu")
     stopped = execute_run(spec, checkpoint_dir=tmp_path, device="cpu", stop_after_task=0)
-    assert stopped.run["status"] == "failed" and "stop_after_task" in stopped.run["error"]
+    assert stopped.run["status"] == STOPPED and stopped.run["error"] is None
+    with pytest.raises(ResultsError, match="status"):  # an unfinished run is never a results row
+        ResultStore(tmp_path / "out").write_run(stopped)
     assert checkpoint_path(tmp_path, spec.run_id).is_file()
     assert {r["after_task"] for r in stopped.matrix} == {-1, 0}
     resumed = execute_run(spec, checkpoint_dir=tmp_path, device="cpu")

@@ -87,6 +87,7 @@ class BenchConfig(BaseModel):
 
 def load_bench_config(path: str | Path) -> BenchConfig:
     from nlbench.config import read_yaml
+    from nlbench.errors import validation_text
 
     raw = read_yaml(path, BenchConfigError, "bench config")
     if not isinstance(raw, dict):
@@ -94,11 +95,7 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     try:
         cfg = BenchConfig.model_validate(raw)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msgs.append(f"field '{loc}': {err['msg']}")
-        raise BenchConfigError(f"invalid bench config '{path}': " + "; ".join(msgs) + ".") from None
+        raise BenchConfigError(validation_text(e, f"invalid bench config '{path}'")) from None
     from nlbench.config import ConfigError, _check_model_options
 
     try:  # each model factory rejects unknown or invalid options before any measuring

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from nlbench.bench.kernels import bench_memory_kernels
-from nlbench.kernels.dgd import resolve_backend
+from nlbench.kernels.dgd import resolve_memory_kernel
 from nlbench.bench.throughput import (
     BenchCase, bench_case, datasheet_peak, device_name, measure_matmul_peak, versions,
 )
@@ -52,7 +52,7 @@ def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torc
           f"{'unknown' if sheet is None else f'{sheet / 1e12:.0f} TFLOP/s'}", flush=True)
     rows, ratios = [], {}
     cases = [("transformer", {}), ("hope", {})]
-    if resolve_backend("auto", dev) == "triton":  # Hope's memories on the Triton kernel as well
+    if resolve_memory_kernel("auto", dev) == "triton":  # Hope's memories on the Triton kernel as well
         cases.append(("hope", {"memory_kernel": "triton"}))
     for compiled in (False, True) if compile_too else (False,):
         tag = " (compiled)" if compiled else ""

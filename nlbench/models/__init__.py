@@ -25,6 +25,7 @@ MODELS: dict[str, str] = {
     "titans-lmm": "nlbench.baselines.titans:build_titans_lmm",
     "titans-mac": "nlbench.baselines.titans:build_titans_mac",
     "titans-mag": "nlbench.baselines.titans:build_titans_mag",
+    "titans-mal": "nlbench.baselines.titans:build_titans_mal",
 }
 
 

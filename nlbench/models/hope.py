@@ -17,7 +17,12 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                     and carries the rest along a stream. K other than 3 without periods:
                     4^ℓ (optimizer) or 4^(ℓ+1) (in_context), ℓ = 0..K-1.
     cms_mode        "optimizer" (default) | "in_context"   (spec §4)
-    cms_variant     "sequential" (default) | "independent"
+    cms_variant     "sequential" (default) | "independent" | "nested" (in-context only: a
+                    faster level re-initializes from an initial state learned at the next
+                    slower level's rate, every C^(ℓ+1) tokens; periods divide one another)
+    cms_objective   in-context local objective: "next_input" (default: predict the level's
+                    next input) | "teach" (the teach signal δ = ∂L/∂(level output) of the
+                    model's next-token loss, run segment by segment; hope only)   (cms.py)
     cms_lr_mode     "period" (default: level ℓ steps every C^(ℓ) steps at lr) | "scaled" (every
                     level steps every step at lr / C^(ℓ): the frequency control; cms.py)
     cms_hidden      SwiGLU width of each level (default: sized to match the Transformer)
@@ -29,7 +34,8 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     chunk_size      chunk of the projection memories k, v, η, α (default 16; 64 let
                     their W2 diverge on long carried streams)                     [hope only]
     mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
-    eta_init, alpha_init  learning rate / retention gates at init (0.7, 0.99; why:
+    eta_init, alpha_init  learning rate / retention gates at init (0.3, 0.999: chosen so that
+                    Hope learns standard.yaml's passkey stream with its optimizer; why:
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
                     Triton DGD kernel per chunk, CUDA; same results)              [hope only]
@@ -58,12 +64,17 @@ count stays within a few percent of the Transformer at every preset.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nlbench.kernels.compiling import compile_mode
 from nlbench.models import ModelConfigError, check_overrides
-from nlbench.models.base import ModelOutput, NLModel
-from nlbench.models.cms import CMS, CMS_LR_MODES, CMS_MODES, CMS_VARIANTS
+from nlbench.models.base import ModelOutput, NLModel, detach_state
+from nlbench.models.cms import CMS, CMS_LR_MODES, CMS_MODES, CMS_OBJECTIVES, CMS_VARIANTS, check_nested
+from nlbench.models.inputs import no_reports
 from nlbench.models.layers import CausalSelfAttention, RMSNorm, attention_flops, init_weights, swiglu_hidden
 from nlbench.models.self_modifying_titans import (
     MEMORY_KERNELS, MEMORY_KINDS, PAPER_FORM, STABILISERS, SelfModifyingTitans,
@@ -72,9 +83,10 @@ from nlbench.models.self_modifying_titans import (
 __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
-                    cms_hidden=None, cms_lr=0.5, cms_lr_mode="period")
-SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.7,
-                    alpha_init=0.99, memory_kernel="chunked", **STABILISERS)
+                    cms_hidden=None, cms_lr=0.5, cms_lr_mode="period",
+                    cms_objective="next_input")
+SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.3,
+                    alpha_init=0.999, memory_kernel="chunked", **STABILISERS)
 
 
 class HopeBlock(nn.Module):
@@ -99,6 +111,15 @@ class HopeBlock(nn.Module):
             m, smt = self.mixer(self.norm(x)), None
         x, cms = self.cms(x + m, state["cms"])
         return x, {"smt": smt, "cms": cms}
+
+    def read(self, x, state):
+        """Teach objective: as `forward`, CMS read without updating (pending for `CMS.teach`)."""
+        if self.mixer_kind == "smt":
+            m, smt = self.mixer(self.norm(x), state["smt"])
+        else:
+            m, smt = self.mixer(self.norm(x)), None
+        x, pending = self.cms.read(x + m, state["cms"])
+        return x, {"smt": smt, "cms": state["cms"]}, pending
 
     def flops_per_token(self, seq_len: int) -> float:
         if self.mixer_kind == "smt":
@@ -133,20 +154,70 @@ class Hope(NLModel):
             layer_states = [{"smt": None, "cms": None}] * len(self.blocks)
         if len(layer_states) != len(self.blocks):
             raise ValueError(f"state has {len(layer_states)} layers, the model has {len(self.blocks)}.")
-        x, new = self.tok_emb(tokens), []
-        for block, s in zip(self.blocks, layer_states):
-            x, s = block(x, s)
-            new.append(s)
-        logits = self.lm_head(self.norm_f(x))
+        if self.blocks[0].cms.objective == "teach":
+            logits, new = self._forward_teach(tokens, layer_states)
+        else:
+            x, new = self.tok_emb(tokens), []
+            for block, s in zip(self.blocks, layer_states):
+                x, s = block(x, s)
+                new.append(s)
+            logits = self.lm_head(self.norm_f(x))
         if not update_state:
             return ModelOutput(logits, state)
         stateless = all(s["smt"] is None and s["cms"] is None for s in new)
         return ModelOutput(logits, None if stateless else new)
 
+    def _forward_teach(self, tokens, states):
+        """In-context CMS with the teach signal (`cms_objective: teach`, docs/ALGORITHMS.md §4).
+
+        The model reads the call in segments of S tokens (S = gcd of the CMS step periods, so no
+        segment crosses a level's block boundary). Per segment: every layer reads it with the
+        current fast state, CMS levels at their current fast weights; L = Σ next-token
+        cross-entropy of the segment's tokens against the tokens that follow them (the last one
+        against the next segment's first token, already part of the input, so causal; the
+        call's last token has no label); δ = ∂L/∂(level output), detached (the target
+        out − δ is a constant); every level folds Σ_t J_tᵀ δ_t into its block sum and updates at
+        its period. Outputs of a segment never depend on tokens after it plus one. The outer
+        gradient reaches the initial weights and η through J (first order in δ). Under no_grad
+        (evaluation) δ is still computed, on a graph local to the segment."""
+        grad_on = torch.is_grad_enabled()
+        S = self.blocks[0].cms.teach_period
+        level0 = states[0]["cms"][0]
+        T, t, logits_all = tokens.shape[1], 0, []
+        first = S - int(level0["count"]) % S  # the rest of the segment a previous call left open
+        while t < T:
+            n = min(first if t == 0 else S, T - t)
+            xs, labels = tokens[:, t:t + n], tokens[:, t + 1:t + n + 1]
+            with torch.enable_grad(), (nullcontext() if grad_on else no_reports()):
+                x, mid, pend = self.tok_emb(xs), [], []
+                for block, s in zip(self.blocks, states):
+                    x, s, p = block.read(x, s)
+                    mid.append(s)
+                    pend.append(p)
+                logits = self.lm_head(self.norm_f(x))
+                probes = [pr for p in pend for _, pr in p]
+                m = labels.shape[1]
+                if m:
+                    loss = F.cross_entropy(logits[:, :m].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           reduction="sum")
+                    deltas = torch.autograd.grad(loss, probes, retain_graph=grad_on, allow_unused=True)
+                    deltas = [torch.zeros_like(pr) if d is None else d for d, pr in zip(deltas, probes)]
+                else:
+                    deltas = [torch.zeros_like(pr) for pr in probes]
+            it = iter(deltas)
+            states = []
+            for block, s, p in zip(self.blocks, mid, pend):
+                states.append({"smt": s["smt"], "cms": block.cms.teach(s["cms"], p, [next(it) for _ in p])})
+            if not grad_on:
+                states, logits = detach_state(states), logits.detach()
+            logits_all.append(logits)
+            t += n
+        return torch.cat(logits_all, dim=1), states
+
     def compiled(self, mode: str = "default"):
         """Hope with each chunk step of its self-modifying layers compiled by `torch.compile`
         (projections, gates, curvature guard and DGD chunk in one graph with one fused backward;
-        `self_modifying_titans._compiled_fused_chunk_step`, or the DGD kernel alone when the two
+        `self_modifying_titans._compiled_stacked_chunk_step`, or the DGD kernel alone when the two
         chunk sizes differ); the chunk loop and everything else run eagerly. Hope-Attention has
         no chunk loop and compiles whole."""
         if self.family != "hope":
@@ -156,14 +227,14 @@ class Hope(NLModel):
             b.mixer.compile_kernels = mode
         return self
 
-    def set_kernel(self, kernel: str):
+    def set_memory_kernel(self, kernel: str):
         """"chunked" (default), "triton" (Hope's memories on the Triton kernel) or "reference"
         (per-token loops) for every in-context memory."""
         if kernel not in ("chunked", "triton", "reference"):
             raise ValueError(f"kernel must be 'chunked', 'triton' or 'reference', got {kernel!r}.")
         for b in self.blocks:
             if b.mixer_kind == "smt":
-                b.mixer.kernel = kernel
+                b.mixer.memory_kernel = kernel
             b.cms.reference = kernel == "reference"
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -197,6 +268,11 @@ def _cms_periods(model, opts):
         raise _err(model, "cms_variant", f"one of {', '.join(map(repr, CMS_VARIANTS))}", opts["cms_variant"])
     if opts["cms_lr_mode"] not in CMS_LR_MODES:
         raise _err(model, "cms_lr_mode", f"one of {', '.join(map(repr, CMS_LR_MODES))}", opts["cms_lr_mode"])
+    if opts["cms_objective"] not in CMS_OBJECTIVES:
+        raise _err(model, "cms_objective", f"one of {', '.join(map(repr, CMS_OBJECTIVES))}", opts["cms_objective"])
+    if opts["cms_objective"] == "teach" and mode != "in_context":
+        raise _err(model, "cms_objective", "'next_input' unless cms_mode is 'in_context' (the teach signal is "
+                   "the local objective of in-context levels)", opts["cms_objective"])
     K, periods = opts["cms_levels"], opts["cms_periods"]
     if K is not None:
         _pos_int(model, "cms_levels", K)
@@ -216,6 +292,11 @@ def _cms_periods(model, opts):
                 f"model '{model}': option 'cms_periods' must have one period per level, i.e. "
                 f"len(cms_periods) == cms_levels = {K}; got {len(periods)} periods {list(periods)!r}."
             )
+    if opts["cms_variant"] == "nested":
+        try:
+            check_nested(mode, periods)
+        except ValueError as e:
+            raise ModelConfigError(f"model '{model}': option 'cms_variant': {e}") from None
     return list(periods)
 
 
@@ -281,7 +362,10 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
     else:
         _pos_int(model, "cms_hidden", hidden)
     cms_kw = dict(hidden=hidden, periods=periods, mode=opts["cms_mode"], variant=opts["cms_variant"],
-                  lr=lr, lr_mode=opts["cms_lr_mode"])
+                  lr=lr, lr_mode=opts["cms_lr_mode"], objective=opts["cms_objective"])
+    if opts["cms_objective"] == "teach" and mixer != "smt":
+        raise _err(model, "cms_objective", "'next_input' for hope-attention (the teach signal runs the model "
+                   "segment by segment, and its attention keeps no cache across segments)", opts["cms_objective"])
     hope = Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
     hope.options = {**opts, "cms_periods": periods, "cms_levels": len(periods), "cms_lr": lr, "cms_hidden": hidden,
                     **({"mem_hidden": hope.blocks[0].mixer.mem_hidden} if mixer == "smt" else {})}

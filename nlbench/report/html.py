@@ -97,13 +97,13 @@ def _img(path: str, alt: str) -> str:
 
 def _section_html(s: dict) -> list[str]:
     direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
-    p = [f"<h3>{escape(s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
+    p = [f"<h3>{escape(s.get('section') or s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
     head, rows = lb.section_rows(s)
-    tid = f"stream-{slug(s['stream'])}-{s['score']}"
+    tid = f"stream-{slug(s.get('section') or s['stream'])}-{s['score']}"
     p.append(table_html(head, rows, tid, ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
     if s["paired"]:
         p.append(f"<p>Paired differences against <b>{escape(s['baseline'])}</b> (entry − baseline, 95% CI over common seeds):</p>")
-        p.append(table_html(*lb.paired_table(s), f"paired-{slug(s['stream'])}-{s['score']}"))
+        p.append(table_html(*lb.paired_table(s), f"paired-{slug(s.get('section') or s['stream'])}-{s['score']}"))
     return p
 
 
