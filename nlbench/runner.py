@@ -21,26 +21,25 @@ each record to the ResultStore under out_dir, skipping run ids already completed
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import platform
 import random
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from nlbench.atomic import atomic_write
 from nlbench.config import RunSpec, run_label
+from nlbench.environment import available_cpus, device_label, git_sha, versions
 
 CHECKPOINT_NAME = "last.pt"
 TRACEBACK_CHARS = 4000
@@ -50,49 +49,6 @@ STOPPED = "stopped"
 
 
 # ------------------------------------------------------------------------------ environment
-
-
-@lru_cache(maxsize=1)
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("nlbench", "torch", "ray"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-@lru_cache(maxsize=1)
-def git_sha() -> str | None:
-    """The source checkout's commit, with '+dirty' for uncommitted changes; None outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def sequential_threads(cpus_per_run: float) -> int:
@@ -111,12 +67,6 @@ def resolve_device(requested: str | None, config: dict) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device; use device 'cpu' or 'auto'.")
     return dev
-
-
-def device_label(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return f"cpu:{torch.get_num_threads()}threads"
 
 
 def _now() -> datetime:
@@ -155,24 +105,13 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, run_id: str) -> Path:
 
 
 def save_checkpoint(path: Path, payload: dict | bytes) -> None:
-    """torch.save (or the bytes of checkpoint_to_bytes) to a hidden temp file in the same
-    directory, fsync, os.replace: a crash leaves the previous checkpoint or the new one, never a
-    torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(payload, bytes):
-                f.write(payload)
-            else:
-                torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
+    """torch.save (or the bytes of checkpoint_to_bytes), atomically (nlbench.atomic): a crash
+    leaves the previous checkpoint or the new one, never a torn file. Private to the user (0o600),
+    as the run's own state."""
+    if isinstance(payload, bytes):
+        atomic_write(path, lambda f: f.write(payload), private=True)
+    else:
+        atomic_write(path, lambda f: torch.save(payload, f), private=True)
 
 
 class CheckpointError(RuntimeError):
@@ -213,14 +152,6 @@ def checkpoint_from_bytes(data: bytes, run_id: str, source: str, delete: str = "
 def clear_checkpoint(checkpoint_dir: str | os.PathLike | None, run_id: str) -> None:
     if checkpoint_dir is not None:
         shutil.rmtree(Path(checkpoint_dir) / run_id, ignore_errors=True)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 # ------------------------------------------------------------------------------ one run
@@ -273,7 +204,7 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
     one to resume from, and a callback given each new one's bytes after every task.
     """
     from nlbench.malloc import keep_freed_memory
-    from nlbench.results import RunRecord
+    from nlbench.results import RunRecord, run_row
 
     config = spec.config
     t_wall = time.perf_counter()
@@ -282,14 +213,11 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
     keep_freed_memory()  # no page faults re-touching last step's activations (nlbench.malloc)
     if threads is not None:
         torch.set_num_threads(int(threads))
-    run = dict(
+    run = run_row(
         run_id=spec.run_id, model=run_label(config), stream=config["stream"]["name"], seed=int(config["seed"]),
-        protocol=config["protocol"], strategy=config["strategy"], status="failed", error=None,
-        config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
-        train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
+        protocol=config["protocol"], strategy=config["strategy"], status="failed",
+        config=json.dumps(config, sort_keys=True), started_at=started_at, host=socket.gethostname(),
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None, ceiling=None,
-        node_id=None,  # set by the Ray actor that ran it
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -385,9 +313,9 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
         records.append(record)
         if on_record is not None:
             on_record(spec, record)
-    with _suppress():
+    with contextlib.suppress(OSError):
         ckpt_dir.rmdir()  # only when empty: every run finished
     return records
 
 
-__all__ = ["execute_run", "run_sequential", "sequential_threads", "available_cpus", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
+__all__ = ["STOPPED", "execute_run", "run_sequential", "sequential_threads", "resolve_device", "checkpoint_path", "clear_checkpoint"]

@@ -47,7 +47,8 @@ def test_record_fills_every_runs_column(tmp_path):
     assert len(json.loads(run["chance"])) == 3 and all(0 < c < 1 for c in json.loads(run["chance"]))
     assert run["params"] > 0 and run["train_tokens_per_s"] > 0
     assert run["wall_s"] >= run["train_s"] + run["eval_s"] > 0
-    assert set(json.loads(run["versions"])) >= {"nlbench", "torch", "ray"}
+    assert set(json.loads(run["versions"])) >= {"python", "nlbench", "torch", "ray"}
+    assert set(run) == {c.name for c in TABLES["runs"]}
     assert len(rec.matrix) == 4 * 3 * 2 and rec.curves
     assert all(r["run_id"] == spec.run_id and r["stream"] == "markov-languages" for r in rec.matrix + rec.curves)
     store = ResultStore(tmp_path)   # the record passes the store's schema validation
@@ -147,3 +148,23 @@ def test_another_runs_checkpoint_is_refused(tmp_path):
     torch.save({"run_id": "someone-else", "protocol_state": {}}, ckpt)
     rec = execute_run(spec, checkpoint_dir=tmp_path, device="cpu")
     assert rec.run["status"] == "failed" and "belongs to run 'someone-else'" in rec.run["error"]
+
+
+def test_run_row_is_the_runs_table_and_failed_records_use_it(tmp_path):
+    # the runner's rows and the records of runs that never returned (execution.failed_record)
+    # are built by one function over one TypedDict, which must name exactly the table's columns
+    from nlbench.execution import failed_record
+    from nlbench.results import RunRow, run_row
+
+    assert list(RunRow.__annotations__) == [c.name for c in TABLES["runs"]]
+    with pytest.raises(ResultsError, match="unknown runs column"):
+        run_row(run_id="x", gpu="H200")
+    spec = spec_for()
+    rec = failed_record(spec, "actor died 3 times")
+    assert set(rec.run) == {c.name for c in TABLES["runs"]}
+    assert rec.run["status"] == "failed" and rec.run["error"] == "actor died 3 times"
+    assert {"python", "nlbench", "torch", "ray"} <= set(rec.run["versions"])
+    store = ResultStore(tmp_path)
+    store.write_run(rec)
+    back = store.read("runs")
+    assert back["run_id"].tolist() == [spec.run_id] and back["status"].tolist() == ["failed"]

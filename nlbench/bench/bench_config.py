@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nlbench.models import MODELS, PRESETS
+from nlbench.optim.build import OPTIMIZERS
 
 
 class BenchConfigError(ValueError):
@@ -35,7 +36,7 @@ class BenchConfig(BaseModel):
     seq_lens: list[int] = [256]
     batch_size: int = Field(8, ge=1)
     vocab_size: int = Field(256, ge=2)
-    optimizer: Literal["adamw", "muon", "m3", "dgd"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-3, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

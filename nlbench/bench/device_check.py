@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from nlbench.atomic import atomic_write_text
 from nlbench.bench.kernels import bench_memory_kernels
 from nlbench.kernels.dgd import resolve_memory_kernel
 from nlbench.bench.throughput import (
@@ -112,9 +113,7 @@ def main(argv=None):
                        compile_too=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "device_check.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(out / "device_check.json")  # atomic: a killed run leaves no half file
+    atomic_write_text(out / "device_check.json", json.dumps(result, indent=1, default=str))  # no half file
     print(f"wrote {out / 'device_check.json'}")
 
 

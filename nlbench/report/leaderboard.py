@@ -428,6 +428,9 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
             flags.append(f"did not learn ({e['n_did_not_learn']}/{e['n_seeds']} seeds)")
         if e["n_failed"]:
             flags.append(f"{e['n_failed']} failed run(s)")
+        edge = (e.get("selected") or {}).get("edge") or {}
+        if edge:
+            flags.append("selected at range edge: " + ", ".join(f"{k} ({v['edge']})" for k, v in edge.items()))
         row = [
             (str(e["rank"]) if e["rank"] is not None else "—", e["rank"]),
             (e["entry"], e["entry"]),
@@ -479,6 +482,42 @@ def paired_table(section: dict) -> tuple[list[str], list[list[tuple[str, object]
     return head, rows
 
 
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def selection_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
+    """One row per (entry, stream) whose runs carry a selection (nlbench leaderboard): the chosen
+    values, the seeds they were tuned on (disjoint from the reporting seeds), edge flags."""
+    head = ["stream", "entry", "selected values", "tuning seeds", "reporting seeds", "objective on tuning seeds",
+            "trials", "at range edge"]
+    rows = []
+    for s in doc["streams"]:
+        if not s["primary"]:
+            continue
+        for e in s["entries"]:
+            sel = e.get("selected")
+            if not sel:
+                continue
+            values = ", ".join(f"{k}={_fmt_value(v)}" for k, v in (sel.get("values") or {}).items())
+            obj = sel.get("objective") or {}
+            edge = ", ".join(f"{k} ({v['edge']})" for k, v in (sel.get("edge") or {}).items()) or "—"
+            rows.append([(s["stream"], s["stream"]), (e["entry"], e["entry"]), (values, values),
+                         (str(sel.get("tuning_seeds")), str(sel.get("tuning_seeds"))),
+                         (str(e["seeds"]), str(e["seeds"])),
+                         (f"{obj.get('metric')} = {obj['value']:.4f}" if obj.get("value") is not None else "—",
+                          obj.get("value")),
+                         (f"{sel.get('budget')}", sel.get("budget")), (edge, edge)])
+    return head, rows
+
+
+SELECTION_SENTENCE = ("Hyper-parameters chosen per entry and stream family by `nlbench leaderboard`: an equal trial "
+                      "budget per entry on the tuning seeds, which are disjoint from the reporting seeds; a value at "
+                      "the edge of its search range is flagged (the best value may lie outside it).")
+
+
 def verdict_sentence(doc: dict) -> str:
     return ("Hope − best non-Hope entry (by acc_final) on each forgetting stream, paired over common seeds, "
             "95% Student t interval; outcome on acc_final: better/worse when the interval excludes 0, else tie. "
@@ -518,6 +557,9 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
     headline = {k: v for k, v in (figures or {}).items() if k in HEADLINE_FIGURES}
     if headline:
         out += ["## Headline figures", ""] + [f"![{k}]({v})" for k, v in headline.items()] + [""]
+    from nlbench.report.cms_ablation import render_markdown as ablation_markdown
+
+    out += ablation_markdown(doc.get("cms_ablation") or [], figures, _md_table)
     out += ["## Details", ""]
     out.append(f"Cells: seed mean [95% CI]. CI method: {doc['ci_method']}. {doc['did_not_learn_rule']}; "
                "such entries are flagged and not ranked. Ranking: " + doc["ranking_rule"] + ".")
@@ -526,6 +568,9 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
         out += [f"> {n}", ""]
     for w in doc["warnings"]:
         out += [f"> **warning:** {w}", ""]
+    sel_head, sel_rows = selection_table(doc)
+    if sel_rows:
+        out += ["## Selected hyper-parameters", "", SELECTION_SENTENCE, "", _md_table(sel_head, sel_rows), ""]
     forgetting = [s for s in doc["streams"] if s["kind"] == "forgetting"]
     capability = [s for s in doc["streams"] if s["kind"] == "capability"]
     if forgetting:
@@ -541,7 +586,7 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
         out += ["## Metrics", ""] + metric_notes(doc) + [""]
     else:
         out += ["No completed runs to rank.", ""]
-    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES}
+    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES and not k.startswith("CMS ablation")}
     if rest:
         out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in rest.items()] + [""]
     if throughput_md:
