@@ -1,4 +1,4 @@
-"""Pretraining (issue 16): seed spaces, compute-once reuse, bit-exact checkpoints and resume,
+"""Pretraining: seed spaces, compute-once reuse, bit-exact checkpoints and resume,
 safe loading, probes that never write, the meta-continual and TBPTT mechanics."""
 
 from __future__ import annotations
