@@ -242,6 +242,11 @@ def _plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src
     sub = copy.deepcopy(experiment)
     sub.update(models=[m], streams=[s for s in experiment["streams"] if s["name"] in members],
                protocol=[protocol], strategy=[strategy], variants=[])
+    # an entry's own outer optimizer (`model_optimizer`) becomes the study's train.optimizer, so the
+    # searched train.optimizer.* values act on the optimizer the entry really uses
+    own = (sub.pop("model_optimizer", None) or {}).get(m["label"])
+    if own is not None:
+        sub["train"]["optimizer"] = own
     tuning = dict(copy.deepcopy(sub), seeds=list(lc.tuning_seeds), name=f"{lc.name}-tuning")
     report = dict(copy.deepcopy(sub), seeds=seeds, name=lc.name)
     study_name = _slug(f"{m['label']}.{protocol}.{strategy}.{fam}")
