@@ -33,6 +33,9 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
                     Triton DGD kernel per chunk, CUDA; same results)              [hope only]
+    recompute_chunks  true: each DGD chunk keeps only its inputs for the backward pass and
+                    recomputes its intermediates there: the same outputs and gradients with
+                    less training memory, for some time (docs/decisions.md) [hope only]
     Stabilisers of the self-modifying memories (defaults on; self_modifying_titans.py says
     why, docs/ALGORITHMS.md shows where each enters the equations)                  [hope only]:
     curvature_guard  η ← min(η, 1/‖W1‖²_op) per chunk and MLP memory (default true)
@@ -74,7 +77,7 @@ __all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
 CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
                     cms_hidden=None, cms_lr=0.5, cms_lr_mode="period")
 SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.7,
-                    alpha_init=0.99, memory_kernel="chunked", **STABILISERS)
+                    alpha_init=0.99, memory_kernel="chunked", recompute_chunks=False, **STABILISERS)
 
 
 class HopeBlock(nn.Module):
@@ -265,6 +268,7 @@ def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allo
             raise _err(model, "memory", f"one of {', '.join(map(repr, MEMORY_KINDS))}", opts["memory"])
         if opts["memory_kernel"] not in MEMORY_KERNELS:
             raise _err(model, "memory_kernel", f"one of {', '.join(map(repr, MEMORY_KERNELS))}", opts["memory_kernel"])
+        _bool(model, "recompute_chunks", opts["recompute_chunks"])
         for field in ("chunk_size", "mem_chunk_size"):
             _pos_int(model, field, opts[field])
         if opts["mem_hidden"] is not None:

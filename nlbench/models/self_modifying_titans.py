@@ -245,7 +245,8 @@ class SelfModifyingTitans(nn.Module):
                  chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.7,
                  alpha_init: float = 0.99, conv_size: int = 4, memory_kernel: str = "chunked",
                  curvature_guard: bool = True, normalize_v: bool = True, normalized_step: bool = True,
-                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD):
+                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD,
+                 recompute_chunks: bool = False):
         super().__init__()
         assert d_model % n_heads == 0
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
@@ -260,6 +261,9 @@ class SelfModifyingTitans(nn.Module):
         self.kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
         self.fuse = True  # stack the five memories when both chunk sizes agree (`_memories_fused`)
         self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
+        # memory, not math: the DGD chunks keep only their inputs for the backward pass and recompute
+        # the rest there (`dgd_chunk_manual`); same outputs and gradients
+        self.recompute_chunks = recompute_chunks
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
         # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3),
@@ -322,7 +326,8 @@ class SelfModifyingTitans(nn.Module):
         elif self.kernel == "triton":
             y, new = dgd_chunk_triton(weights, q, k, v, eta, alpha, normalized_step=ns)
         else:
-            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns)
+            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns,
+                               recompute=self.recompute_chunks)
         return y, new, u
 
     # --- forward -----------------------------------------------------------------------------
@@ -404,6 +409,8 @@ class SelfModifyingTitans(nn.Module):
             step = functools.partial(fused_chunk_step, kernel=dgd_chunk_triton)
         elif self.compile_kernels:
             step = _compiled_fused_chunk_step(z.device.type, compile_mode(self.compile_kernels))
+        elif self.recompute_chunks:
+            step = functools.partial(fused_chunk_step, kernel=functools.partial(dgd_chunk, recompute=True))
         else:
             step = fused_chunk_step
         ys = []
