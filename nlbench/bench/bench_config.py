@@ -18,6 +18,13 @@ class BenchModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     options: dict = Field(default_factory=dict)
+    # the rows' `model` column (default: name): two entries of one model with different options
+    # (e.g. hope and hope with recompute_chunks) stay apart in the table and the report
+    label: str | None = Field(None, min_length=1)
+
+    @property
+    def row_name(self) -> str:
+        return self.label or self.name
 
     @field_validator("name")
     @classmethod

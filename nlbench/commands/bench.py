@@ -35,7 +35,7 @@ def bench(config, out, only, device):
 
     cfg = load_bench_config(config)
     check_writable(out)
-    models = [m for m in cfg.models if only is None or only in m.name]
+    models = [m for m in cfg.models if only is None or only in m.row_name]
     if not models:
         click.echo(f"error: --only {only!r} matches none of the config's models "
                       f"({', '.join(m.name for m in cfg.models)}); nothing measured or written.", err=True)
@@ -64,7 +64,7 @@ def bench(config, out, only, device):
     for size in cfg.sizes:
         for seq_len in cfg.seq_lens:
             for m in models:
-                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options)
+                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options, label=m.label)
                 t0 = time.perf_counter()
                 try:
                     got = bench_case(
@@ -83,7 +83,7 @@ def bench(config, out, only, device):
                         f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}%  ({time.perf_counter() - t0:.0f}s)"
                     )
                 rows.extend(got)
-    stream_models = [m for m in cfg.stream.models if only is None or only in m.name] if cfg.stream else []
+    stream_models = [m for m in cfg.stream.models if only is None or only in m.row_name] if cfg.stream else []
     for size in cfg.sizes if stream_models else []:
         for m in stream_models:
             from nlbench.bench.stream import bench_stream
@@ -93,7 +93,7 @@ def bench(config, out, only, device):
                                warmup_chunks=cfg.stream.warmup_chunks, device=dev, dtype=dtype,
                                vocab_size=cfg.vocab_size, options=m.options, peak_flops=peak)
             for r in got:
-                r.update(meta)
+                r.update(meta, model=m.row_name)
                 r["run_id"] = f"{cfg.name}:{r['model']}:{size}:{r['seq_len']}:1:stream:{r['dtype']}:{stamp}"
                 console.print(
                     f"{r['model']:>15} {size:>6} T={r['seq_len']:<5} stream {r['tokens_per_s']:>9.0f} tok/s "
@@ -143,6 +143,10 @@ def _print_goals(console, rows):
     by = {(r["model"], r["size"], r["seq_len"], r["phase"]): r for r in rows}
     for (model, size, t, phase), r in sorted(by.items()):
         ref = by.get(("transformer", size, t, "train"))
+        if model.startswith("hope") and not model.startswith("hope-attention") and phase == "train" and ref:
+            console.print(f"goal: {model}/Transformer train peak memory at {size}, T={t}: "
+                          f"{r['peak_mem_bytes'] / ref['peak_mem_bytes']:.2f}x ({r['peak_mem_bytes'] / 2**20:.0f} vs "
+                          f"{ref['peak_mem_bytes'] / 2**20:.0f} MiB; goal <= 2x)")
         if model == "hope" and phase == "train" and ref is not None:
             ratio = r["tokens_per_s"] / ref["tokens_per_s"]
             median_ratio = ref["step_ms_p50"] / r["step_ms_p50"]
