@@ -6,8 +6,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/quick
+# result tables of every published config (reports/data/<config name>/), read by `make report`
+PUBLISHED := $(patsubst %/,%,$(sort $(wildcard reports/data/*/)))
 
-.PHONY: install quick test test-fast leaderboard clean
+.PHONY: install quick test test-fast leaderboard in-context report clean
 
 $(BIN)/nlbench: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,7 +34,21 @@ test-fast: install
 leaderboard: install
 	$(BIN)/nlbench run configs/standard.yaml --out out/standard
 	$(BIN)/nlbench bench configs/throughput.yaml --out out/tp-cpu
-	$(BIN)/nlbench report out/standard out/tp-cpu --format all --out-dir reports
+	$(BIN)/nlbench report out/standard out/tp-cpu $(PUBLISHED) --format all --out-dir reports
+
+# the in-context section (configs/in-context-cpu.yaml; see reports/in-context/README.md for times):
+# meta-train the outer weights, stream unseen tasks, then re-report everything published
+in-context: install
+	$(BIN)/nlbench pretrain configs/in-context-cpu.yaml --out reports/data/in-context-cpu
+	$(BIN)/nlbench run configs/in-context-cpu.yaml --out reports/data/in-context-cpu
+	$(MAKE) report
+
+# reports/ from the committed result tables alone (reports/data/<config name>/, one dir per
+# published config; seconds): reproduces reports/leaderboard.json and reports/in-context/
+report: install
+	rm -rf reports/figures reports/in-context/figures  # no figure of an earlier report left behind
+	$(BIN)/nlbench report $(PUBLISHED) --format all --out-dir reports
+	$(BIN)/nlbench report reports/data/in-context-cpu --format all --out-dir reports/in-context
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

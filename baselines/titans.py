@@ -1,11 +1,13 @@
-"""Titans baselines (spec §1): the neural long-term memory as a layer (LMM), as context (MAC)
-and as a gate (MAG).
+"""Titans baselines (spec §1): the neural long-term memory as a layer (LMM), as context (MAC),
+as a gate (MAG) and as a layer before sliding-window attention (MAL).
 
 Every block is pre-norm: x = x + mixer(norm(x)); x = x + SwiGLU(norm(x)). The mixer is
   LMM  the memory alone (a recurrent sequence layer);
   MAC  per segment, attention over [persistent ‖ memory read ‖ segment], then the memory
        learns from the attention output y and gates it: o = y ⊗ σ(M(y));
-  MAG  sliding-window attention (with persistent tokens) gated by the memory output.
+  MAG  sliding-window attention (with persistent tokens) gated by the memory output;
+  MAL  the memory layer, then sliding-window attention (with persistent tokens), each with
+       its own residual: x = x + M(norm(x)); x = x + SWA([P ‖ norm(x)]).
 Each family narrows its SwiGLU so that a block holds as many parameters as a Transformer
 block of the same width (the 15% budget of ARCHITECTURE.md).
 
@@ -18,40 +20,49 @@ the input state untouched.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from nlbench.baselines.transformer import check_positive_int, check_tokens, scale_residual_init
+from nlbench.baselines.transformer import check_tokens, scale_residual_init
 from nlbench.kernels.compiling import compile_mode
 from nlbench.kernels.titans import memory_flops_per_token, memory_read, titans_memory_chunked
-from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.inputs import report_chain_inputs, report_conv_input
 from nlbench.models.layers import (
     CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, causal_conv, init_weights, swiglu_hidden,
 )
+from nlbench.models.options import ModelOptions, check_size, in_unit, parse_options, positive_int, with_options
 
-# Gate initialisation (sigmoid of a bias): forgetting α ≈ 0.007 so memory decays slowly
-# (not the 0.5-per-token halving of spec §7), momentum η ≈ 0.5, inner learning rate
-# θ = max_lr · (1 − η) · sigmoid(0) / λ_t (see NeuralMemory.gate_values for why).
-ALPHA_BIAS, ETA_BIAS, THETA_BIAS = -5.0, 0.0, 0.0
+# Gate initialisation (the sigmoid's value at init; the bias is its logit): forgetting
+# α ≈ 0.007 so memory decays slowly (not the 0.5-per-token halving of spec §7), momentum
+# η = 0.5, the θ sigmoid 0.5. Options `alpha_init`, `eta_init`, `theta_init`.
+GATE_INITS = {"eta_init": 0.5, "theta_init": 0.5, "alpha_init": 0.006692850924284856}  # sigmoid(-5)
 
 
 class NeuralMemory(nn.Module):
     """Titans LMM over multi-head keys/values (spec §1): projections, conv, gates, memory, output.
 
     q, k, v = SiLU(conv4(x W)); q, k L2-normalised per head. Gates η, α = sigmoid(x W_g + b) and
-    θ = (max_lr / C) · (1 − η) · sigmoid(x W_θ + b_θ), one per token and head (gate_values says
-    why θ is bounded this way). The initial memory weights are parameters (meta-learned).
+    θ = max_lr · [(1 − η)] · sigmoid(x W_θ + b_θ) [/ λ_t], one per token and head; the bracketed
+    factors are the stabilisers `momentum_coupling` and `key_gram_norm` (gate_values says why).
+    With max_lr = 1 and both off (`paper_exact`) θ = sigmoid(x W_θ + b_θ), spec §1 as written.
+    The initial memory weights are parameters (meta-learned).
     """
 
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", memory_layers: int = 2,
-                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3):
+                 memory_hidden: int | None = None, chunk_size: int = 16, max_lr: float = 0.3,
+                 momentum_coupling: bool = True, key_gram_norm: bool = True,
+                 eta_init: float = GATE_INITS["eta_init"], theta_init: float = GATE_INITS["theta_init"],
+                 alpha_init: float = GATE_INITS["alpha_init"]):
         super().__init__()
         self.compile_kernels = False  # or a compile mode: torch.compile each memory chunk (`Titans.compiled`)
         self.n_heads, self.head_dim, self.chunk_size = n_heads, d_model // n_heads, chunk_size
-        self.max_lr = max_lr
+        self.max_lr, self.momentum_coupling, self.key_gram_norm = max_lr, momentum_coupling, key_gram_norm
+        self.gate_inits = (eta_init, theta_init, alpha_init)
         dh = self.head_dim
         hidden = memory_hidden or 2 * dh
         if memory == "linear":
@@ -67,7 +78,7 @@ class NeuralMemory(nn.Module):
 
     def reset_gates(self):
         nn.init.zeros_(self.gates.weight)  # gates start input-independent, learn their dependence
-        bias = torch.tensor([ETA_BIAS, THETA_BIAS, ALPHA_BIAS]).repeat_interleave(self.n_heads)
+        bias = torch.logit(torch.tensor(self.gate_inits, dtype=torch.float64)).float().repeat_interleave(self.n_heads)
         with torch.no_grad():
             self.gates.bias.copy_(bias)
 
@@ -94,6 +105,7 @@ class NeuralMemory(nn.Module):
     def gate_values(self, x):
         """Momentum η_t, inner learning rate θ_t, forgetting α_t of spec §1, each [B, H, T] in (0, 1).
 
+        Paper form (`paper_exact`): θ_t = sigmoid(x_t W_θ + b_θ). Default (stabilised):
         θ_t = max_lr · (1 − η_t) · sigmoid(x_t W_θ + b_θ) / λ_t, λ_t the Frobenius norm of the
         Gram matrix of the (unit) keys of token t's chunk up to t (1 ≤ λ_t ≤ C, causal; see
         `chunk_key_scale`). Guard, and why: the largest total step the memory can take on one
@@ -117,17 +129,28 @@ class NeuralMemory(nn.Module):
         keep most of their step (a fixed 1 / C would slow every write C-fold). The update itself
         is exactly spec §1 (S_t = η_t S_{t−1} − θ_t ∇ℓ, M_t = (1 − α_t) M_{t−1} + S_t); only the
         range of the data-dependent gate θ_t is chosen so that it cannot leave the stable
-        region. This method returns θ before the 1 / λ_t factor (it needs the keys).
+        region. The price: λ_t grows along a chunk, so a token's step depends on its position in
+        the chunk, which the paper form does not. `momentum_coupling` switches the (1 − η_t)
+        factor, `key_gram_norm` the 1 / λ_t factor, `max_lr` scales the range. This method
+        returns θ before the 1 / λ_t factor (it needs the keys; `memorize` applies it).
         """
         eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
-        return eta, self.max_lr * (1 - eta) * theta, alpha
+        theta = self.max_lr * theta
+        return eta, (1 - eta) * theta if self.momentum_coupling else theta, alpha
+
+    def inner_gates(self, x, k):
+        """η_t, θ_t, α_t [B, H, T] as the memory update uses them: gate_values, then 1 / λ_t
+        when `key_gram_norm` (k: the keys of x, [B, H, T, dh])."""
+        eta, theta, alpha = self.gate_values(x)
+        if self.key_gram_norm:
+            theta = theta / chunk_key_scale(k, self.chunk_size)
+        return eta, theta, alpha
 
     def memorize(self, x, state, conv_key="conv"):
         """Run the memory over x: reads y_t = M_{t-1}(q_t) while learning (k_t, v_t). Returns (out, state)."""
         q, k, v, tail = self.project(x, state[conv_key])
         report_chain_inputs(list(self.w0), q)  # the memory's initial state per head, read at q (DGD)
-        eta, theta, alpha = self.gate_values(x)
-        theta = theta / chunk_key_scale(k, self.chunk_size)
+        eta, theta, alpha = self.inner_gates(x, k)
         y, W, S = titans_memory_chunked(q, k, v, eta, theta, alpha, state["W"], state["S"], self.chunk_size,
                                         compiled=self.compile_kernels)
         return self.output(y), {**state, "W": W, "S": S, conv_key: tail}
@@ -214,6 +237,38 @@ class MAGBlock(nn.Module):
         a = self.attn(torch.cat([P, h], dim=1), n_prefix=P.shape[1])[:, P.shape[1]:]
         m, state = self.memory.memorize(h, state)
         x = x + a * torch.sigmoid(m)
+        return x + self.mlp(self.norm2(x)), state
+
+    def flops_per_token(self, seq_len):
+        d = self.attn.proj.in_features
+        attn = 2 * (self.attn.qkv.weight.numel() + self.attn.proj.weight.numel())
+        attn += attention_flops(seq_len, d, self.attn.window) + 2 * 2 * self.persistent.shape[0] * d
+        return attn + self.memory.flops_per_token() + 2 * 3 * self.mlp.w_up.weight.numel()
+
+
+class MALBlock(nn.Module):
+    """Memory as a layer: x = x + M(norm(x)); x = x + SWA([P ‖ norm(x)]); x = x + SwiGLU(norm(x)).
+    The memory compresses the past beyond the window; the attention reads the memory's output
+    (and the persistent tokens) within its sliding window."""
+
+    def __init__(self, d_model, n_heads, mem_kw, window, n_persistent):
+        super().__init__()
+        self.norm1, self.norm_attn, self.norm2 = RMSNorm(d_model), RMSNorm(d_model), RMSNorm(d_model)
+        self.memory = NeuralMemory(d_model, n_heads, **mem_kw)
+        self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * 0.02)
+        self.nlbench_no_input = ("persistent",)  # learned tokens, no layer input: AdamW under DGD
+        self.attn = CausalSelfAttention(d_model, n_heads, window=window)
+        self.mlp = SwiGLU(d_model, matched_mlp_hidden(d_model, self))
+
+    def init_state(self, batch_size):
+        return self.memory.init_state(batch_size)
+
+    def forward(self, x, state):
+        m, state = self.memory.memorize(self.norm1(x), state)
+        x = x + m
+        h = self.norm_attn(x)
+        P = self.persistent.unsqueeze(0).expand(h.shape[0], -1, -1)
+        x = x + self.attn(torch.cat([P, h], dim=1), n_prefix=P.shape[1])[:, P.shape[1]:]
         return x + self.mlp(self.norm2(x)), state
 
     def flops_per_token(self, seq_len):
@@ -322,61 +377,146 @@ class Titans(NLModel):
         return float(sum(b.flops_per_token(seq_len) for b in self.blocks) + 2 * self.d_model * self.vocab_size)
 
 
-MEMORY_OPTIONS = {
-    "chunk_size": "tokens per parallel memory chunk (default 16; 1 = exact per-token Titans)",
-    "memory": "'mlp' (default) or 'linear'",
-    "memory_layers": "layers of the MLP memory, >= 2 (default 2)",
-    "memory_hidden": "hidden width of the MLP memory per head (default 2 * head_dim)",
-    "max_lr": "in (0, 1] (default 0.3): θ_t ≤ max_lr · (1 − η_t) / λ_t (norm of the chunk's prefix key Gram), the bound on one chunk's total step",
-}
+# The stabilisers and their paper values (`paper_exact: true`); gate inits are hyper-parameters.
+STABILISER_DEFAULTS = {"max_lr": 0.3, "momentum_coupling": True, "key_gram_norm": True}
+PAPER_FORM = {"max_lr": 1.0, "momentum_coupling": False, "key_gram_norm": False}
 
 
-def _memory_kwargs(name: str, d_model: int, n_layers: int, n_heads: int, opts: dict) -> dict:
-    for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
-        check_positive_int(name, key, value)
-    if d_model % n_heads:
-        raise ModelConfigError(f"model '{name}': d_model={d_model} must be divisible by n_heads={n_heads}.")
-    kw = {"chunk_size": check_positive_int(name, "chunk_size", opts.get("chunk_size", 16)),
-          "memory": opts.get("memory", "mlp"),
-          "memory_layers": check_positive_int(name, "memory_layers", opts.get("memory_layers", 2), minimum=2)}
-    if kw["memory"] not in ("mlp", "linear"):
-        raise ModelConfigError(f"model '{name}': option 'memory' must be one of 'mlp', 'linear', got {kw['memory']!r}.")
-    max_lr = opts.get("max_lr", 0.3)
-    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr <= 1:
-        raise ModelConfigError(f"model '{name}': option 'max_lr' must be a number in (0, 1], got {max_lr!r}.")
-    kw["max_lr"] = float(max_lr)
-    if opts.get("memory_hidden") is not None:
-        kw["memory_hidden"] = check_positive_int(name, "memory_hidden", opts["memory_hidden"])
-    return kw
+class TitansOptions(ModelOptions):
+    """Options of `titans-lmm` (the memory's options, shared by every Titans variant)."""
+
+    chunk_size: int = Field(16, description="tokens per parallel memory chunk (1 = exact per-token Titans)")
+    memory: Literal["mlp", "linear"] = Field("mlp", description="the memory's form")
+    memory_layers: int = Field(2, description="layers of the MLP memory, >= 2")
+    memory_hidden: int | None = Field(None, description="hidden width of the MLP memory per head (default 2 * head_dim)")
+    max_lr: float = Field(STABILISER_DEFAULTS["max_lr"],
+                          description="in (0, 1] (paper 1): θ_t = max_lr · sigmoid(·), times the factors below")
+    momentum_coupling: bool = Field(True, description="true (paper false): θ_t carries a factor (1 − η_t)")
+    key_gram_norm: bool = Field(True, description="true (paper false): θ_t divided by λ_t, the norm of the "
+                                                  "chunk's prefix key Gram")
+    eta_init: float = Field(GATE_INITS["eta_init"], description="momentum gate η at init, in (0, 1)")
+    theta_init: float = Field(GATE_INITS["theta_init"], description="θ gate sigmoid at init, in (0, 1)")
+    alpha_init: float = Field(GATE_INITS["alpha_init"], description="forgetting gate α at init, in (0, 1)")
+    paper_exact: bool = Field(False, description="true: max_lr 1, momentum_coupling and key_gram_norm false "
+                                                 "(spec §1 as written); options given beside it still win")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_form(cls, data):
+        # defaults, then paper_exact's paper values, then the options given explicitly (an
+        # explicit stabiliser wins: one-at-a-time ablations)
+        if isinstance(data, dict) and data.get("paper_exact") is True:
+            data = {**PAPER_FORM, **data}
+        return data
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _chunk(cls, v):
+        return positive_int(v)
+
+    @field_validator("memory_layers", mode="before")
+    @classmethod
+    def _layers(cls, v):
+        return positive_int(v, minimum=2)
+
+    @field_validator("memory_hidden", mode="before")
+    @classmethod
+    def _hidden(cls, v):
+        return None if v is None else positive_int(v)
+
+    @field_validator("max_lr", mode="before")
+    @classmethod
+    def _max_lr(cls, v):
+        return in_unit(v, closed_high=True)
+
+    @field_validator("eta_init", "theta_init", "alpha_init", mode="before")
+    @classmethod
+    def _gate(cls, v):
+        return in_unit(v)
+
+    def memory_kwargs(self) -> dict:
+        """The NeuralMemory keyword arguments."""
+        return {k: getattr(self, k) for k in ("chunk_size", "memory", "memory_layers", "memory_hidden",
+                                              *STABILISER_DEFAULTS, *GATE_INITS)}
 
 
+class TitansMACOptions(TitansOptions):
+    """Options of `titans-mac`: the memory's, and its segments and persistent tokens."""
+
+    segment_len: int = Field(32, description="tokens per MAC segment")
+    n_persistent: int = Field(4, description="learned persistent-memory tokens")
+
+    @field_validator("segment_len", mode="before")
+    @classmethod
+    def _segment(cls, v):
+        return positive_int(v)
+
+    @field_validator("n_persistent", mode="before")
+    @classmethod
+    def _persistent(cls, v):
+        return positive_int(v, minimum=0)
+
+
+# Sliding window of MAG / MAL: half the shipped 64-token sequences, so that it slides.
+DEFAULT_WINDOW = 32
+
+
+class TitansWindowOptions(TitansOptions):
+    """Options of `titans-mag` and `titans-mal`: the memory's, the sliding window, persistent tokens."""
+
+    window: int = Field(DEFAULT_WINDOW, description="sliding-window attention span in tokens, itself included")
+    n_persistent: int = Field(4, description="learned persistent-memory tokens")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v):
+        return positive_int(v)
+
+    @field_validator("n_persistent", mode="before")
+    @classmethod
+    def _persistent(cls, v):
+        return positive_int(v, minimum=0)
+
+
+def _titans(variant, vocab_size, d_model, n_layers, n_heads, options, block_fn) -> Titans:
+    model = Titans(variant, vocab_size, d_model, n_layers, n_heads, block_fn)
+    model.options = options.model_dump()
+    return model
+
+
+def _options(name: str, cls, d_model, n_layers, n_heads, overrides):
+    opts = parse_options(name, cls, overrides)
+    check_size(name, d_model, n_layers, n_heads)
+    return opts
+
+
+@with_options(TitansOptions)
 def build_titans_lmm(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
-    check_overrides("titans-lmm", overrides, MEMORY_OPTIONS)
-    mem_kw = _memory_kwargs("titans-lmm", d_model, n_layers, n_heads, overrides)
-    return Titans("lmm", vocab_size, d_model, n_layers, n_heads, lambda: LMMBlock(d_model, n_heads, mem_kw))
+    opts = _options("titans-lmm", TitansOptions, d_model, n_layers, n_heads, overrides)
+    mem_kw = opts.memory_kwargs()
+    return _titans("lmm", vocab_size, d_model, n_layers, n_heads, opts, lambda: LMMBlock(d_model, n_heads, mem_kw))
 
 
-MAC_OPTIONS = {**MEMORY_OPTIONS,
-               "segment_len": "tokens per MAC segment (default 32)",
-               "n_persistent": "learned persistent-memory tokens (default 4)"}
-
-
+@with_options(TitansMACOptions)
 def build_titans_mac(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
-    check_overrides("titans-mac", overrides, MAC_OPTIONS)
-    mem_kw = _memory_kwargs("titans-mac", d_model, n_layers, n_heads, overrides)
-    seg = check_positive_int("titans-mac", "segment_len", overrides.get("segment_len", 32))
-    n_p = check_positive_int("titans-mac", "n_persistent", overrides.get("n_persistent", 4), minimum=0)
-    return Titans("mac", vocab_size, d_model, n_layers, n_heads, lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
+    opts = _options("titans-mac", TitansMACOptions, d_model, n_layers, n_heads, overrides)
+    mem_kw, seg, n_p = opts.memory_kwargs(), opts.segment_len, opts.n_persistent
+    return _titans("mac", vocab_size, d_model, n_layers, n_heads, opts,
+                   lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
 
 
-MAG_OPTIONS = {**MEMORY_OPTIONS,
-               "window": "sliding-window attention span in tokens, itself included (default 64)",
-               "n_persistent": "learned persistent-memory tokens (default 4)"}
+def _windowed(name, variant, block_cls, vocab_size, d_model, n_layers, n_heads, overrides) -> Titans:
+    opts = _options(name, TitansWindowOptions, d_model, n_layers, n_heads, overrides)
+    mem_kw, window, n_p = opts.memory_kwargs(), opts.window, opts.n_persistent
+    return _titans(variant, vocab_size, d_model, n_layers, n_heads, opts,
+                   lambda: block_cls(d_model, n_heads, mem_kw, window, n_p))
 
 
+@with_options(TitansWindowOptions)
 def build_titans_mag(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
-    check_overrides("titans-mag", overrides, MAG_OPTIONS)
-    mem_kw = _memory_kwargs("titans-mag", d_model, n_layers, n_heads, overrides)
-    window = check_positive_int("titans-mag", "window", overrides.get("window", 64))
-    n_p = check_positive_int("titans-mag", "n_persistent", overrides.get("n_persistent", 4), minimum=0)
-    return Titans("mag", vocab_size, d_model, n_layers, n_heads, lambda: MAGBlock(d_model, n_heads, mem_kw, window, n_p))
+    return _windowed("titans-mag", "mag", MAGBlock, vocab_size, d_model, n_layers, n_heads, overrides)
+
+
+@with_options(TitansWindowOptions)
+def build_titans_mal(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    return _windowed("titans-mal", "mal", MALBlock, vocab_size, d_model, n_layers, n_heads, overrides)

@@ -102,46 +102,36 @@ def _actor_class():
 # ----------------------------------------------------------------------------- records
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("nlbench", "torch", "ray"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def failed_record(spec, error: str, started_at: float | None = None):
     """The ``runs`` row of a run that never returned a record (its actor kept dying, or
     ``execute_run`` raised): status ``failed`` with the error, no matrix or curves rows."""
-    from nlbench.results import RunRecord
+    from nlbench.environment import git_sha, versions
+    from nlbench.results import RunRecord, run_row
 
     now = time.time()
     started = now if started_at is None else started_at
     cfg = spec.config if isinstance(spec.config, dict) else {}
     model = cfg.get("model") or {}
     label = model.get("label") or model.get("name") or "?"
-    run = {
-        "run_id": spec.run_id,
+    run = run_row(
+        run_id=spec.run_id,
         # read the config defensively: the run may have failed because the config is broken
-        "model": f"{label}@{cfg['variant']}" if cfg.get("variant") else label,
-        "stream": (cfg.get("stream") or {}).get("name") or "?",
-        "seed": int(cfg.get("seed", -1)),
-        "protocol": cfg.get("protocol") or "?",
-        "strategy": cfg.get("strategy") or "?",
-        "status": "failed",
-        "error": error[-4000:],
-        "config": cfg,
-        "started_at": datetime.fromtimestamp(started, tz=timezone.utc),
-        "finished_at": datetime.fromtimestamp(now, tz=timezone.utc),
-        "wall_s": now - started,
-        "host": socket.gethostname(),
-        "versions": _versions(),
-        "size": model.get("size"),
-    }
+        model=f"{label}@{cfg['variant']}" if cfg.get("variant") else label,
+        stream=(cfg.get("stream") or {}).get("name") or "?",
+        seed=int(cfg.get("seed", -1)),
+        protocol=cfg.get("protocol") or "?",
+        strategy=cfg.get("strategy") or "?",
+        status="failed",
+        error=error[-4000:],
+        config=cfg,
+        started_at=datetime.fromtimestamp(started, tz=timezone.utc),
+        finished_at=datetime.fromtimestamp(now, tz=timezone.utc),
+        wall_s=now - started,
+        host=socket.gethostname(),
+        versions=versions(),
+        git_sha=git_sha(),
+        size=model.get("size"),
+    )
     return RunRecord(run=run, matrix=[], curves=[])
 
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "CorruptFileError", "DYNAMIC_PREFIXES", "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "TABLES", "TABLE_KEY", "Column",
-    "ResultStore", "ResultsError", "RunRecord", "canonical_json", "run_id_for", "schema_for",
+    "ResultStore", "ResultsError", "RunRecord", "RunRow", "canonical_json", "run_id_for", "run_row", "schema_for",
 ]
 
 SCHEMA_VERSION = 7
@@ -322,11 +322,51 @@ def _parquet_bytes(data: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+class RunRow(TypedDict):
+    """One row of the ``runs`` table (columns in ``TABLES["runs"]``; a test keeps the two equal).
+    json columns take the JSON text or the value itself. Build one with :func:`run_row`."""
+
+    run_id: str
+    model: str
+    stream: str
+    seed: int
+    protocol: str
+    strategy: str
+    status: str                    # completed | failed | diverged (runner.STOPPED: never written)
+    error: str | None
+    config: Any
+    started_at: datetime | None
+    finished_at: datetime | None
+    wall_s: float | None
+    train_s: float | None
+    eval_s: float | None
+    device: str | None
+    host: str | None
+    params: int | None
+    versions: Any
+    git_sha: str | None
+    size: str | None
+    chance: Any
+    train_tokens_per_s: float | None
+    pretrain: str | None
+    model_options: Any
+    optimizer_params: Any
+    ceiling: Any
+
+
+def run_row(**fields: Any) -> RunRow:
+    """A ``runs`` row with every column: the given fields, None elsewhere (unknown names refused)."""
+    unknown = set(fields) - set(RunRow.__annotations__)
+    if unknown:
+        raise ResultsError(f"run_row: unknown runs column(s) {sorted(unknown)}.")
+    return RunRow(**{name: fields.get(name) for name in RunRow.__annotations__})
+
+
 @dataclass
 class RunRecord:
     """What one run produces: its ``runs`` row, ``matrix`` rows and ``curves`` rows."""
 
-    run: dict[str, Any]
+    run: RunRow
     matrix: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
 

@@ -316,6 +316,27 @@ def test_pretrain_command_computes_then_reuses_and_rejects_a_config_without_a_bl
     assert helped.exit_code == 0 and "probe_weight" in helped.output and "computed once" in helped.output
 
 
+def test_pretrain_help_documents_every_key_at_its_default():
+    import yaml
+    from click.testing import CliRunner
+
+    from nlbench.cli import main
+    from nlbench.pretrain.config import PretrainConfig
+
+    text = CliRunner().invoke(main, ["pretrain", "--help"], terminal_width=200).output
+    block = {}
+    for line in text.splitlines():  # the `key: value  # comment` lines of the example block
+        key, sep, value = line.strip().partition(": ")
+        if sep and key.isidentifier():
+            block.setdefault(key, value.split("#")[0].strip())
+    fields = PretrainConfig.model_fields
+    assert set(fields) <= set(block), f"pretrain --help does not document {sorted(set(fields) - set(block))}"
+    defaults = PretrainConfig().model_dump(mode="json")
+    for key in set(fields) - {"stream", "optimizer"}:  # shown as examples, not defaults
+        assert yaml.safe_load(block[key]) == defaults[key], f"--help shows {key}: {block[key]}, default {defaults[key]}"
+    assert "nlbench run CONFIG --out OUT" in text and "nlbench report OUT" in text
+
+
 def test_both_protocols_start_from_the_pretrained_weights(tmp_path):
     """The b row (after_task −1) of each protocol is the pretrained model's score, not the random
     initialisation's."""

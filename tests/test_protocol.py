@@ -265,3 +265,108 @@ def test_divergence_from_huge_lr():
     proto, _, _ = make(cfg)
     res = proto.run()
     assert res.status == "diverged" and res.diverged_step >= 1 and "non-finite" in res.error
+
+
+def test_joint_interleaves_every_task_with_the_same_steps():
+    from nlbench.protocol.strategies import Joint, derive_seed
+
+    cfg = run_config(strategy="joint", num_tasks=3)
+    proto, model, stream = make(cfg)
+    assert isinstance(proto.strategy, Joint)
+    # phase 1 starting at run step 4: steps 4, 5, 6, … take tasks 1, 2, 0, …, each batch from that
+    # task's own stream for this phase (the rotation continues across phases)
+    got = proto.strategy.train_batches(stream, 1, 4, first_step=4)
+    own = [t.train_batches(4, seed=derive_seed(cfg["seed"], "joint", 1, t.index)) for t in stream.tasks]
+    for k in range(4, 10):
+        x, y = next(got)
+        rx, ry = next(own[k % 3])
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    # the protocol passes the run's step count: spy on what phase i asks for
+    asked = []
+    inner = proto.strategy.train_batches
+    proto.strategy.train_batches = lambda s, i, b, first_step=0: (asked.append((i, first_step)), inner(s, i, b, first_step))[1]
+    res = proto.run()
+    assert asked == [(0, 0), (1, 3), (2, 6)]
+    assert res.status == "completed" and proto.optimizer.step_count == 3 * proto.steps_per_task
+    naive = make(run_config(num_tasks=3))[0].run()
+    assert res.tokens_seen == naive.tokens_seen  # same total tokens as sequential training
+    # after phase 0 the joint model has trained on task 2's data, the sequential one has not
+    assert cells(res.matrix, "loss")[(0, 2)] < cells(naive.matrix, "loss")[(0, 2)]
+
+
+def test_fresh_starts_every_task_from_the_initial_weights_with_a_new_optimizer():
+    cfg = run_config(strategy="fresh", num_tasks=2)
+    proto, model, stream = make(cfg)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    proto.train_task(0)
+    assert any(not torch.equal(init[k], v) for k, v in model.state_dict().items())
+    first_opt = proto.optimizer
+    proto.start_task(1)
+    assert all(torch.equal(init[k], v) for k, v in model.state_dict().items())
+    assert proto.optimizer is not first_opt and proto.optimizer.step_count == 0
+    # a fresh run's task-1 row equals a naive run trained on task 1 alone from the same init
+    fresh = make(cfg)[0].run()
+    alone_cfg = run_config(num_tasks=2)
+    alone, _, _ = make(alone_cfg)
+    alone.train_task(1)
+    scores = alone.evaluate_tasks(alone.stream.tasks)
+    assert cells(fresh.matrix, "loss")[(1, 1)] == pytest.approx(scores[1]["loss"], rel=1e-5)
+    assert cells(fresh.matrix, "loss")[(1, 0)] == pytest.approx(scores[0]["loss"], rel=1e-5)
+
+
+def stream_config(stream: dict, num_steps=2, eval_every=None, model="transformer", **extra):
+    raw = dict(models=[model], streams=[stream], protocol="finetune", strategy="naive",
+               train=dict(tokens_per_task=4 * 65 * num_steps, batch_size=4, eval_every=eval_every,
+                          optimizer=dict(name="adamw", lr=3e-3)),
+               eval=dict(max_sequences=16, batch_size=8), **extra)
+    return expand_runs(validate_config(raw))[0].config
+
+
+def test_task_incremental_mask_in_training_gradients_and_in_scoring():
+    cfg = stream_config(dict(name="split-digits-task", num_tasks=2, options=dict(eval_size=16)), num_steps=1)
+    proto, model, stream = make(cfg)
+    label0 = stream.tasks[0].info["label_token_offset"]
+    grads = []
+
+    def keep_logit_grads(module, inputs, out):
+        if out.logits.requires_grad:
+            out.logits.register_hook(grads.append)
+
+    model.register_forward_hook(keep_logit_grads)
+    proto.train_task(0)
+    g = grads[0]
+    scored = g.abs().sum(-1) > 0
+    assert scored.any()
+    # training: only task 0's labels (digits 0, 1) get a gradient at the scored positions
+    assert g[scored][:, label0:label0 + 2].abs().sum() > 0
+    assert g[scored][:, label0 + 2:label0 + 10].abs().sum() == 0 and g[scored][:, :label0].abs().sum() == 0
+    # scoring: argmax over the task's own two labels
+    model.eval()
+    for task in stream.tasks:
+        ev = task.eval_set()
+        x, y = ev.tokens[:16], ev.targets[:16]
+        with torch.no_grad():
+            logits = model(x, state=None).logits
+        m = y != -100
+        pair = logits[m][:, label0 + 2 * task.index:label0 + 2 * task.index + 2]
+        want = float((pair.argmax(-1) + label0 + 2 * task.index == y[m]).float().mean())
+        assert proto.score(task)["accuracy"] == pytest.approx(want)
+
+
+def test_recurring_stream_run_gives_relearn_savings_from_its_curves():
+    import pandas as pd
+
+    from nlbench import metrics as M
+
+    cfg = stream_config(dict(name="recurring", num_tasks=3, options=dict(eval_size=16)), num_steps=2, eval_every=4 * 65)
+    proto, _, stream = make(cfg)
+    res = proto.run()
+    assert [t.info["source"] for t in stream.tasks] == [0, 1, 0]
+    acc = cells(res.matrix)
+    assert acc[(-1, 0)] == acc[(-1, 2)] and acc[(1, 0)] == acc[(1, 2)]      # one task, one held-out set
+    curves = pd.DataFrame(res.curves).assign(run_id="r")
+    matrix = pd.DataFrame(res.matrix).assign(run_id="r", model="transformer", stream="recurring", seed=0)
+    out = M.per_run_metrics(matrix, None, curves).set_index("score")
+    Z = M.curve_matrix(curves[curves["metric"] == "accuracy"])
+    assert Z.shape == (3, 3) and Z[2, 0] == acc[(1, 2)]                    # A comes back at what B left of it
+    assert out.loc["accuracy", "relearn_savings"] == pytest.approx(Z[2].mean() - Z[0].mean())

@@ -40,8 +40,9 @@ def _logits_and_grads(recompute: bool, **opts):
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("opts", [{}, {"mem_chunk_size": 8}, {"memory": "linear"}],
-                         ids=["fused", "two-chunk-sizes", "linear"])
+@pytest.mark.parametrize("opts", [{}, {"chunk_size": 8, "mem_chunk_size": 8}, {"mem_chunk_size": 8},
+                                  {"memory": "linear"}],
+                         ids=["stacked-one-group", "stacked-two-groups", "two-chunk-sizes", "linear"])
 def test_hope_with_recompute_has_the_same_outputs_and_gradients(opts):
     logits, grads = _logits_and_grads(False, **opts)
     logits_r, grads_r = _logits_and_grads(True, **opts)
@@ -50,6 +51,27 @@ def test_hope_with_recompute_has_the_same_outputs_and_gradients(opts):
     for name, g in grads.items():
         assert g is not None and g.abs().sum() > 0, name
         torch.testing.assert_close(grads_r[name], g, rtol=1e-12, atol=1e-12, msg=lambda s, n=name: f"{n}: {s}")
+
+
+def test_recompute_keeps_less_for_the_backward_pass():
+    """What autograd saves outside the checkpointed chunk groups (everything, without the option):
+    with it, the memories' per-chunk states and intermediates are gone."""
+    def saved_bytes(recompute):
+        torch.manual_seed(0)
+        model = build_model("hope", size="tiny", vocab_size=64, recompute_chunks=recompute)
+        tokens = torch.randint(0, 64, (2, 128))
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.shape, t.stride())] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens).logits.sum().backward()
+        return sum(seen.values())
+
+    plain, recomputed = saved_bytes(False), saved_bytes(True)
+    assert recomputed < 0.5 * plain, (plain, recomputed)
 
 
 def test_recompute_chunks_must_be_a_bool():

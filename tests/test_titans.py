@@ -129,7 +129,7 @@ def test_kernel_rejects_bad_chunk_size():
 
 # ---------------------------------------------------------------- models
 
-VARIANTS = ["titans-lmm", "titans-mac", "titans-mag"]
+VARIANTS = ["titans-lmm", "titans-mac", "titans-mag", "titans-mal"]
 
 
 def _tokens(B=2, T=24, V=32, seed=0):

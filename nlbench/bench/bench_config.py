@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nlbench.models import MODELS, PRESETS
+from nlbench.optim.build import OPTIMIZERS
 
 
 class BenchConfigError(ValueError):
@@ -64,7 +65,7 @@ class BenchConfig(BaseModel):
     seq_lens: list[int] = [256]
     batch_size: int = Field(8, ge=1)
     vocab_size: int = Field(256, ge=2)
-    optimizer: Literal["adamw", "muon", "m3", "dgd"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-3, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -118,6 +119,7 @@ class BenchConfig(BaseModel):
 
 def load_bench_config(path: str | Path) -> BenchConfig:
     from nlbench.config import read_yaml
+    from nlbench.errors import validation_text
 
     raw = read_yaml(path, BenchConfigError, "bench config")
     if not isinstance(raw, dict):
@@ -125,11 +127,7 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     try:
         cfg = BenchConfig.model_validate(raw)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msgs.append(f"field '{loc}': {err['msg']}")
-        raise BenchConfigError(f"invalid bench config '{path}': " + "; ".join(msgs) + ".") from None
+        raise BenchConfigError(validation_text(e, f"invalid bench config '{path}'")) from None
     from nlbench.config import ConfigError, _check_model_options
 
     try:  # each model factory rejects unknown or invalid options before any measuring

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from nlbench.bench.throughput import _PeakRSS, _percentile, _released_rss, _sync, device_name
+from nlbench.bench.throughput import _PeakRSS, _percentile, _released_rss, _sync
+from nlbench.environment import device_name
 from nlbench.models import build_model, flops_per_token
 
 STREAM_PHASE = "stream"

@@ -20,9 +20,7 @@ OS first (``malloc_trim``) so that a case's memory is not hidden in memory an ea
 
 from __future__ import annotations
 
-import platform
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +28,9 @@ from typing import Any
 
 import torch
 
+import nlbench
+from nlbench.environment import device_name
+from nlbench.environment import versions as versions_of_environment
 from nlbench.models import build_model, flops_per_token
 
 # Dense bf16 matmul peaks from vendors' datasheets, in FLOP/s (no sparsity).
@@ -49,12 +50,6 @@ def datasheet_peak(device_name: str, dtype: torch.dtype) -> float | None:
         if key.replace(" ", "").lower() in device_name.replace(" ", "").lower():
             return DATASHEET_PEAK_BF16[key]
     return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
 def _sync(device: torch.device):
@@ -248,13 +243,7 @@ def bench_case(
 
 
 def versions() -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # triton is optional on CPU-only installs
-        triton_version = "absent"
-    import nlbench
-
-    return dict(torch_version=torch.__version__, triton_version=triton_version, nlbench_version=nlbench.__version__,
-                python_version=sys.version.split()[0])
+    """The throughput table's version columns (nlbench.environment.versions)."""
+    v = versions_of_environment()
+    return dict(torch_version=torch.__version__, triton_version=v["triton"] or "absent",
+                nlbench_version=nlbench.__version__, python_version=v["python"])

@@ -38,10 +38,21 @@ class Finetune(Protocol):
         self.optimizer = build_outer_optimizer(config, model)
         self.strategy = build_strategy(config, model, device)
         self.grad_clip = self.train_cfg.get("grad_clip")
+        # strategy 'fresh': every task starts from these weights (the run's init, or its pretrained
+        # weights; rebuilt identically on resume since the runner seeds before building the model)
+        self.init_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                           if self.strategy.fresh_model else None)
+
+    def start_task(self, i: int) -> None:
+        """Strategy 'fresh': a new model for task i > 0 (initial weights, new optimizer state)."""
+        if self.init_state is not None and i > 0:
+            self.model.load_state_dict(self.init_state)
+            self.optimizer = build_outer_optimizer(self.config, self.model)
 
     def score(self, task):
         return evaluate(self.model, self.eval_set(task), batch_size=int(self.eval_cfg["batch_size"]),
-                        max_sequences=self.eval_cfg.get("max_sequences"), device=self.device, dtype=self.dtype)
+                        max_sequences=self.eval_cfg.get("max_sequences"), device=self.device, dtype=self.dtype,
+                        output_groups=self.stream.output_groups)
 
     def _clip_params(self):
         due = getattr(self.optimizer, "due_params", None)
@@ -50,7 +61,8 @@ class Finetune(Protocol):
 
     def train_task(self, i: int) -> None:
         task = self.stream.tasks[i]
-        batches = task.train_batches(self.batch_size, seed=self.seed)
+        self.start_task(i)
+        batches = self.strategy.train_batches(self.stream, i, self.batch_size, first_step=self.step)
         self.model.train()
         for s in range(self.steps_per_task):
             tokens, targets = next(batches)
@@ -58,7 +70,7 @@ class Finetune(Protocol):
             self.optimizer.zero_grad(set_to_none=True)
             with autocast_for(self.device, self.dtype):
                 logits = self.model(x, state=None).logits
-            loss = lm_loss(logits, y)
+            loss = lm_loss(logits, y, self.stream.output_groups)
             check_finite(loss, "training loss", self.step + 1, i)
             penalty = self.strategy.penalty()
             if penalty is not None:

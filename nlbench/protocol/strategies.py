@@ -1,8 +1,11 @@
-"""Continual-learning strategies for the finetune protocol: naive, replay, EWC.
+"""Continual-learning strategies and reference points for the finetune protocol: naive, replay,
+EWC, joint, fresh.
 
-A strategy sees each training batch before the step (`mix`), the model for an extra loss term
-(`penalty`), each batch after the step (`observe`) and the end of every task (`end_task`).
-Its whole state goes into the per-task checkpoint (`state_dict` / `load_state_dict`).
+A strategy chooses the training batches of each task phase (`train_batches`), sees each batch
+before the step (`mix`), the model for an extra loss term (`penalty`), each batch after the step
+(`observe`) and the end of every task (`end_task`); `fresh_model` asks the protocol to start each
+task from the initial weights with a new optimizer. Its whole state goes into the per-task
+checkpoint (`state_dict` / `load_state_dict`).
 
 - naive: plain sequential fine-tuning, the forgetting baseline.
 - replay (experience replay with a reservoir buffer, Chaudhry et al. 2019 "tiny episodic
@@ -12,6 +15,14 @@ Its whole state goes into the per-task checkpoint (`state_dict` / `load_state_di
 - ewc (Kirkpatrick et al. 2017): after task k, F_k = diagonal empirical Fisher, the mean over
   `fisher_samples` training sequences of (∂ℓ_seq/∂θ)² with ℓ_seq the sequence's mean token loss
   on its observed targets, and θ*_k = θ. Later tasks add λ/2 Σ_k Σ_i F_k,i (θ_i − θ*_k,i)².
+- joint (multitask upper bound): every phase trains on all tasks' data interleaved batch by
+  batch (run step k takes a batch of task k mod T), with the same steps per phase and so
+  the same total tokens as sequential training; row i of R is measured after phase i, so the
+  last row is the jointly trained model. Each phase draws fresh batches (seeded by phase and
+  task), so a resumed run repeats it exactly.
+- fresh (plasticity without interference): each task starts from the run's initial weights
+  (the same init, or the same pretrained weights) with a new optimizer; R[i][i] is what a model
+  learns of task i alone, and the old tasks' rows show what is lost with no memory at all.
 """
 
 from __future__ import annotations
@@ -29,10 +40,16 @@ def derive_seed(*parts) -> int:
 
 class Naive:
     name = "naive"
+    fresh_model = False  # True: the protocol restores the initial weights and optimizer at each task start
 
     def __init__(self, config: dict, model, device: torch.device):
         self.config, self.model, self.device = config, model, device
         self.seed = int(config["seed"])
+
+    def train_batches(self, stream, i: int, batch_size: int, first_step: int = 0):
+        """The batch iterator of task phase ``i`` (whose first step is run step ``first_step``):
+        task i's own training stream."""
+        return stream.tasks[i].train_batches(batch_size, seed=self.seed)
 
     def mix(self, tokens: torch.Tensor, targets: torch.Tensor):
         return tokens, targets
@@ -144,7 +161,7 @@ class EWC(Naive):
             x, y = x.to(self.device), y.to(self.device)
             with autocast_for(self.device, self.dtype):
                 logits = self.model(x, state=None).logits
-            grads = torch.autograd.grad(lm_loss(logits, y), params, allow_unused=True)
+            grads = torch.autograd.grad(lm_loss(logits, y, task.output_groups), params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
                     a.add_(g.detach().float().pow(2))
@@ -164,7 +181,28 @@ class EWC(Naive):
                       for f, s in state["tasks"]]
 
 
-STRATEGIES = {"naive": Naive, "replay": Replay, "ewc": EWC}
+class Joint(Naive):
+    name = "joint"
+
+    def train_batches(self, stream, i: int, batch_size: int, first_step: int = 0):
+        # the rotation runs over the whole run's steps, so with fewer steps per phase than tasks
+        # every task still gets its share of the total
+        its = [t.train_batches(batch_size, seed=derive_seed(self.seed, "joint", i, t.index)) for t in stream.tasks]
+
+        def interleaved():
+            k = first_step
+            while True:
+                yield next(its[k % len(its)])
+                k += 1
+        return interleaved()
+
+
+class Fresh(Naive):
+    name = "fresh"
+    fresh_model = True
+
+
+STRATEGIES = {"naive": Naive, "replay": Replay, "ewc": EWC, "joint": Joint, "fresh": Fresh}
 
 
 def build_strategy(config: dict, model, device: torch.device):

@@ -45,12 +45,16 @@ def _build(res, out: Path, formats, figures: bool) -> dict:
     from nlbench.report.figures import make_figures
 
     doc = lb.build_leaderboard(res)
+    from nlbench.report.cms_ablation import ablation_figures, build_ablation
+
+    doc["cms_ablation"] = lb._clean(build_ablation(res))
     rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
     if rep is not None:
         doc["throughput"] = lb._clean(rep)
     figs = {}
     if figures:
         figs = make_figures(doc, res, out / "figures")
+        figs.update(ablation_figures(doc["cms_ablation"], out / "figures"))
         if rep is not None and rep["rows"]:
             figs["throughput"] = tp.bar_chart(rep, out / "figures" / "throughput")
         if rep is not None and rep["stream"]:

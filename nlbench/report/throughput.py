@@ -24,7 +24,8 @@ REQUIRED = (*CASE, "tokens_per_s", "device", "dtype")
 VALUES = ("tokens_per_s", "step_ms_p50", "step_ms_p95", "peak_mem_bytes", "mfu")
 
 
-def device_label(device: str, dtype: str, compile_mode=None) -> str:
+def series_label(device: str, dtype: str, compile_mode=None) -> str:
+    """One throughput series in the tables and plots: device, dtype and compile mode."""
     mode = "" if compile_mode is None or pd.isna(compile_mode) else f" [{compile_mode}]"
     return f"{device} ({dtype}){mode}"
 
@@ -68,7 +69,7 @@ def throughput_report(df: pd.DataFrame) -> dict:
     stream = df[df["phase"] == "stream"]
     df = df[df["phase"] != "stream"]
     modes = df["compile_mode"] if "compile_mode" in df.columns else [None] * len(df)
-    df["device_label"] = [device_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
+    df["device_label"] = [series_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
     devices = sorted(df["device_label"].unique(), key=lambda d: (not d.lower().startswith("cpu"), d))
     baseline = devices[0] if devices else None
     rows = []
@@ -100,7 +101,7 @@ def stream_report(df: pd.DataFrame) -> list[dict]:
         return []
     df = df.copy()
     modes = df["compile_mode"] if "compile_mode" in df.columns else [None] * len(df)
-    df["device_label"] = [device_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
+    df["device_label"] = [series_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
     out = []
     for (dev, model, size, T), g in df.groupby(["device_label", "model", "size", "seq_len"], sort=True):
         cell = {v: float(pd.to_numeric(g[v], errors="coerce").median()) if v in g else math.nan
