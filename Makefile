@@ -30,11 +30,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not ray and not browser and not compile and not gpu"
 
-# the published leaderboard in reports/ (about an hour on 2 CPU cores; re-runs skip finished runs)
+# the published leaderboard in reports/ (about 2 hours on 2 CPU cores, estimated; re-runs skip finished runs)
 leaderboard: install
 	$(BIN)/nlbench run configs/standard.yaml --out out/standard
+	$(BIN)/nlbench run configs/capability.yaml --out out/capability
 	$(BIN)/nlbench bench configs/throughput.yaml --out out/tp-cpu
-	$(BIN)/nlbench report out/standard out/tp-cpu $(PUBLISHED) --format all --out-dir reports
+	$(BIN)/nlbench report out/standard out/capability out/tp-cpu $(PUBLISHED) --format all --out-dir reports
 
 # the in-context section (configs/in-context-cpu.yaml; see reports/in-context/README.md for times):
 # meta-train the outer weights, stream unseen tasks, then re-report everything published

@@ -19,6 +19,9 @@ A run's resolved config (`RunSpec.config`) has the keys
     pretrain: {stream, tasks, steps, ...}              (only when the experiment has a
                                                         `pretrain:` block; nlbench/pretrain)
 
+`model_optimizer: {<model label>: {name, lr, ...}}` gives one model entry its own outer optimizer
+in place of train.optimizer (e.g. Hope with M3 next to Hope with Muon); other runs are unchanged.
+
 `apply_override(config, "train.optimizer.lr", 3e-3)` sets one dotted path of such a dict (list
 items by index: "model.options.cms_periods.1"); `validate_run_config` re-checks the result.
 Variants in a config are lists of such overrides, each swept as extra runs.
@@ -287,6 +290,9 @@ class ExperimentConfig(_Strict):
     variants: list[Variant] = Field(default_factory=list)
     # meta-train the outer weights first (nlbench/pretrain); every run starts from them
     pretrain: PretrainConfig | None = None
+    # the outer optimizer of one model entry, by its label, in place of train.optimizer: e.g. Hope
+    # with M3 as its own entry next to Hope with the sweep's Muon (other runs are unchanged)
+    model_optimizer: dict[str, OptimizerConfig] = Field(default_factory=dict)
 
     @field_validator("models", "streams", mode="before")
     @classmethod
@@ -320,6 +326,10 @@ class ExperimentConfig(_Strict):
         vdup = sorted({x for x in vlabels if vlabels.count(x) > 1})
         if vdup:
             raise ValueError(f"variants: label(s) {vdup} used twice")
+        unknown = sorted(set(self.model_optimizer) - set(labels))
+        if unknown:
+            raise ValueError(f"model_optimizer: {_allowed(unknown)} is not the label of a model entry; "
+                             f"labels: {_allowed(labels)}")
         return self
 
 
@@ -607,6 +617,8 @@ def _expand(cfg: ExperimentConfig, check_options: bool = True):
             "variant": None if v is None else _variant_label(v),
             **copy.deepcopy(base_common),
         }
+        if m.label in cfg.model_optimizer:
+            run["train"]["optimizer"] = cfg.model_optimizer[m.label].model_dump(mode="json")
         if cfg.pretrain is not None:
             run["pretrain"] = cfg.pretrain.model_dump(mode="json")
         if v is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nlbench.bench.bench_config import BenchConfigError, load_bench_config
-from nlbench.bench.throughput import _percentile, datasheet_peak
+from nlbench.bench.throughput import datasheet_peak
 from nlbench.results import ResultStore
 
 NLBENCH = [sys.executable, "-m", "nlbench.cli"]
@@ -20,11 +20,6 @@ def test_datasheet_peak_known_devices_bf16_only():
     assert datasheet_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
     assert datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) is None
     assert datasheet_peak("cpu:x86_64:2threads", torch.bfloat16) is None
-
-
-def test_percentile_interpolates():
-    assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert _percentile([1.0, 2.0], 0.95) == pytest.approx(1.95)
 
 
 def test_bench_cli_writes_throughput_rows(tmp_path):

@@ -1,4 +1,4 @@
-"""nlbench leaderboard (issue 15 item 1): per-entry selection on tuning seeds disjoint from the
+"""nlbench leaderboard: per-entry selection on tuning seeds disjoint from the
 reporting seeds, then the reporting runs with the selected values, resumable. Real Ray (the
 session's runtime), real Optuna journal storage, real Parquet; tiny Transformer runs."""
 

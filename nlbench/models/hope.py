@@ -34,7 +34,7 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     chunk_size      chunk of the projection memories k, v, η, α (default 16; 64 let
                     their W2 diverge on long carried streams)                     [hope only]
     mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
-    eta_init, alpha_init  learning rate / retention gates at init (0.3, 0.999: chosen so that
+    eta_init, alpha_init  learning rate / retention gates at init (0.2, 0.999: chosen so that
                     Hope learns standard.yaml's passkey stream with its optimizer; why:
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
@@ -356,7 +356,7 @@ class HopeOptions(HopeAttentionOptions):
     mem_hidden: int | None = None
     chunk_size: int = 16
     mem_chunk_size: int = 16
-    eta_init: float = 0.3
+    eta_init: float = 0.2
     alpha_init: float = 0.999
     memory_kernel: Literal[MEMORY_KERNELS] = "chunked"
     recompute_chunks: bool = False

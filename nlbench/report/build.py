@@ -45,9 +45,7 @@ def _build(res, out: Path, formats, figures: bool) -> dict:
     from nlbench.report.figures import make_figures
 
     doc = lb.build_leaderboard(res)
-    from nlbench.report.cms_ablation import ablation_figures, build_ablation
-
-    doc["cms_ablation"] = lb._clean(build_ablation(res))
+    from nlbench.report.cms_ablation import ablation_figures
     rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
     if rep is not None:
         doc["throughput"] = lb._clean(rep)

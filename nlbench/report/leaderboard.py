@@ -293,6 +293,7 @@ def build_leaderboard(res: Results) -> dict:
         "notes": [],
         "warnings": list(res.warnings),
         "verdict": [],
+        "cms_ablation": [],
         "streams": [],
     }
     if res.runs.empty:
@@ -381,6 +382,9 @@ def build_leaderboard(res: Results) -> dict:
         for e in entries:
             del e["_per_seed"]
     doc["verdict"] = verdict_rows(doc["streams"])
+    from nlbench.report.cms_ablation import build_ablation
+
+    doc["cms_ablation"] = build_ablation(res)  # issue 15 item 5: [] unless the runs hold such an ablation
     return _clean(doc)
 
 
@@ -504,7 +508,8 @@ def selection_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]
             values = ", ".join(f"{k}={_fmt_value(v)}" for k, v in (sel.get("values") or {}).items())
             obj = sel.get("objective") or {}
             edge = ", ".join(f"{k} ({v['edge']})" for k, v in (sel.get("edge") or {}).items()) or "—"
-            rows.append([(s["stream"], s["stream"]), (e["entry"], e["entry"]), (values, values),
+            where = s.get("section") or s["stream"]
+            rows.append([(where, where), (e["entry"], e["entry"]), (values, values),
                          (str(sel.get("tuning_seeds")), str(sel.get("tuning_seeds"))),
                          (str(e["seeds"]), str(e["seeds"])),
                          (f"{obj.get('metric')} = {obj['value']:.4f}" if obj.get("value") is not None else "—",
