@@ -22,9 +22,10 @@ import statistics
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from nlbench.bench.throughput import _PeakRSS, _percentile, _released_rss, _sync
+from nlbench.bench.throughput import _PeakRSS, _released_rss, _sync
 from nlbench.environment import device_name
 from nlbench.models import build_model, flops_per_token
 
@@ -88,9 +89,10 @@ def bench_stream(model_name: str, size: str, seq_lens: list[int], *, chunk: int,
         rows.append(dict(
             model=model_name, size=size, seq_len=T, batch_size=1, phase=STREAM_PHASE,
             tokens_per_s=T / total,
-            token_ms_p50=1e3 * _percentile(per_token, 0.5), token_ms_p95=1e3 * _percentile(per_token, 0.95),
+            token_ms_p50=1e3 * float(np.percentile(per_token, 50)),
+            token_ms_p95=1e3 * float(np.percentile(per_token, 95)),
             token_ms_mean=1e3 * statistics.mean(per_token),
-            step_ms_p50=1e3 * _percentile(times, 0.5), step_ms_p95=1e3 * _percentile(times, 0.95),
+            step_ms_p50=1e3 * float(np.percentile(times, 50)), step_ms_p95=1e3 * float(np.percentile(times, 95)),
             stream_chunk=chunk, peak_mem_bytes=int(peak), mfu=fpt * (T / total) / peak_flops,
             mfu_datasheet=None, flops_per_token=fpt, params=model.num_params(), device=device_name(device),
             dtype=str(dtype).replace("torch.", ""), compile_s=None, compile_mode=None, steps=len(times),
