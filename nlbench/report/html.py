@@ -98,6 +98,8 @@ def _img(path: str, alt: str) -> str:
 def _section_html(s: dict) -> list[str]:
     direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
     p = [f"<h3>{escape(s.get('section') or s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
+    if s.get("kind_reason"):
+        p.append(f'<p class="note">{escape(s["kind_reason"])}</p>')
     head, rows = lb.section_rows(s)
     tid = f"stream-{slug(s.get('section') or s['stream'])}-{s['score']}"
     p.append(table_html(head, rows, tid, ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
