@@ -128,6 +128,11 @@ def test_invalid_config_names_the_field(change, expect):
         validate_leaderboard_config(lb_config(**change))
 
 
+def test_an_experiment_config_given_as_leaderboard_config_is_named_as_such():
+    with pytest.raises(LeaderboardConfigError, match=r"it is an experiment config .* names one with 'base: PATH'"):
+        validate_leaderboard_config(experiment())
+
+
 def test_one_study_per_entry_and_family_with_the_same_budget():
     cfg = lb_config()
     cfg["experiment"]["streams"].append({"name": "permuted-tokens", "num_tasks": 2, "seq_len": 32})

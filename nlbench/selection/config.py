@@ -177,6 +177,11 @@ def validate_leaderboard_config(raw: Any, source: str | Path | None = None) -> t
     if not isinstance(raw, dict):
         raise LeaderboardConfigError(f"invalid leaderboard config {src}: it must be a mapping of fields, got "
                                      f"{type(raw).__name__}.")
+    if "models" in raw and "base" not in raw and "experiment" not in raw:
+        raise LeaderboardConfigError(
+            f"invalid leaderboard config {src}: it is an experiment config (it has 'models'); a leaderboard config "
+            f"names one with 'base: PATH' (or inline 'experiment:') and adds 'tuning_seeds', 'trials' and the search "
+            f"'space' (see configs/leaderboard.yaml).")
     try:
         lc = LeaderboardConfig.model_validate(raw)
     except ValidationError as e:
