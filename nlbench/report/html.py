@@ -180,6 +180,10 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append("<h2>Throughput</h2>")
         p.append(f"<p>{escape(tp.legend(throughput))}</p>")
         p.append(table_html(*tp.table_rows(throughput), "throughput"))
+    if throughput and throughput.get("stream"):
+        p.append("<h3>Streaming</h3>")
+        p.append(f"<p>{escape(tp.STREAM_LEGEND)}</p>")
+        p.append(table_html(*tp.stream_table_rows(throughput), "stream"))
     rest = {k: v for k, v in figures.items() if k not in lb.HEADLINE_FIGURES and not k.startswith("CMS ablation")}
     if rest:
         p.append("<h2>Figures</h2>")
