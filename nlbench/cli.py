@@ -12,6 +12,7 @@ COMMANDS = {
     "submit": "nlbench.commands.submit:submit",
     "jobs": "nlbench.commands.submit:jobs",
     "tune": "nlbench.commands.tune:tune",
+    "leaderboard": "nlbench.commands.leaderboard:leaderboard",
     "report": "nlbench.commands.report:report",
     "bench": "nlbench.commands.bench:bench",
     "pretrain": "nlbench.commands.pretrain:pretrain",

@@ -22,11 +22,12 @@ USER_ERRORS = (
     "nlbench.config:ConfigError",
     "nlbench.execution:SweepError",
     "nlbench.results:ResultsError",
-    "nlbench.tune:TuneConfigError",
+    "nlbench.tune.config:TuneConfigError",
+    "nlbench.selection.config:LeaderboardConfigError",
     "nlbench.bench.bench_config:BenchConfigError",
     "nlbench.report.load:ReportError",
     "nlbench.metrics:MetricsError",
-    "nlbench.models:ModelConfigError",
+    "nlbench.models.options:ModelConfigError",
     "nlbench.pretrain.store:PretrainError",
     "nlbench.runner:CheckpointError",
     "nlbench.storage:StorageError",
@@ -50,3 +51,41 @@ def one_paragraph(e: BaseException) -> str:
     """The error's message on one line (a user error's text is already a full sentence)."""
     text = " ".join(str(e).split())
     return text or type(e).__name__
+
+
+def validation_text(e, intro: str, *, known_keys=None, tags: tuple[str, ...] = ()) -> str:
+    """A pydantic ValidationError as one paragraph: every failing field by dotted path, with
+    pydantic's reason (our validators put the allowed values in the reason).
+
+    known_keys(loc) -> the keys allowed where an unknown key was found (named in the message);
+    tags: the tags of discriminated unions (e.g. tune's parameter types) — pydantic puts the tag
+    into the path, which the user never wrote, and names it when it is missing or unknown."""
+    parts = []
+    for err in e.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-")))]
+        if tags:
+            loc = [p for i, p in enumerate(loc) if not (p in tags and 0 < i < len(loc) - 1)]
+        where = ".".join(str(p) for p in loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (remove it or check its spelling)"
+            known = known_keys(err["loc"][:-1]) if known_keys else []
+            if known:
+                msg += f"; allowed keys here: {_allowed(known)}"
+        elif err["type"] == "union_tag_invalid":
+            given = err["input"].get("type") if isinstance(err["input"], dict) else err["input"]
+            msg = f"unknown parameter type {given!r}; allowed types: {_allowed(tags)}"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"missing 'type'; allowed types: {_allowed(tags)}"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be one of") + f", got {err.get('input')!r}"
+        elif msg.startswith("Input should be"):
+            msg = msg.replace("Input should be", "must be") + f", got {err.get('input')!r}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"field '{where or '<root>'}': {msg}")
+    return f"{intro}: " + "; ".join(parts) + "."
+
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in values)

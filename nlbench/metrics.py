@@ -31,7 +31,7 @@ __all__ = [
     "CI_LEVEL", "CI_METHOD", "DID_NOT_LEARN_RULE", "LCA_BETA", "METRIC_INFO", "METRIC_NAMES",
     "MetricsError", "TRANSFER_METRICS", "Undefined", "acc_avg_incremental", "acc_final", "aggregate", "aggregate_by",
     "all_metrics", "bwt", "curve_matrix", "did_not_learn", "forgetting", "forgetting_normalized", "fwt", "lca",
-    "learn_margin", "matrix_from_long", "paired_difference", "per_run_metrics", "plasticity",
+    "learn_margin", "matrix_from_long", "paired_difference", "per_run_metrics", "plasticity", "relearn_savings",
 ]
 
 CI_LEVEL = 0.95
@@ -62,6 +62,11 @@ METRIC_INFO: dict[str, dict[str, str]] = {
     "forgetting_normalized": dict(
         formula="forgetting / (plasticity − chance), chance = mean per-task chance",
         source="forgetting as a share of what was learned above chance; NaN when plasticity ≤ chance (accuracy only)",
+    ),
+    "relearn_savings": dict(
+        formula="mean over later exposures p of a recurring task with first exposure a of (1/n) Σ_{b<n} (Z[p][b] − Z[a][b])",
+        source="savings (Ebbinghaus 1885): how much faster a task is learned again than the first time, as the "
+               "area under its learning curve; recurring streams only (A B A C A …)",
     ),
 }
 METRIC_NAMES = tuple(METRIC_INFO)
@@ -219,6 +224,35 @@ def lca(Z, beta: int = LCA_BETA) -> float:
     return float(head.mean(axis=0).mean())
 
 
+def relearn_savings(Z, recurrences) -> float:
+    """How much faster a recurring task is learned again than the first time (docs/METRICS.md).
+
+    ``Z[p][b]``: score on the task trained at stream position ``p`` after ``b`` evaluation points of
+    that position (:func:`curve_matrix`; ``b = 0`` before its first step). ``recurrences``: lists of
+    positions that train the same task, e.g. ``[[0, 2, 4]]`` for A B A C A. For each later
+    exposure ``p`` of a task first trained at ``a``: the mean of ``Z[p][b] − Z[a][b]`` over the
+    points both curves have; the result is the mean over all later exposures. Positive: relearned
+    faster (what was kept plus what comes back quickly). Undefined without recurrences or curves.
+    """
+    Z = np.asarray(Z, dtype=float)
+    if Z.ndim != 2:
+        raise MetricsError(f"relearn_savings: Z must be a 2-D array [position, evaluation point]; got shape {Z.shape}.")
+    if not recurrences:
+        return Undefined("relearn_savings needs a task that recurs (a recurring stream such as A B A C A)")
+    diffs = []
+    for positions in recurrences:
+        first = positions[0]
+        for p in positions[1:]:
+            if max(first, p) >= Z.shape[0]:
+                continue  # the run ended before this exposure
+            n = int(min((~np.isnan(Z[first])).sum(), (~np.isnan(Z[p])).sum()))
+            if n > 0:
+                diffs.append(float((Z[p, :n] - Z[first, :n]).mean()))
+    if not diffs:
+        return Undefined("relearn_savings needs learning curves of a recurring task's first and later exposures")
+    return float(np.mean(diffs))
+
+
 # ----------------------------------------------------------------------------- all at once
 
 
@@ -245,6 +279,7 @@ def all_metrics(
     *,
     Z=None,
     lca_beta: int = LCA_BETA,
+    recurrences=None,
 ) -> dict[str, Any]:
     """Every metric of :data:`METRIC_INFO` for one run, plus the "did not learn" flag.
 
@@ -253,6 +288,8 @@ def all_metrics(
     transfer metrics are computed on ``-R, -b`` (module docstring) and ``did_not_learn`` is None:
     the chance rule is defined on accuracies. ``chance``: scalar or per-task list; None -> flag None.
     ``Z``: current-task learning curves for LCA (:func:`curve_matrix`); None -> lca NaN with reason.
+    ``recurrences``: positions that train the same task (recurring streams) for ``relearn_savings``,
+    computed on ``Z`` (on ``-Z`` for loss matrices, so positive always means relearned faster).
     """
     R = _matrix(R)
     b = _baseline(b, R.shape[0])
@@ -265,6 +302,8 @@ def all_metrics(
         "forgetting": forgetting(sign * R),
         "plasticity": plasticity(R),
         "lca": lca(Z, lca_beta) if Z is not None else Undefined("lca needs learning curves (Z); none were given"),
+        "relearn_savings": (relearn_savings(sign * np.asarray(Z, dtype=float), recurrences) if Z is not None and recurrences
+                            else Undefined("relearn_savings needs a recurring stream and its learning curves")),
     }
     if chance is None or not higher_is_better:
         out["forgetting_normalized"] = Undefined(
@@ -434,6 +473,8 @@ def per_run_metrics(matrix, runs=None, curves=None, lca_beta: int = LCA_BETA):
 
     import pandas as pd
 
+    from nlbench.tasks import recurrence_positions
+
     chance_by_run = {}
     if runs is not None and "chance" in runs.columns:
         for rid, c in zip(runs["run_id"], runs["chance"]):
@@ -448,8 +489,10 @@ def per_run_metrics(matrix, runs=None, curves=None, lca_beta: int = LCA_BETA):
         R, b = matrix_from_long(g, allow_missing=True)
         higher = score == "accuracy"
         Z = curve_matrix(own_curves[(rid, score)]) if (rid, score) in own_curves else None
-        m = all_metrics(R, b, chance=chance_by_run.get(rid), higher_is_better=higher, Z=Z, lca_beta=lca_beta)
         first = g.iloc[0]
+        recurrences = recurrence_positions(str(first.get("stream")), R.shape[0]) if first.get("stream") else []
+        m = all_metrics(R, b, chance=chance_by_run.get(rid), higher_is_better=higher, Z=Z, lca_beta=lca_beta,
+                        recurrences=recurrences)
         rows.append(dict(
             run_id=rid, model=first.get("model"), stream=first.get("stream"), seed=first.get("seed"), score=score,
             T=R.shape[0], **{k: m[k] for k in METRIC_NAMES}, did_not_learn=m["did_not_learn"],

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -42,15 +42,17 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "CorruptFileError", "DYNAMIC_PREFIXES", "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "TABLES", "TABLE_KEY", "Column",
-    "ResultStore", "ResultsError", "RunRecord", "canonical_json", "run_id_for", "schema_for",
+    "ResultStore", "ResultsError", "RunRecord", "RunRow", "canonical_json", "run_id_for", "run_row", "schema_for",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 # columns added after schema v1, with the version that added them: files written before it read
 # with the column null (a v1 throughput file has no compile_mode)
 ADDED_IN: dict[tuple[str, str], int] = {("throughput", "compile_mode"): 2, ("runs", "pretrain"): 3,
                                    ("runs", "model_options"): 4, ("runs", "optimizer_params"): 5,
-                                   ("runs", "ceiling"): 6}
+                                   ("runs", "ceiling"): 6, ("runs", "node_id"): 7, ("throughput", "token_ms_p50"): 8,
+                                   ("throughput", "token_ms_p95"): 8, ("throughput", "token_ms_mean"): 8,
+                                   ("throughput", "stream_chunk"): 8}
 SCHEMA_VERSION_KEY = "nlbench.schema_version"
 TABLE_KEY = "nlbench.table"
 RUN_STATUSES = ("completed", "failed", "diverged")
@@ -101,7 +103,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "runs": _cols(
         "run_id:str model:str stream:str seed:int protocol:str strategy:str status:str error:str config:json "
         "started_at:ts finished_at:ts wall_s:float train_s:float eval_s:float device:str host:str params:int "
-        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float pretrain:str model_options:json optimizer_params:json ceiling:json",
+        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float pretrain:str model_options:json optimizer_params:json ceiling:json node_id:str",
         required={"run_id", "model", "stream", "seed", "protocol", "strategy", "status", "config"},
         allowed={"status": RUN_STATUSES},
     ),
@@ -120,9 +122,9 @@ TABLES: dict[str, tuple[Column, ...]] = {
         "step_ms_p95:float peak_mem_bytes:int mfu:float mfu_datasheet:float flops_per_token:float device:str "
         "dtype:str torch_version:str triton_version:str command:str compile_s:float timestamp:ts "
         "params:int steps:int nlbench_version:str python_version:str matmul_peak_flops:float config_name:str "
-        "compile_mode:str",
+        "compile_mode:str token_ms_p50:float token_ms_p95:float token_ms_mean:float stream_chunk:int",
         required={"run_id", "model", "size", "seq_len", "batch_size", "phase", "tokens_per_s", "device", "dtype"},
-        allowed={"phase": ("train", "infer")},
+        allowed={"phase": ("train", "infer", "stream")},
     ),
     # fixed part; plus param_<name> / attr_<name> columns (DYNAMIC_PREFIXES)
     "trials": _cols(
@@ -320,11 +322,52 @@ def _parquet_bytes(data: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+class RunRow(TypedDict):
+    """One row of the ``runs`` table (columns in ``TABLES["runs"]``; a test keeps the two equal).
+    json columns take the JSON text or the value itself. Build one with :func:`run_row`."""
+
+    run_id: str
+    model: str
+    stream: str
+    seed: int
+    protocol: str
+    strategy: str
+    status: str                    # completed | failed | diverged (runner.STOPPED: never written)
+    error: str | None
+    config: Any
+    started_at: datetime | None
+    finished_at: datetime | None
+    wall_s: float | None
+    train_s: float | None
+    eval_s: float | None
+    device: str | None
+    host: str | None
+    params: int | None
+    versions: Any
+    git_sha: str | None
+    size: str | None
+    chance: Any
+    train_tokens_per_s: float | None
+    pretrain: str | None
+    model_options: Any
+    optimizer_params: Any
+    ceiling: Any
+    node_id: str | None            # the Ray node that ran it (set by the sweep's actor)
+
+
+def run_row(**fields: Any) -> RunRow:
+    """A ``runs`` row with every column: the given fields, None elsewhere (unknown names refused)."""
+    unknown = set(fields) - set(RunRow.__annotations__)
+    if unknown:
+        raise ResultsError(f"run_row: unknown runs column(s) {sorted(unknown)}.")
+    return RunRow(**{name: fields.get(name) for name in RunRow.__annotations__})
+
+
 @dataclass
 class RunRecord:
     """What one run produces: its ``runs`` row, ``matrix`` rows and ``curves`` rows."""
 
-    run: dict[str, Any]
+    run: RunRow
     matrix: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
 

@@ -1,7 +1,7 @@
 """One run, start to finish: `execute_run(spec) -> RunRecord`.
 
     record = execute_run(spec, checkpoint_dir=OUT / "checkpoints", device="cpu")
-    record.run      # the `runs` row: status completed | failed | diverged, timings, versions, …
+    record.run      # the `runs` row: status completed | failed | diverged (| stopped), timings, versions, …
     record.matrix   # accuracy / loss matrix rows incl. the init row (after_task = −1)
     record.curves   # learning-curve rows (train.eval_every)
 
@@ -21,74 +21,34 @@ each record to the ResultStore under out_dir, skipping run ids already completed
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import platform
 import random
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from nlbench.atomic import atomic_write
 from nlbench.config import RunSpec, run_label
+from nlbench.environment import available_cpus, device_label, git_sha, versions
 
 CHECKPOINT_NAME = "last.pt"
 TRACEBACK_CHARS = 4000
+# status of a run halted by `stop_after_task`: an outcome, not a failure; its checkpoint resumes
+# it. Never a results row (not among nlbench.results.RUN_STATUSES): only finished runs are written.
+STOPPED = "stopped"
 
 
 # ------------------------------------------------------------------------------ environment
-
-
-@lru_cache(maxsize=1)
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("nlbench", "torch", "ray"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-@lru_cache(maxsize=1)
-def git_sha() -> str | None:
-    """The source checkout's commit, with '+dirty' for uncommitted changes; None outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def sequential_threads(cpus_per_run: float) -> int:
@@ -107,12 +67,6 @@ def resolve_device(requested: str | None, config: dict) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device; use device 'cpu' or 'auto'.")
     return dev
-
-
-def device_label(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return f"cpu:{torch.get_num_threads()}threads"
 
 
 def _now() -> datetime:
@@ -150,21 +104,14 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(checkpoint_dir) / run_id / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a hidden temp file in the same directory, fsync, os.replace: a crash leaves
-    the previous checkpoint or the new one, never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
+def save_checkpoint(path: Path, payload: dict | bytes) -> None:
+    """torch.save (or the bytes of checkpoint_to_bytes), atomically (nlbench.atomic): a crash
+    leaves the previous checkpoint or the new one, never a torn file. Private to the user (0o600),
+    as the run's own state."""
+    if isinstance(payload, bytes):
+        atomic_write(path, lambda f: f.write(payload), private=True)
+    else:
+        atomic_write(path, lambda f: torch.save(payload, f), private=True)
 
 
 class CheckpointError(RuntimeError):
@@ -176,30 +123,35 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     on shared storage, so a planted file must never execute code (tensors and containers only)."""
     if not path.is_file():
         return None
+    return checkpoint_from_bytes(path.read_bytes(), run_id, str(path), f"Delete {path.parent}")
+
+
+def checkpoint_to_bytes(payload: dict) -> bytes:
+    """A checkpoint payload as the bytes save_checkpoint would write (for a driver to store)."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def checkpoint_from_bytes(data: bytes, run_id: str, source: str, delete: str = "Delete it") -> dict:
+    """A checkpoint read from bytes with `weights_only=True` (nothing in it runs) and checked to be
+    ``run_id``'s; ``source`` names where it came from in errors."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for torn files
         raise CheckpointError(
-            f"checkpoint {path} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
+            f"checkpoint {source} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
             f"nlbench ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}). Nothing in it "
-            f"was run. Delete {path.parent} to recompute the run from its start.") from None
+            f"was run. {delete} to recompute the run from its start.") from None
     if not isinstance(payload, dict) or payload.get("run_id") != run_id:
         owner = payload.get("run_id") if isinstance(payload, dict) else None
-        raise CheckpointError(f"checkpoint {path} belongs to run {owner!r}, not {run_id!r}; delete it.")
+        raise CheckpointError(f"checkpoint {source} belongs to run {owner!r}, not {run_id!r}; delete it.")
     return payload
 
 
 def clear_checkpoint(checkpoint_dir: str | os.PathLike | None, run_id: str) -> None:
     if checkpoint_dir is not None:
         shutil.rmtree(Path(checkpoint_dir) / run_id, ignore_errors=True)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 # ------------------------------------------------------------------------------ one run
@@ -234,19 +186,25 @@ def load_pretrained_into(model, config: dict, root: Path | None, device) -> str:
 
 def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, device: str | None = None,
                 progress: Callable | None = None, threads: int | None = None,
-                stop_after_task: int | None = None, pretrained_dir: str | os.PathLike | None = None) -> "RunRecord":  # noqa: F821
+                stop_after_task: int | None = None, pretrained_dir: str | os.PathLike | None = None,
+                resume_from: bytes | None = None, on_checkpoint: Callable[[bytes], None] | None = None,
+                ) -> "RunRecord":  # noqa: F821
     """Run one spec; never raises for a failing run (see module docstring).
 
     device: 'cpu', 'cuda', 'cuda:1', 'auto' or None (= the config's train.device).
     threads: torch CPU threads for this run (None leaves torch's setting).
     progress: called with nlbench.protocol.Progress(done, total, message) after every step.
-    stop_after_task: test hook; stop (status failed, checkpoint kept) after that task.
+    stop_after_task: stop after that task with status STOPPED, its checkpoint kept for the next
+    call to resume from (tune's trials run task by task this way).
     pretrained_dir: pretrained checkpoints (default: checkpoint_dir's parent / "pretrained");
     a run whose config has a `pretrain` block starts from that checkpoint, computing it first
     if it is missing, and names its key in the `pretrain` column.
+    resume_from / on_checkpoint: checkpoints kept by the caller instead of under checkpoint_dir
+    (a Ray sweep's driver stores them, so a run resumes on any node): the bytes of the last
+    one to resume from, and a callback given each new one's bytes after every task.
     """
     from nlbench.malloc import keep_freed_memory
-    from nlbench.results import RunRecord
+    from nlbench.results import RunRecord, run_row
 
     config = spec.config
     t_wall = time.perf_counter()
@@ -255,13 +213,11 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
     keep_freed_memory()  # no page faults re-touching last step's activations (nlbench.malloc)
     if threads is not None:
         torch.set_num_threads(int(threads))
-    run = dict(
+    run = run_row(
         run_id=spec.run_id, model=run_label(config), stream=config["stream"]["name"], seed=int(config["seed"]),
-        protocol=config["protocol"], strategy=config["strategy"], status="failed", error=None,
-        config=json.dumps(config, sort_keys=True), started_at=started_at, finished_at=None, wall_s=None,
-        train_s=None, eval_s=None, device=None, host=socket.gethostname(), params=None,
+        protocol=config["protocol"], strategy=config["strategy"], status="failed",
+        config=json.dumps(config, sort_keys=True), started_at=started_at, host=socket.gethostname(),
         versions=json.dumps(versions(), sort_keys=True), git_sha=git_sha(), size=config["model"]["size"],
-        chance=None, train_tokens_per_s=None, pretrain=None, model_options=None, optimizer_params=None, ceiling=None,
     )
     matrix, curves = [], []
     ckpt = checkpoint_path(checkpoint_dir, spec.run_id) if checkpoint_dir is not None else None
@@ -286,15 +242,21 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
             run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
 
-        resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
+        if resume_from is not None:
+            resume = checkpoint_from_bytes(resume_from, spec.run_id, "sent by the sweep's driver")
+        else:
+            resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
         if resume is not None:
             prior_wall = float(resume["wall_s"])
             run["started_at"] = datetime.fromisoformat(resume["started_at"])
 
         def on_task_end(task_index: int, state: dict) -> None:
-            if ckpt is not None:
-                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
-                                           wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index))
+            payload = dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
+                           wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index)
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoint_to_bytes(payload))
+            elif ckpt is not None:
+                save_checkpoint(ckpt, payload)
 
         result = protocol.run(resume=None if resume is None else resume["protocol_state"],
                               on_task_end=on_task_end, stop_after_task=stop_after_task)
@@ -307,9 +269,8 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
         elif result.status == "diverged":
             run["status"] = "diverged"
             run["error"] = f"diverged at step {result.diverged_step}: {result.error}"
-        else:
-            run["error"] = (f"stopped after task {result.tasks_done - 1} by stop_after_task; "
-                            f"the checkpoint in {ckpt.parent if ckpt else '(none)'} resumes it")
+        else:  # stop_after_task: not a failure; the checkpoint resumes it
+            run["status"] = STOPPED
     except Exception as e:  # noqa: BLE001 - a failing run is a result, not a crash of the sweep
         run["status"], run["error"] = "failed", _error_text(e)
     run["finished_at"] = _now()
@@ -352,9 +313,9 @@ def run_sequential(specs: list[RunSpec], out_dir: str | os.PathLike, device: str
         records.append(record)
         if on_record is not None:
             on_record(spec, record)
-    with _suppress():
+    with contextlib.suppress(OSError):
         ckpt_dir.rmdir()  # only when empty: every run finished
     return records
 
 
-__all__ = ["execute_run", "run_sequential", "sequential_threads", "available_cpus", "resolve_device", "checkpoint_path", "clear_checkpoint", "versions", "git_sha"]
+__all__ = ["STOPPED", "execute_run", "run_sequential", "sequential_threads", "resolve_device", "checkpoint_path", "clear_checkpoint"]

@@ -17,13 +17,14 @@ Writing the same name twice replaces the object, so re-runs are idempotent.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from nlbench.atomic import atomic_write_bytes
 
 __all__ = [
     "Location", "StorageError", "check_writable", "delete_blob", "is_uri", "local_dir", "location", "read_blob", "write_blob",
@@ -40,27 +41,6 @@ class StorageError(ValueError):
 def is_uri(value) -> bool:
     """``scheme://…`` (as opposed to a plain path)."""
     return isinstance(value, str) and bool(_SCHEME_RE.match(value))
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` swaps it, racing other threads)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: str):
-    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -181,25 +161,11 @@ class Location:
 
 
 def _write_local(path: str, data: bytes):
-    """Hidden temp file in the same directory, mode from the umask, fsync, ``os.replace``, fsync dir."""
-    parent = os.path.dirname(path) or "."
+    """Atomically (nlbench.atomic: hidden temp file, fsync, os.replace, fsync dir), umask's mode."""
     try:
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        atomic_write_bytes(path, data, sync_dir=True)
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(parent)
 
 
 def location(uri: str | os.PathLike) -> Location:

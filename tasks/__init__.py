@@ -6,7 +6,9 @@
 See docs/ARCHITECTURE.md ("Tasks") for the contract and each family's module for its format.
 """
 from .base import IGNORE_INDEX, Batch, Stream, Task, shift_targets
-from .registry import STREAMS, StreamSpec, build_stream, describe_streams
+from .registry import (STREAMS, StreamSpec, build_stream, capability_streams, describe_streams,
+                       recurrence_positions)
 
-__all__ = ["STREAMS", "StreamSpec", "build_stream", "describe_streams", "Batch", "Stream", "Task",
+__all__ = ["STREAMS", "StreamSpec", "build_stream", "capability_streams", "describe_streams",
+           "recurrence_positions", "Batch", "Stream", "Task",
            "IGNORE_INDEX", "shift_targets"]

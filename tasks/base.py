@@ -52,6 +52,24 @@ def shift_targets(seq: np.ndarray, scored: np.ndarray) -> Batch:
     return Batch(tokens, torch.from_numpy(np.ascontiguousarray(targets)))
 
 
+def restrict_to_group(logits: torch.Tensor, targets: torch.Tensor,
+                      output_groups: torch.Tensor | None) -> torch.Tensor:
+    """Task-incremental output mask: at each scored position only the tokens of the target's own
+    group (its task's labels) compete, the others get -inf; unscored positions are unchanged.
+
+    `output_groups` LongTensor[V]: group id per vocabulary token (-1: not a label); None = no mask.
+    The group is read off the target, so replayed or interleaved rows of other tasks keep their own
+    task's mask.
+    """
+    if output_groups is None:
+        return logits
+    groups = output_groups.to(logits.device)
+    scored = targets != IGNORE_INDEX
+    own = groups[targets.clamp(min=0)]                                  # [B, T]
+    keep = (groups.view(1, 1, -1) == own.unsqueeze(-1)) | ~scored.unsqueeze(-1)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any tuple of str/int parts, stable across processes and platforms
     (Python's hash() is salted per process, so it cannot be used)."""
@@ -94,6 +112,7 @@ class Task:
         self._eval: Batch | None = None
         self.recipe: dict | None = None      # set by build_stream: how to rebuild this task
         self.rebuild: Callable | None = None  # set with it: (recipe, index) -> Task (registry.rebuild_task)
+        self.output_groups: torch.Tensor | None = None  # task-incremental mask (restrict_to_group)
 
     def __reduce__(self):
         # samplers are closures; a task pickles as its recipe and is rebuilt (deterministically)
@@ -132,6 +151,9 @@ class Stream:
     tasks: list[Task]
     seed: int = 0
     knobs: dict = field(default_factory=dict)
+    # task-incremental streams: group id per vocabulary token, applied by restrict_to_group in
+    # training and scoring; None = every token competes everywhere (class-incremental)
+    output_groups: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     recipe: dict | None = None     # the build_stream arguments that rebuild this stream
     # set with it: recipe -> Stream (registry.rebuild_stream; base does not import the registry)

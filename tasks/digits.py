@@ -12,6 +12,10 @@ training images with replacement.
 
 - split-digits: class-incremental, task t holds classes {2t, 2t+1} (at most 5 tasks); the label
   space is all 10 digits throughout.
+- split-digits-task: the same tasks, task-incremental: a per-task output mask (the stream's
+  `output_groups`, label token of class c in group c // 2) lets only the task's own two labels
+  compete, in training and scoring, as with one output head per task. Forgetting then measures
+  what is lost of the task's own two-way decision, not the output bias towards the newest classes.
 - permuted-digits: domain-incremental, every task the whole 10-class problem with a fixed pixel
   permutation (task 0 the identity).
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from .base import Stream, Task, check_float, check_int, majority_accuracy, rng_for, shift_targets
 
@@ -83,7 +88,8 @@ def _digit_task(*, index, name, seed_key, pix, labels, train_idx, eval_idx, leve
 
 def _build(stream, *, num_tasks, seq_len, seed, eval_size, levels, eval_fraction):
     where = f"stream '{stream}'"
-    if stream == "split-digits" and num_tasks > 5:
+    split = stream.startswith("split-digits")
+    if split and num_tasks > 5:
         raise ValueError(f"{where}: `num_tasks` must be in [1, 5] (10 classes, 2 per task); "
                          f"got {num_tasks}.")
     check_int("seq_len", seq_len, MIN_SEQ_LEN, None, where=where,
@@ -96,7 +102,7 @@ def _build(stream, *, num_tasks, seq_len, seed, eval_size, levels, eval_fraction
     identity = np.arange(PIXELS)
     tasks = []
     for t in range(num_tasks):
-        if stream == "split-digits":
+        if split:
             classes = (2 * t, 2 * t + 1)
             train_idx = train_all[np.isin(labels[train_all], classes)]
             eval_idx = eval_all[np.isin(labels[eval_all], classes)]
@@ -105,17 +111,32 @@ def _build(stream, *, num_tasks, seq_len, seed, eval_size, levels, eval_fraction
             train_idx, eval_idx = train_all, eval_all
             perm = identity if t == 0 else rng_for(seed, "permuted-digits", "perm", t).permutation(PIXELS)
             name, info = f"digits-perm{t}", dict(classes=tuple(range(10)))
-        tasks.append(_digit_task(index=t, name=name, seed_key=(seed, stream, t), pix=pix,
+        # both split-digits forms draw the same images (the mask is the only difference)
+        key_name = "split-digits" if split else stream
+        tasks.append(_digit_task(index=t, name=name, seed_key=(seed, key_name, t), pix=pix,
                                  labels=labels, train_idx=train_idx, eval_idx=eval_idx,
                                  levels=levels, seq_len=seq_len, eval_size=eval_size,
                                  permutation=perm, info=info))
-    return Stream(stream, levels + 12, seq_len, "accuracy", tasks, seed,
-                  dict(levels=levels, eval_fraction=eval_fraction))
+    out = Stream(stream, levels + 12, seq_len, "accuracy", tasks, seed,
+                 dict(levels=levels, eval_fraction=eval_fraction))
+    if stream == "split-digits-task":
+        groups = torch.full((levels + 12,), -1, dtype=torch.long)
+        groups[levels + 1:levels + 11] = torch.arange(10) // 2
+        out.output_groups = groups
+        for task in tasks:
+            task.output_groups = groups
+    return out
 
 
 def build_split_digits(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
                        levels: int = 17, eval_fraction: float = 0.2) -> Stream:
     return _build("split-digits", num_tasks=num_tasks, seq_len=seq_len, seed=seed,
+                  eval_size=eval_size, levels=levels, eval_fraction=eval_fraction)
+
+
+def build_split_digits_task(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
+                            levels: int = 17, eval_fraction: float = 0.2) -> Stream:
+    return _build("split-digits-task", num_tasks=num_tasks, seq_len=seq_len, seed=seed,
                   eval_size=eval_size, levels=levels, eval_fraction=eval_fraction)
 
 

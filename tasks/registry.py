@@ -7,10 +7,12 @@ from typing import Callable
 
 from .arithmetic import OPERATIONS, build_modular_arithmetic
 from .base import Stream, Task, check_int
-from .digits import build_permuted_digits, build_split_digits
+from .digits import build_permuted_digits, build_split_digits, build_split_digits_task
 from .markov import build_markov_languages, build_permuted_tokens
+from .mqar import build_mqar
 from .passkey import build_passkey
 from .recall import build_associative_recall
+from .recurring import build_recurring, recurrences
 from .text import build_text_domains
 
 COMMON = ("num_tasks", "seq_len", "seed", "eval_size")
@@ -25,6 +27,11 @@ class StreamSpec:
     seq_len: int               # default
     max_tasks: int             # upper bound of num_tasks (text-domains checks its own)
     tasks_note: str = ""       # why that bound, for the error message
+    # "forgetting": ranked in the report's verdict; "capability": a skill at growing lengths or
+    # learnability at a budget, reported in its own section (docs/METRICS.md)
+    measures: str = "forgetting"
+    # num_tasks -> positions that train the same task (recurring streams; relearn_savings)
+    recurrences: Callable[[int], list[list[int]]] | None = None
 
     @property
     def knobs(self) -> dict:
@@ -42,7 +49,7 @@ STREAMS: dict[str, StreamSpec] = {s.name: s for s in [
                "answers", 5, 64, 1000),
     StreamSpec("modular-arithmetic", build_modular_arithmetic,
                "a o b mod p, a different operation per task, held-out (a, b) pairs", 5, 64, 8,
-               "(one task per operation: " + ", ".join(OPERATIONS) + ")"),
+               "(one task per operation: " + ", ".join(OPERATIONS) + ")", measures="capability"),
     StreamSpec("permuted-tokens", build_permuted_tokens,
                "one n-gram language, a different vocabulary permutation per task (task 0 "
                "identity)", 5, 128, 1000),
@@ -54,11 +61,33 @@ STREAMS: dict[str, StreamSpec] = {s.name: s for s in [
                5, 65, 1000),
     StreamSpec("text-domains", build_text_domains,
                "byte-level LM over text shipped with Python: prose, Python source, docs, C "
-               "headers", None, 256, 1000),
+               "headers", None, 256, 1000, measures="capability"),
     StreamSpec("passkey", build_passkey,
                "retrieve digits hidden in filler, sequences growing longer across tasks",
-               5, 256, 1000),
+               5, 256, 1000, measures="capability"),
+    StreamSpec("mqar", build_mqar,
+               "multi-query associative recall (Zoology MQAR): a new key->value map in every "
+               "sequence, several queries; each task its own key and value tokens", 4, 64, 64),
+    StreamSpec("split-digits-task", build_split_digits_task,
+               "split-digits in task-incremental form: the same 5 tasks x 2 classes, a per-task "
+               "output mask lets only the task's own labels compete", 5, 65, 5,
+               "(10 classes, 2 per task)"),
+    StreamSpec("recurring", build_recurring,
+               "A B A C A ...: task A of a base stream recurs between new tasks; "
+               "relearn_savings measures how fast A is relearned", 5, 65, 1000,
+               recurrences=recurrences),
 ]}
+
+
+def capability_streams() -> tuple[str, ...]:
+    """Streams reported in the capability section, outside the forgetting verdict."""
+    return tuple(n for n, s in STREAMS.items() if s.measures == "capability")
+
+
+def recurrence_positions(name: str, num_tasks: int) -> list[list[int]]:
+    """Positions of stream `name` that train the same task ([] for streams without recurrences)."""
+    spec = STREAMS.get(name)
+    return [] if spec is None or spec.recurrences is None else spec.recurrences(int(num_tasks))
 
 
 def describe_streams() -> dict[str, str]:

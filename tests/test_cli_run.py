@@ -104,7 +104,7 @@ def test_deleted_or_corrupt_table_file_is_recomputed_and_said(tmp_path):
 
 
 def test_sequential_uses_the_runs_cpu_share_as_torch_threads(tmp_path):
-    from nlbench.runner import available_cpus
+    from nlbench.environment import available_cpus
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # what torch would use by default on a 2-core machine

@@ -82,7 +82,7 @@ def test_compiled_chunked_memory_matches_eager_and_is_benchmarked():
     results = []
     for compiled in (False, True):
         leaves = [x.clone().requires_grad_() for x in (w, q, k, v, eta, alpha)]
-        y, (w_end,) = dgd_memory([leaves[0]], *leaves[1:], 4, backend="chunked", compiled=compiled)
+        y, (w_end,) = dgd_memory([leaves[0]], *leaves[1:], 4, memory_kernel="chunked", compiled=compiled)
         (y.sum() + w_end.square().sum()).backward()
         results.append([y.detach(), w_end.detach(), *(x.grad for x in leaves)])
     for a, b in zip(*results):

@@ -17,7 +17,12 @@ from nlbench.optim import build_optimizer
 
 torch.set_num_threads(1)
 
-VARIANTS = [(m, {}) for m in sorted(MODELS)] + [("hope", {"cms_mode": "in_context"})]
+VARIANTS = [(m, {}) for m in sorted(MODELS)] + [
+    ("hope", {"cms_mode": "in_context"}),
+    ("hope", {"cms_mode": "in_context", "cms_objective": "teach", "cms_variant": "nested"}),
+]
+IDS = [m + "".join({"cms_mode": "-ic", "cms_objective": "-teach", "cms_variant": "-nested"}[k] for k in o)
+       for m, o in VARIANTS]
 LR = 0.1
 ETA_P = LR / (1 + LR)
 
@@ -40,7 +45,7 @@ def _loss(model, tokens):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
 
 
-@pytest.mark.parametrize("name,options", VARIANTS, ids=[f"{m}{'-ic' if o else ''}" for m, o in VARIANTS])
+@pytest.mark.parametrize("name,options", VARIANTS, ids=IDS)
 def test_every_dgd_weight_gets_its_input_term(name, options):
     model, opt, params, dgd = _setup(name, options)
     assert dgd, name

@@ -189,3 +189,26 @@ def test_every_module_imports():
             "print('\\n'.join(bad)); sys.exit(1 if bad else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_package_is_listed_in_pyproject():
+    # pyproject lists packages one by one (the package-dir mapping needs it): a sub-package left
+    # out works in an editable checkout and is missing from a wheel
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(cfg["tool"]["setuptools"]["packages"])
+    packages = {m for m, p in module_files(package_dirs()).items() if p.name == "__init__.py"}
+    assert packages == listed, f"missing from pyproject: {sorted(packages - listed)}; listed, no package: {sorted(listed - packages)}"
+
+
+def test_every_user_error_entry_names_a_class():
+    # errors.USER_ERRORS names classes by string (importing them all would slow every command):
+    # a module moved or renamed would silently turn its errors into tracebacks
+    import importlib
+
+    from nlbench.errors import USER_ERRORS
+
+    for entry in USER_ERRORS:
+        module, name = entry.split(":")
+        cls = getattr(importlib.import_module(module), name, None)
+        assert isinstance(cls, type) and issubclass(cls, Exception), entry
+        assert cls.__module__ == module, f"{entry}: defined in {cls.__module__}"

@@ -23,7 +23,7 @@ def test_in_context_entries_carry_protocol_chance_and_the_pretrained_checkpoint(
     assert all(r.run["status"] == "completed" for r in records)
     built = build_report([tmp_path], out_dir=tmp_path / "report", formats=("json",))
     doc = built["doc"]
-    assert any(f.endswith("retention_markov-languages.png") for f in built["files"])
+    assert any(f.endswith("retention_markov-languages_in_context.png") for f in built["files"])
     entry = next(e for s in doc["streams"] if s["score"] == "accuracy" for e in s["entries"])
     runs = pd.read_parquet(tmp_path / "runs")
     per_run = [sum(json.loads(c)) / len(json.loads(c)) for c in runs["chance"]]

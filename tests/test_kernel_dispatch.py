@@ -1,6 +1,6 @@
 """Backend dispatch of the DGD memory (nlbench.kernels.dgd) and the memory-kernel benchmark.
 
-Runs in this pytest process WITHOUT the Triton interpreter: the triton backend on CPU must be
+Runs in this pytest process WITHOUT the Triton interpreter: the triton memory kernel on CPU must be
 refused with an explanation; the interpreted path is tested in test_triton_kernels.py.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlbench.kernels.dgd import BACKENDS, dgd_memory, dgd_memory_chunked, dgd_memory_reference, resolve_backend, triton_status
+from nlbench.kernels.dgd import DGD_MEMORY_KERNELS, dgd_memory, dgd_memory_chunked, dgd_memory_reference, resolve_memory_kernel, triton_status
 
 torch.set_num_threads(1)
 
@@ -29,25 +29,25 @@ def _inputs(mlp=False, B=1, H=2, T=7, d=4, seed=0):
 
 def test_bad_backend_names_the_allowed_values():
     ws, q, k, v, eta, alpha = _inputs()
-    with pytest.raises(ValueError, match="backend must be one of 'reference', 'chunked', 'triton', 'auto'.*'cuda'"):
-        dgd_memory(ws, q, k, v, eta, alpha, 4, backend="cuda")
+    with pytest.raises(ValueError, match="memory_kernel must be one of 'reference', 'chunked', 'triton', 'auto'.*'cuda'"):
+        dgd_memory(ws, q, k, v, eta, alpha, 4, memory_kernel="cuda")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process runs the triton interpreter")
 def test_triton_on_cpu_without_interpreter_is_refused_with_the_fix():
     ws, q, k, v, eta, alpha = _inputs()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dgd_memory(ws, q, k, v, eta, alpha, 4, backend="triton")
+        dgd_memory(ws, q, k, v, eta, alpha, 4, memory_kernel="triton")
 
 
 @pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
-@pytest.mark.parametrize("backend,fn", [("reference", dgd_memory_reference), ("chunked", dgd_memory_chunked),
+@pytest.mark.parametrize("memory_kernel,fn", [("reference", dgd_memory_reference), ("chunked", dgd_memory_chunked),
                                         ("auto", dgd_memory_chunked)])
-def test_backends_route_to_their_implementation(mlp, backend, fn):
+def test_memory_kernels_route_to_their_implementation(mlp, memory_kernel, fn):
     # bitwise equal: the dispatcher adds no computation of its own (auto on CPU = chunked)
     ws, q, k, v, eta, alpha = _inputs(mlp)
     for self_target in (True, False):
-        y, w = dgd_memory(ws, q, k, v, eta, alpha, 3, self_target=self_target, backend=backend)
+        y, w = dgd_memory(ws, q, k, v, eta, alpha, 3, self_target=self_target, memory_kernel=memory_kernel)
         y0, w0 = fn(ws, q, k, v, eta, alpha, 3, self_target)
         assert torch.equal(y, y0) and all(torch.equal(a, b) for a, b in zip(w, w0))
 
@@ -55,8 +55,8 @@ def test_backends_route_to_their_implementation(mlp, backend, fn):
 def test_reference_and_chunked_agree_through_dispatch_with_and_without_reads():
     ws, q, k, v, eta, alpha = _inputs(mlp=True, T=9)
     for reads in (q, None):
-        y0, w0 = dgd_memory(ws, reads, k, v, eta, alpha, 4, backend="reference")
-        y1, w1 = dgd_memory(ws, reads, k, v, eta, alpha, 4, backend="chunked")
+        y0, w0 = dgd_memory(ws, reads, k, v, eta, alpha, 4, memory_kernel="reference")
+        y1, w1 = dgd_memory(ws, reads, k, v, eta, alpha, 4, memory_kernel="chunked")
         assert (y0 is None) == (reads is None) == (y1 is None)
         if reads is not None:
             torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
@@ -64,11 +64,11 @@ def test_reference_and_chunked_agree_through_dispatch_with_and_without_reads():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_resolve_backend_auto_picks_triton_only_on_cuda():
-    assert set(BACKENDS) == {"reference", "chunked", "triton", "auto"}
-    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
-    assert resolve_backend("auto", "cuda:0") == ("triton" if triton_status()[0] else "chunked")
-    assert resolve_backend("reference", "cuda") == "reference"
+def test_resolve_memory_kernel_auto_picks_triton_only_on_cuda():
+    assert set(DGD_MEMORY_KERNELS) == {"reference", "chunked", "triton", "auto"}
+    assert resolve_memory_kernel("auto", torch.device("cpu")) == "chunked"
+    assert resolve_memory_kernel("auto", "cuda:0") == ("triton" if triton_status()[0] else "chunked")
+    assert resolve_memory_kernel("reference", "cuda") == "reference"
 
 
 def test_bench_memory_kernels_reports_speedups():

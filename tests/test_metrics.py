@@ -94,7 +94,7 @@ def test_all_metrics_in_accuracy_mode_matches_the_functions():
     assert out["bwt"] == M.bwt(R4[:3, :3]) and out["fwt"] == M.fwt(R4[:3, :3], B4[:3])
     assert out["forgetting"] == M.forgetting(R4[:3, :3]) and out["lca"] == pytest.approx(0.4)
     assert out["did_not_learn"] is False and out["higher_is_better"] is True
-    assert out["reasons"] == {}
+    assert set(out["reasons"]) == {"relearn_savings"}  # no recurring task: NaN with a reason
     assert set(M.METRIC_NAMES) <= set(out)
 
 
@@ -134,7 +134,7 @@ def test_bad_shapes_are_named():
 
 def test_metric_info_table_covers_every_metric():
     assert list(M.METRIC_INFO) == ["acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting", "plasticity", "lca",
-                                   "forgetting_normalized"]
+                                   "forgetting_normalized", "relearn_savings"]
     assert all(info["formula"] and info["source"] for info in M.METRIC_INFO.values())
     assert "t" in M.CI_METHOD and "95%" in M.CI_METHOD
 
@@ -357,3 +357,41 @@ def test_long_table_row_order_does_not_matter(Rb, rnd):
     R2, b2 = M.matrix_from_long(df.iloc[order])
     np.testing.assert_array_equal(R2, R)
     np.testing.assert_array_equal(b2, b)
+
+
+def test_relearn_savings_hand_computed():
+    # A B A C A: A's curve at positions 0, 2, 4 (3 points each); B and C rows are ignored
+    Z = np.array([[0.1, 0.5, 0.7], [0.0, 0.0, 0.0], [0.4, 0.7, 0.8], [0.9, 0.9, 0.9], [0.6, 0.8, 0.9]])
+    first = (0.1 + 0.5 + 0.7) / 3
+    want = (((0.4 + 0.7 + 0.8) / 3 - first) + ((0.6 + 0.8 + 0.9) / 3 - first)) / 2
+    assert M.relearn_savings(Z, [[0, 2, 4]]) == pytest.approx(want)
+    # a shorter curve: only the points both exposures have
+    Zs = Z.copy()
+    Zs[2, 2] = np.nan
+    assert M.relearn_savings(Zs, [[0, 2]]) == pytest.approx((0.4 + 0.7) / 2 - (0.1 + 0.5) / 2)
+    # a run that stopped before the third exposure uses the exposures it has
+    assert M.relearn_savings(Z[:3], [[0, 2, 4]]) == pytest.approx((0.4 + 0.7 + 0.8) / 3 - first)
+    none = M.relearn_savings(Z, [])
+    assert math.isnan(none) and "recurs" in none.reason
+    # loss mode: computed on −Z, so relearning faster (lower loss) is still positive
+    out = M.all_metrics(np.eye(5), np.zeros(5), higher_is_better=False, Z=1 - Z, recurrences=[[0, 2, 4]])
+    assert out["relearn_savings"] == pytest.approx(want)
+    plain = M.all_metrics(np.eye(5), np.zeros(5), Z=Z)
+    assert math.isnan(plain["relearn_savings"]) and "recurring" in plain["reasons"]["relearn_savings"]
+
+
+def test_per_run_metrics_computes_relearn_savings_on_recurring_streams_only():
+    R = np.full((5, 5), 0.5)
+    rows = []
+    for stream, rid in (("recurring", "r"), ("permuted-digits", "p")):
+        m = _long(R, np.full(5, 0.1), rid)
+        m["model"], m["stream"], m["seed"] = "hope", stream, 0
+        rows.append(m)
+    curves = pd.DataFrame([
+        dict(run_id=rid, metric="accuracy", train_task=k, eval_task=k, tokens_seen=10 * (2 * k + p), value=0.1 * k + 0.1 * p)
+        for rid in ("r", "p") for k in range(5) for p in range(2)
+    ])
+    out = M.per_run_metrics(pd.concat(rows), None, curves).set_index("run_id")
+    # exposures at 0, 2, 4: curve means 0.05, 0.25, 0.45 -> savings (0.2 + 0.4) / 2
+    assert out.loc["r", "relearn_savings"] == pytest.approx(0.3)
+    assert math.isnan(out.loc["p", "relearn_savings"])

@@ -1,4 +1,4 @@
-"""Hope's stabilisers as options, and `paper_exact: true` (issue 14.3): the paper form is
+"""Hope's stabilisers as options, and `paper_exact: true`: the paper form is
 checked against Eq. 83–91 computed token by token here, each stabiliser changes the result,
 and the resolved options reach the run record."""
 
@@ -74,7 +74,7 @@ def test_paper_form_is_eq_83_to_91_token_by_token():
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     want = _paper_layer(smt, x)
     for kernel in ("reference", "chunked"):
-        smt.kernel = kernel
+        smt.memory_kernel = kernel
         got, state = smt(x, smt.init_state(1))
         assert "guard" not in state
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

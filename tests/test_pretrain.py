@@ -1,4 +1,4 @@
-"""Pretraining (issue 16): seed spaces, compute-once reuse, bit-exact checkpoints and resume,
+"""Pretraining: seed spaces, compute-once reuse, bit-exact checkpoints and resume,
 safe loading, probes that never write, the meta-continual and TBPTT mechanics."""
 
 from __future__ import annotations
@@ -245,8 +245,8 @@ def _leaves(state):
 
 
 def test_meta_continual_probes_add_loss_but_do_not_change_the_state_carried(tmp_path):
-    """probe_weight only adds read-only probe losses: the sequence losses are the same, the
-    gradient is not."""
+    """probe_weight only adds probe losses (update_state=False: writes within the probe, its final
+    state discarded): the sequence losses are the same, the gradient is not."""
     rows = {}
     for w in (0.0, 0.5):
         b = block(probe_weight=w)
@@ -314,6 +314,27 @@ def test_pretrain_command_computes_then_reuses_and_rejects_a_config_without_a_bl
     assert bare.exit_code == 2 and "has no `pretrain:` block" in bare.output and "Traceback" not in bare.output
     helped = CliRunner().invoke(main, ["pretrain", "--help"])
     assert helped.exit_code == 0 and "probe_weight" in helped.output and "computed once" in helped.output
+
+
+def test_pretrain_help_documents_every_key_at_its_default():
+    import yaml
+    from click.testing import CliRunner
+
+    from nlbench.cli import main
+    from nlbench.pretrain.config import PretrainConfig
+
+    text = CliRunner().invoke(main, ["pretrain", "--help"], terminal_width=200).output
+    block = {}
+    for line in text.splitlines():  # the `key: value  # comment` lines of the example block
+        key, sep, value = line.strip().partition(": ")
+        if sep and key.isidentifier():
+            block.setdefault(key, value.split("#")[0].strip())
+    fields = PretrainConfig.model_fields
+    assert set(fields) <= set(block), f"pretrain --help does not document {sorted(set(fields) - set(block))}"
+    defaults = PretrainConfig().model_dump(mode="json")
+    for key in set(fields) - {"stream", "optimizer"}:  # shown as examples, not defaults
+        assert yaml.safe_load(block[key]) == defaults[key], f"--help shows {key}: {block[key]}, default {defaults[key]}"
+    assert "nlbench run CONFIG --out OUT" in text and "nlbench report OUT" in text
 
 
 def test_both_protocols_start_from_the_pretrained_weights(tmp_path):

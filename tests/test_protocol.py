@@ -312,3 +312,61 @@ def test_fresh_starts_every_task_from_the_initial_weights_with_a_new_optimizer()
     scores = alone.evaluate_tasks(alone.stream.tasks)
     assert cells(fresh.matrix, "loss")[(1, 1)] == pytest.approx(scores[1]["loss"], rel=1e-5)
     assert cells(fresh.matrix, "loss")[(1, 0)] == pytest.approx(scores[0]["loss"], rel=1e-5)
+
+
+def stream_config(stream: dict, num_steps=2, eval_every=None, model="transformer", **extra):
+    raw = dict(models=[model], streams=[stream], protocol="finetune", strategy="naive",
+               train=dict(tokens_per_task=4 * 65 * num_steps, batch_size=4, eval_every=eval_every,
+                          optimizer=dict(name="adamw", lr=3e-3)),
+               eval=dict(max_sequences=16, batch_size=8), **extra)
+    return expand_runs(validate_config(raw))[0].config
+
+
+def test_task_incremental_mask_in_training_gradients_and_in_scoring():
+    cfg = stream_config(dict(name="split-digits-task", num_tasks=2, options=dict(eval_size=16)), num_steps=1)
+    proto, model, stream = make(cfg)
+    label0 = stream.tasks[0].info["label_token_offset"]
+    grads = []
+
+    def keep_logit_grads(module, inputs, out):
+        if out.logits.requires_grad:
+            out.logits.register_hook(grads.append)
+
+    model.register_forward_hook(keep_logit_grads)
+    proto.train_task(0)
+    g = grads[0]
+    scored = g.abs().sum(-1) > 0
+    assert scored.any()
+    # training: only task 0's labels (digits 0, 1) get a gradient at the scored positions
+    assert g[scored][:, label0:label0 + 2].abs().sum() > 0
+    assert g[scored][:, label0 + 2:label0 + 10].abs().sum() == 0 and g[scored][:, :label0].abs().sum() == 0
+    # scoring: argmax over the task's own two labels
+    model.eval()
+    for task in stream.tasks:
+        ev = task.eval_set()
+        x, y = ev.tokens[:16], ev.targets[:16]
+        with torch.no_grad():
+            logits = model(x, state=None).logits
+        m = y != -100
+        pair = logits[m][:, label0 + 2 * task.index:label0 + 2 * task.index + 2]
+        want = float((pair.argmax(-1) + label0 + 2 * task.index == y[m]).float().mean())
+        assert proto.score(task)["accuracy"] == pytest.approx(want)
+
+
+def test_recurring_stream_run_gives_relearn_savings_from_its_curves():
+    import pandas as pd
+
+    from nlbench import metrics as M
+
+    cfg = stream_config(dict(name="recurring", num_tasks=3, options=dict(eval_size=16)), num_steps=2, eval_every=4 * 65)
+    proto, _, stream = make(cfg)
+    res = proto.run()
+    assert [t.info["source"] for t in stream.tasks] == [0, 1, 0]
+    acc = cells(res.matrix)
+    assert acc[(-1, 0)] == acc[(-1, 2)] and acc[(1, 0)] == acc[(1, 2)]      # one task, one held-out set
+    curves = pd.DataFrame(res.curves).assign(run_id="r")
+    matrix = pd.DataFrame(res.matrix).assign(run_id="r", model="transformer", stream="recurring", seed=0)
+    out = M.per_run_metrics(matrix, None, curves).set_index("score")
+    Z = M.curve_matrix(curves[curves["metric"] == "accuracy"])
+    assert Z.shape == (3, 3) and Z[2, 0] == acc[(1, 2)]                    # A comes back at what B left of it
+    assert out.loc["accuracy", "relearn_savings"] == pytest.approx(Z[2].mean() - Z[0].mean())

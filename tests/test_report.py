@@ -257,6 +257,67 @@ def test_single_task_stream_gives_undefined_transfer_not_zero(tmp_path):
     assert "| 1 | hope/tiny/finetune/naive | 1 | 0.200 | 0.900 | 0.900 | — | — | — | — |" in (tmp_path / "o" / "report" / "leaderboard.md").read_text()
 
 
+def write_setting(store, model, stream, seed, R, *, protocol="finetune", options=None):
+    """One run of ``stream`` under ``protocol`` with stream ``options`` (another stream setting)."""
+    from nlbench.results import run_id_for
+
+    run = _run_row(model, stream, seed)
+    run["config"] = dict(run["config"], protocol=protocol, stream={"name": stream, "options": options or {}})
+    run.update(protocol=protocol, run_id=run_id_for(run["config"]))
+    b = [0.2] * len(R)
+    store.write_run(RunRecord(run=run, matrix=_matrix_rows(R, b), curves=_curve_rows(R, b)))
+
+
+def test_in_context_entries_get_their_own_section_in_a_combined_report(tmp_path):
+    # the published report combines a fine-tuning run and an in-context run of the same stream name
+    # (reports/data/*/): in-context entries must be in it, and never ranked or paired against the
+    # fine-tuned ones (other task data, other protocol)
+    ft, ic = ResultStore(tmp_path / "ft"), ResultStore(tmp_path / "ic")
+    for seed, d in SHIFT.items():
+        write_setting(ft, "hope", "markov-languages", seed, (np.array(HOPE) + d).tolist())
+        write_setting(ft, "transformer", "markov-languages", seed, (np.array(TRANSFORMER) + d).tolist())
+        write_setting(ic, "hope", "markov-languages", seed, (np.array(TRANSFORMER) + d).tolist(),
+                      protocol="in_context", options={"vocab_size": 8})
+        write_setting(ic, "titans", "markov-languages", seed, (np.array(HOPE) + d).tolist(),
+                      protocol="in_context", options={"vocab_size": 8})
+    got = build_report([tmp_path / "ft", tmp_path / "ic"], out_dir=tmp_path / "rep", formats=("json", "md", "html"))
+    doc = json.loads((tmp_path / "rep" / "leaderboard.json").read_text())
+    by = {s["section"]: s for s in doc["streams"]}
+    assert sorted(by) == ["markov-languages", "markov-languages · in_context"]
+    fs, cs = by["markov-languages"], by["markov-languages · in_context"]
+    assert (fs["protocol"], cs["protocol"]) == ("finetune", "in_context") and cs["stream"] == "markov-languages"
+    assert cs["stream_config"] == {"name": "markov-languages", "options": {"vocab_size": 8}}
+    assert {e["protocol"] for e in fs["entries"]} == {"finetune"}
+    assert {e["protocol"] for e in cs["entries"]} == {"in_context"} and len(cs["entries"]) == 2
+    for e in cs["entries"]:
+        assert e["chance"]["mean"] == pytest.approx(0.2) and e["n_seeds"] == 3
+    # baselines and paired rows stay inside their section: titans is the in-context baseline and
+    # beats Hope there, while Hope leads the fine-tuning section
+    assert cs["baseline"] == "titans/tiny/in_context/naive" and fs["baseline"] == "transformer/tiny/finetune/naive"
+    assert {p["entry"] for p in cs["paired"]} == {"hope/tiny/in_context/naive"}
+    assert _entry(cs, "titans")["rank"] == 1 and _entry(cs, "hope")["rank"] == 2 and _entry(fs, "hope")["rank"] == 1
+    outcomes = {r["section"]: (r["protocol"], r["outcome"]) for r in doc["verdict"]}
+    assert outcomes == {"markov-languages": ("finetune", "better"), "markov-languages · in_context": ("in_context", "worse")}
+    md = (tmp_path / "rep" / "leaderboard.md").read_text()
+    assert "### markov-languages · in_context — accuracy" in md and "### markov-languages — accuracy" in md
+    figs = {Path(f).name for f in got["files"]}
+    assert {"retention_markov-languages_in_context.png", "curves_markov-languages.png",
+            "curves_markov-languages_in_context.png"} <= figs
+    assert "retention_markov-languages.png" not in figs  # no retention figure for fine-tuning
+
+
+def test_one_stream_with_two_configurations_is_two_sections(tmp_path):
+    store = ResultStore(tmp_path / "o")
+    for seed in (0, 1):
+        write_setting(store, "hope", "markov-languages", seed, HOPE, options={"vocab_size": 8})
+        write_setting(store, "hope", "markov-languages", seed, TRANSFORMER, options={"vocab_size": 16})
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    labels = sorted(s["section"] for s in doc["streams"])
+    assert len(labels) == 2 and all(lab.startswith("markov-languages#") for lab in labels)
+    assert all(len(s["entries"]) == 1 and s["entries"][0]["n_seeds"] == 2 for s in doc["streams"])
+    assert sorted(s["entries"][0]["metrics"]["acc_final"]["mean"] for s in doc["streams"]) == pytest.approx([0.5, 0.8])
+
+
 # ----------------------------------------------------------------------------- bad or mixed inputs
 
 
@@ -448,3 +509,22 @@ def test_results_written_before_the_ceiling_column_still_report(tmp_path):
     old = build_leaderboard(load_results([tmp_path / "o"]))
     assert old["schema_version"] == 2 and _entry(old["streams"][0], "hope")["ceiling"] is None
     assert old["verdict"][0]["outcome"] == "better"
+
+
+def test_recurring_stream_section_shows_relearn_savings(tmp_path):
+    # A B A: A's curve is [b, R[0][0]] = [0.2, 0.9] the first time and [R[1][2], R[2][2]] = [0.6, 0.95]
+    # when it comes back: savings (0.6 + 0.95)/2 − (0.2 + 0.9)/2 = 0.225
+    R = [[0.9, 0.2, 0.9], [0.6, 0.9, 0.6], [0.95, 0.3, 0.95]]
+    store = ResultStore(tmp_path / "o")
+    for seed in (0, 1):
+        write_run(store, "hope", "recurring", seed, R)
+        write_run(store, "hope", "split-digits", seed, HOPE)
+    build_report([tmp_path / "o"], formats=("json", "md"), figures=False)
+    doc = json.loads((tmp_path / "o" / "report" / "leaderboard.json").read_text())
+    by_stream = {s["stream"]: s for s in doc["streams"]}
+    assert by_stream["recurring"]["kind"] == "forgetting"
+    assert by_stream["recurring"]["entries"][0]["metrics"]["relearn_savings"]["mean"] == pytest.approx(0.225)
+    md = (tmp_path / "o" / "report" / "leaderboard.md").read_text()
+    header_lines = [line for line in md.splitlines() if line.startswith("| rank |")]
+    assert sum("relearn_savings" in line for line in header_lines) == 1   # only the recurring section
+    assert "0.225" in md

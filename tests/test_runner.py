@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nlbench.config import apply_override, expand_runs, spec_from_config, validate_config
-from nlbench.results import TABLES, ResultStore
-from nlbench.runner import checkpoint_path, execute_run, run_sequential
+from nlbench.results import TABLES, ResultsError, ResultStore
+from nlbench.runner import STOPPED, checkpoint_path, execute_run, run_sequential
 
 torch.set_num_threads(1)
 
@@ -39,14 +39,16 @@ def test_record_fills_every_runs_column(tmp_path):
     run = rec.run
     assert run["status"] == "completed" and run["error"] is None
     for col in TABLES["runs"]:
-        if col.name not in ("git_sha", "error", "pretrain"):  # git_sha: None outside a git checkout; pretrain: none named
+        # git_sha: None outside a git checkout; pretrain: none named; node_id: set by the Ray actor
+        if col.name not in ("git_sha", "error", "pretrain", "node_id"):
             assert run[col.name] is not None, col.name
     assert run["run_id"] == spec.run_id and run["model"] == "transformer" and run["seed"] == 1
     assert json.loads(run["config"]) == spec.config
     assert len(json.loads(run["chance"])) == 3 and all(0 < c < 1 for c in json.loads(run["chance"]))
     assert run["params"] > 0 and run["train_tokens_per_s"] > 0
     assert run["wall_s"] >= run["train_s"] + run["eval_s"] > 0
-    assert set(json.loads(run["versions"])) >= {"nlbench", "torch", "ray"}
+    assert set(json.loads(run["versions"])) >= {"python", "nlbench", "torch", "ray"}
+    assert set(run) == {c.name for c in TABLES["runs"]}
     assert len(rec.matrix) == 4 * 3 * 2 and rec.curves
     assert all(r["run_id"] == spec.run_id and r["stream"] == "markov-languages" for r in rec.matrix + rec.curves)
     store = ResultStore(tmp_path)   # the record passes the store's schema validation
@@ -66,7 +68,9 @@ def test_resume_from_checkpoint_equals_undisturbed_run(tmp_path, strategy):
     spec = spec_for(strategy=strategy)
     full = execute_run(spec, device="cpu")
     stopped = execute_run(spec, checkpoint_dir=tmp_path, device="cpu", stop_after_task=0)
-    assert stopped.run["status"] == "failed" and "stop_after_task" in stopped.run["error"]
+    assert stopped.run["status"] == STOPPED and stopped.run["error"] is None
+    with pytest.raises(ResultsError, match="status"):  # an unfinished run is never a results row
+        ResultStore(tmp_path / "out").write_run(stopped)
     assert checkpoint_path(tmp_path, spec.run_id).is_file()
     assert {r["after_task"] for r in stopped.matrix} == {-1, 0}
     resumed = execute_run(spec, checkpoint_dir=tmp_path, device="cpu")
@@ -144,3 +148,23 @@ def test_another_runs_checkpoint_is_refused(tmp_path):
     torch.save({"run_id": "someone-else", "protocol_state": {}}, ckpt)
     rec = execute_run(spec, checkpoint_dir=tmp_path, device="cpu")
     assert rec.run["status"] == "failed" and "belongs to run 'someone-else'" in rec.run["error"]
+
+
+def test_run_row_is_the_runs_table_and_failed_records_use_it(tmp_path):
+    # the runner's rows and the records of runs that never returned (execution.failed_record)
+    # are built by one function over one TypedDict, which must name exactly the table's columns
+    from nlbench.execution import failed_record
+    from nlbench.results import RunRow, run_row
+
+    assert list(RunRow.__annotations__) == [c.name for c in TABLES["runs"]]
+    with pytest.raises(ResultsError, match="unknown runs column"):
+        run_row(run_id="x", gpu="H200")
+    spec = spec_for()
+    rec = failed_record(spec, "actor died 3 times")
+    assert set(rec.run) == {c.name for c in TABLES["runs"]}
+    assert rec.run["status"] == "failed" and rec.run["error"] == "actor died 3 times"
+    assert {"python", "nlbench", "torch", "ray"} <= set(rec.run["versions"])
+    store = ResultStore(tmp_path)
+    store.write_run(rec)
+    back = store.read("runs")
+    assert back["run_id"].tolist() == [spec.run_id] and back["status"].tolist() == ["failed"]

@@ -11,7 +11,8 @@ from nlbench.tasks.markov import MarkovLanguage
 torch.set_num_threads(1)
 
 NAMES = ["markov-languages", "associative-recall", "modular-arithmetic", "permuted-tokens",
-         "split-digits", "permuted-digits", "text-domains", "passkey"]
+         "split-digits", "permuted-digits", "text-domains", "passkey", "mqar", "split-digits-task",
+         "recurring"]
 
 # small but non-trivial sizes per stream, to stay fast on 2 cores
 SMALL = {
@@ -23,6 +24,9 @@ SMALL = {
     "permuted-digits": dict(num_tasks=3),
     "text-domains": dict(num_tasks=2, seq_len=48, max_chars=200_000, block=4096),
     "passkey": dict(num_tasks=3, seq_len=48, key_digits=4, min_len=20),
+    "mqar": dict(num_tasks=3, seq_len=40, n_keys=8, n_values=8, n_pairs=6),
+    "split-digits-task": dict(num_tasks=5),
+    "recurring": dict(num_tasks=5),
 }
 
 _cache = {}
@@ -373,3 +377,117 @@ def test_bad_values_raise_clear_errors(call, words):
         call()
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+
+
+# ---- mqar ---------------------------------------------------------------------------------------
+
+def test_mqar_layout_per_sequence_maps_and_in_context_lookup_solves_it():
+    s = small("mqar")
+    K, V, n_pairs = 8, 8, 6
+    assert s.vocab_size == 3 * (K + V) + 2
+    blocks = []
+    for t, task in enumerate(s.tasks):
+        ev = task.eval_set()
+        toks, tg = ev.tokens.numpy(), ev.targets.numpy()
+        keys, vals = toks[:, 0:2 * n_pairs:2], toks[:, 1:2 * n_pairs:2]
+        k0, v0 = t * (K + V), t * (K + V) + K
+        assert ((keys >= k0) & (keys < k0 + K)).all() and ((vals >= v0) & (vals < v0 + V)).all()
+        assert all(len(set(r)) == n_pairs for r in keys) and all(len(set(r)) == n_pairs for r in vals)
+        rows, cols = np.nonzero(tg != IGNORE_INDEX)
+        assert (cols > 2 * n_pairs).all() and ((toks[rows, cols] >= k0) & (toks[rows, cols] < k0 + K)).all()
+        assert (np.bincount(rows) == task.info["n_queries"]).all()           # several queries per row
+        pred = np.array([vals[r][list(keys[r]).index(toks[r, c])] for r, c in zip(rows, cols)])
+        assert (pred == tg[rows, cols]).all()                                # lookup in context solves it
+        # the map changes with every sequence: the best FIXED key -> value map (what a model could
+        # memorise in its weights, all that associative-recall needs) stays near chance
+        q, a = toks[rows, cols], tg[rows, cols]
+        best_fixed = sum(np.bincount(a[q == k]).max() for k in np.unique(q)) / len(a)
+        assert best_fixed < task.chance + 0.15, best_fixed
+        assert task.chance == pytest.approx(1 / V) and task.ceiling == 1.0
+        blocks.append(set(np.unique(toks[:, :2 * n_pairs])))
+    assert not blocks[0] & blocks[1] and not blocks[1] & blocks[2]          # each task its own tokens
+
+
+def test_mqar_errors_name_the_knob():
+    with pytest.raises(ValueError, match="n_pairs"):
+        build_stream("mqar", n_keys=4, n_values=8, n_pairs=5)
+    with pytest.raises(ValueError, match="seq_len.*18"):
+        build_stream("mqar", seq_len=10, n_pairs=8)
+
+
+# ---- split-digits-task ----------------------------------------------------------------------------
+
+def test_split_digits_task_same_data_as_split_digits_with_a_per_task_output_mask():
+    from nlbench.tasks.base import restrict_to_group
+
+    ci, ti = small("split-digits"), small("split-digits-task")
+    assert ci.output_groups is None and ti.vocab_size == ci.vocab_size
+    for a, b in zip(ci.tasks, ti.tasks):
+        assert same(a.eval_set(), b.eval_set()) and same(next(a.train_batches(4, 3)), next(b.train_batches(4, 3)))
+        assert b.output_groups is ti.output_groups
+    label0 = ti.tasks[0].info["label_token_offset"]
+    groups = ti.output_groups
+    assert groups[label0:label0 + 10].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert (groups[:label0] == -1).all() and (groups[label0 + 10:] == -1).all()
+    # a row of task 1 (classes 2, 3) whose logits favour class 9: masked, only labels 2 and 3 compete
+    ev = ti.tasks[1].eval_set()
+    targets = ev.targets[:1]
+    pos = int((targets[0] != IGNORE_INDEX).nonzero()[0])
+    logits = torch.zeros(1, targets.shape[1], ti.vocab_size)
+    logits[0, pos, label0 + 9] = 10.0
+    logits[0, pos, label0 + 2], logits[0, pos, label0 + 3] = 1.0, 2.0
+    masked = restrict_to_group(logits, targets, groups)
+    assert int(masked[0, pos].argmax()) == label0 + 3 and int(logits[0, pos].argmax()) == label0 + 9
+    finite = torch.isfinite(masked[0, pos]).nonzero().flatten().tolist()
+    assert finite == [label0 + 2, label0 + 3]
+    assert torch.equal(masked[0, pos - 1], logits[0, pos - 1])              # unscored positions untouched
+    # the loss is the two-way cross-entropy over the task's own labels
+    from nlbench.protocol.evaluate import lm_loss
+    y = int(targets[0, pos])
+    two = torch.tensor([1.0, 2.0])
+    want = -torch.log_softmax(two, 0)[y - (label0 + 2)]
+    assert float(lm_loss(logits, targets, groups)) == pytest.approx(float(want), rel=1e-6)
+
+
+# ---- recurring ------------------------------------------------------------------------------------
+
+def test_recurring_stream_a_b_a_c_a_same_eval_new_batches():
+    from nlbench.tasks import recurrence_positions
+
+    s = small("recurring")
+    base = build_stream("permuted-digits", num_tasks=3, seed=0, eval_size=128)
+    assert [t.name.split(":")[0] for t in s.tasks] == ["A", "B", "A", "C", "A"]
+    assert [t.info["source"] for t in s.tasks] == [0, 1, 0, 2, 0]
+    assert [t.info["exposure"] for t in s.tasks] == [1, 1, 2, 1, 3]
+    for p, src in enumerate([0, 1, 0, 2, 0]):
+        assert same(s.tasks[p].eval_set(), base.tasks[src].eval_set())     # the base task's held-out set
+        assert s.tasks[p].chance == base.tasks[src].chance
+    assert not same(s.tasks[0].eval_set(), s.tasks[1].eval_set())
+    a1, a2 = next(s.tasks[0].train_batches(8, 0)), next(s.tasks[2].train_batches(8, 0))
+    assert not same(a1, a2)                                                 # a re-exposure draws new batches
+    assert recurrence_positions("recurring", 5) == [[0, 2, 4]]
+    assert recurrence_positions("recurring", 6) == [[0, 2, 4]]
+    assert recurrence_positions("permuted-digits", 5) == []
+    other = build_stream("recurring", num_tasks=3, seq_len=32, seed=0, eval_size=16,
+                         base="markov-languages", base_options=dict(vocab_size=16, order=1))
+    assert other.kind == "accuracy" and other.vocab_size == 16 and len(other.tasks) == 3
+
+
+def test_recurring_errors_name_the_knob():
+    with pytest.raises(ValueError, match="num_tasks"):
+        build_stream("recurring", num_tasks=2)
+    with pytest.raises(ValueError, match="base.*allowed values"):
+        build_stream("recurring", base="text-domains")
+    with pytest.raises(ValueError, match="base_options.*seq_len"):
+        build_stream("recurring", base_options=dict(seq_len=12))
+    with pytest.raises(ValueError, match="base 'markov-languages'.*order"):
+        build_stream("recurring", base="markov-languages", seq_len=32, base_options=dict(order=9))
+    with pytest.raises(ValueError, match="unknown `base_options` colour.*allowed: vocab_size"):
+        build_stream("recurring", base="markov-languages", base_options=dict(colour=1))
+
+
+def test_capability_streams_are_marked_in_the_registry():
+    from nlbench.tasks import capability_streams
+
+    assert set(capability_streams()) == {"passkey", "modular-arithmetic", "text-domains"}
+    assert {STREAMS[n].measures for n in NAMES} == {"forgetting", "capability"}

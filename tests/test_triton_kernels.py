@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(r'''
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(1)
-    from nlbench.kernels.dgd import dgd_memory, dgd_memory_chunked, dgd_memory_reference, resolve_backend
+    from nlbench.kernels.dgd import dgd_memory, dgd_memory_chunked, dgd_memory_reference, resolve_memory_kernel
     from nlbench.kernels.dgd.triton import dgd_forward_triton, dgd_memory_triton
 
     def inputs(mlp, B=1, H=2, T=10, d=8, h=12, seed=0):
@@ -100,9 +100,9 @@ SCRIPT = textwrap.dedent(r'''
     # dispatch under the interpreter: backend "triton" runs the kernel on CPU tensors
     ws, q, k, v, eta, alpha = inputs(False)
     try:
-        assert resolve_backend("triton", k.device) == "triton"
-        assert resolve_backend("auto", k.device) == "chunked"
-        a = dgd_memory(ws, q, k, v, eta, alpha, 4, backend="triton")
+        assert resolve_memory_kernel("triton", k.device) == "triton"
+        assert resolve_memory_kernel("auto", k.device) == "chunked"
+        a = dgd_memory(ws, q, k, v, eta, alpha, 4, memory_kernel="triton")
         b = dgd_memory_triton(ws, q, k, v, eta, alpha, 4)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
         out["dispatch"] = None

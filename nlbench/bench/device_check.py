@@ -1,4 +1,4 @@
-"""One short accelerator check of the throughput goals (issue 7), needing only torch and triton —
+"""One short accelerator check of the throughput goals, needing only torch and triton —
 what a bare GPU machine has (no Ray, Optuna or pydantic):
 
     pip install --no-deps --no-build-isolation -e .          # offline: nlbench itself only
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from nlbench.atomic import atomic_write_text
 from nlbench.bench.kernels import bench_memory_kernels
-from nlbench.kernels.dgd import resolve_backend
+from nlbench.kernels.dgd import resolve_memory_kernel
 from nlbench.bench.throughput import (
     BenchCase, bench_case, datasheet_peak, device_name, measure_matmul_peak, versions,
 )
@@ -52,7 +53,7 @@ def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torc
           f"{'unknown' if sheet is None else f'{sheet / 1e12:.0f} TFLOP/s'}", flush=True)
     rows, ratios = [], {}
     cases = [("transformer", {}), ("hope", {})]
-    if resolve_backend("auto", dev) == "triton":  # Hope's memories on the Triton kernel as well
+    if resolve_memory_kernel("auto", dev) == "triton":  # Hope's memories on the Triton kernel as well
         cases.append(("hope", {"memory_kernel": "triton"}))
     for compiled in (False, True) if compile_too else (False,):
         tag = " (compiled)" if compiled else ""
@@ -112,9 +113,7 @@ def main(argv=None):
                        compile_too=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "device_check.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(out / "device_check.json")  # atomic: a killed run leaves no half file
+    atomic_write_text(out / "device_check.json", json.dumps(result, indent=1, default=str))  # no half file
     print(f"wrote {out / 'device_check.json'}")
 
 

@@ -1,5 +1,5 @@
 """Memory-kernel benchmark: forward + backward of the DGD memory update (spec §2–§3, Eq. 86–93)
-for a Hope-sized memory, per backend, and the speed-ups the project sets goals on:
+for a Hope-sized memory, per memory kernel, and the speed-ups the project sets goals on:
 
     chunked vs per-token reference   goal ≥ 20×  (any device)
     triton  vs chunked               goal ≥ 3×   (CUDA only)
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nlbench.kernels.compiling import compile_mode
-from nlbench.kernels.dgd import dgd_memory, resolve_backend
+from nlbench.kernels.dgd import dgd_memory, resolve_memory_kernel
 from nlbench.malloc import keep_freed_memory
 
 __all__ = ["bench_memory_kernels", "memory_inputs", "time_memory_kernel"]
@@ -54,7 +54,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_memory_kernel(backend: str, leaves, chunk_size: int, repeats: int = 3, compiled: bool | str = False,
+def time_memory_kernel(memory_kernel: str, leaves, chunk_size: int, repeats: int = 3, compiled: bool | str = False,
                        first: list | None = None) -> float:
     """Median seconds of forward + backward (after one warm-up call, which also compiles; its
     seconds are appended to `first` when given). `compiled` (True or a compile mode): the chunked
@@ -67,7 +67,7 @@ def time_memory_kernel(backend: str, leaves, chunk_size: int, repeats: int = 3, 
     gws = [torch.randn(w.shape, generator=g).to(device=device, dtype=w.dtype) for w in ws]
 
     def step():
-        y, w_end = dgd_memory(ws, q, k, v, eta, alpha, chunk_size, backend=backend, compiled=compiled)
+        y, w_end = dgd_memory(ws, q, k, v, eta, alpha, chunk_size, memory_kernel=memory_kernel, compiled=compiled)
         torch.autograd.backward([y, *w_end], [gy, *gws])
 
     t0 = time.perf_counter()
@@ -89,11 +89,11 @@ def time_memory_kernel(backend: str, leaves, chunk_size: int, repeats: int = 3, 
 
 def bench_memory_kernels(device, seq_len: int = 1024, B: int = 4, H: int = 4, d: int = 32,
                          chunk_sizes=(16, 64), repeats: int = 5, compiled: bool | str = False) -> list[str]:
-    """Time forward + backward per backend; returns the lines to print (speed-ups vs goals).
+    """Time forward + backward per memory kernel; returns the lines to print (speed-ups vs goals).
     `compiled` (True or a compile mode) adds the chunked kernel through torch.compile (its compile
     time apart)."""
     device = torch.device(device)
-    triton_ok = resolve_backend("auto", device) == "triton"
+    triton_ok = resolve_memory_kernel("auto", device) == "triton"
     lines = [f"memory kernels on {device.type}: B={B} H={H} d={d} T={seq_len}, forward + backward, fp32, "
              f"median of {repeats} (reference: 3)" + (f"; compile mode {compile_mode(compiled)}" if compiled else "")]
     for kind in ("linear", "mlp"):

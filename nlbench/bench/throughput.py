@@ -20,16 +20,18 @@ OS first (``malloc_trim``) so that a case's memory is not hidden in memory an ea
 
 from __future__ import annotations
 
-import platform
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+import nlbench
+from nlbench.environment import device_name
+from nlbench.environment import versions as versions_of_environment
 from nlbench.models import build_model, flops_per_token
 
 # Dense bf16 matmul peaks from vendors' datasheets, in FLOP/s (no sparsity).
@@ -49,12 +51,6 @@ def datasheet_peak(device_name: str, dtype: torch.dtype) -> float | None:
         if key.replace(" ", "").lower() in device_name.replace(" ", "").lower():
             return DATASHEET_PEAK_BF16[key]
     return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
 def _sync(device: torch.device):
@@ -135,13 +131,7 @@ class BenchCase:
     seq_len: int
     batch_size: int
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    label: str | None = None  # the rows' `model` (default: the model's name)
 
 
 def bench_case(
@@ -222,14 +212,14 @@ def bench_case(
         sheet = datasheet_peak(device_name(device), dtype)
         rows.append(
             dict(
-                model=case.model,
+                model=case.label or case.model,
                 size=case.size,
                 seq_len=case.seq_len,
                 batch_size=case.batch_size,
                 phase=phase,
                 tokens_per_s=tokens_per_s,
-                step_ms_p50=1e3 * _percentile(times, 0.5),
-                step_ms_p95=1e3 * _percentile(times, 0.95),
+                step_ms_p50=1e3 * float(np.percentile(times, 50)),
+                step_ms_p95=1e3 * float(np.percentile(times, 95)),
                 peak_mem_bytes=int(peak_mem),
                 mfu=achieved / peak_flops,
                 mfu_datasheet=(achieved / sheet) if sheet else None,
@@ -247,13 +237,7 @@ def bench_case(
 
 
 def versions() -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # triton is optional on CPU-only installs
-        triton_version = "absent"
-    import nlbench
-
-    return dict(torch_version=torch.__version__, triton_version=triton_version, nlbench_version=nlbench.__version__,
-                python_version=sys.version.split()[0])
+    """The throughput table's version columns (nlbench.environment.versions)."""
+    v = versions_of_environment()
+    return dict(torch_version=torch.__version__, triton_version=v["triton"] or "absent",
+                nlbench_version=nlbench.__version__, python_version=v["python"])

@@ -17,18 +17,33 @@ import click
 HELP = """Meta-train the outer weights the runs of CONFIG start from, into OUT/pretrained/.
 
 \b
-CONFIG is an experiment config with a `pretrain:` block, e.g.
+CONFIG is an experiment config with a `pretrain:` block; every key, at its default:
   pretrain:
     stream: {name: markov-languages, seq_len: 128}  # default: each run's own stream
-    tasks: 256              # generated tasks in the pool (seeds disjoint from evaluation)
+    tasks: fresh            # a new generated task per segment; N: a pool of N tasks
+                            # (generator seeds from 2^62 up: never an evaluated task)
     steps: 300              # optimizer steps
     batch_size: 8
     segments: 4             # task segments per meta-sequence
     segment_sequences: 2    # sequences per segment; fast state carried across all of them
     tbptt: 2                # sequences per truncated-backprop window
-    probe_weight: 0.5       # meta-continual loss on probes of earlier segments (final state discarded)
+    probe_weight: 0.0       # > 0: meta-continual loss on probes of earlier segments
     optimizer: {name: adamw, lr: 3e-3}
+    grad_clip: 1.0
     seed: 0                 # or "run": one pretraining per run seed
+    checkpoint_every: 50    # progress saved every N steps (not part of the key)
+    dtype: float32
+\b
+The whole path (configs/in-context-cpu.yaml; README "In-context learning" for times):
+  nlbench pretrain CONFIG --out OUT     # this command (optional: `run` computes a missing one)
+  nlbench run CONFIG --out OUT          # stream the tasks from the checkpoints
+  nlbench report OUT                    # leaderboard with in-context sections, retention figures
+\b
+Measured limits (docs/decisions.md): with `tbptt` shorter than segments x segment_sequences,
+Hope and Titans-LMM went to NaN near step 102 on associative-recall (the shipped configs
+backprop through the whole meta-sequence); Hope's in-context CMS overflows at the default
+`cms_lr` 0.5 (the configs set 0.1). A diverged pretraining is recorded and fails at once on
+the next call until its failed.txt is deleted.
 \b
 Each distinct (model, size, options, block) is computed once and reused by every run that
 names it: `nlbench run CONFIG --out OUT` then starts both protocols from it (in_context:

@@ -3,6 +3,10 @@
 K MLP levels; level ℓ has update period C^(ℓ) (frequency 1/C^(ℓ)). Wiring, pre-norm residual:
     sequential (default, Eq. 96 chain):  x ← x + MLP^(ℓ)(norm_ℓ(x))  for ℓ = 1..K in turn
     independent (head-wise, Agg = sum):  x ← x + Σ_ℓ MLP^(ℓ)(norm_ℓ(x))
+    nested (in-context only):            the sequential chain, and level ℓ < K re-initializes
+        from its own initial state φ^(ℓ) every C^(ℓ+1) tokens, after φ^(ℓ) took one step of
+        level ℓ+1: φ ← φ − η^(ℓ+1) Σ_{that block} ∇ℓ_t (first order; `nlbench.kernels.cms.state.fold`). Periods must
+        divide one another.
 
 Periods are non-decreasing, fastest first; equal periods are allowed ([1, 1, 1] is the
 all-fast control). `lr_mode="scaled"` (the frequency control) steps every level every step at
@@ -33,11 +37,19 @@ Two meanings of "step" (spec §4), chosen with `mode`:
   block. Without the 1/d the d = 128 levels diverge within a few blocks.
   The update is differentiable: the outer loop meta-learns the initial weights and η.
 
+  `objective="teach"` replaces next-input prediction by the teach signal of spec §4:
+  ℓ_t(θ) = ½‖MLP_θ(x_t) − sg(out_t − δ_t)‖², δ_t = ∂L/∂out_t for L the model's next-token loss
+  on the segment read so far; its gradient is J_tᵀ δ_t (`teach_grads`). The level cannot
+  compute δ itself: `CMS.read` gives the outputs (with a zero probe whose gradient is δ) and
+  `CMS.teach` folds Σ J_tᵀ δ_t in; `Hope._forward_teach` runs the segments.
+
   Level state: {"w": [W_gate, W_up, W_down] ([B, h, d], [B, h, d], [B, d, h]), "acc": the
   gradient sum of the block in progress, "count": tokens since the last update (0-dim long),
-  "prev": last input [B, d]}. Carrying it across calls continues the stream exactly, also when
-  a call ends mid-block. `cms_level_reference` (token loop with a counter) and
-  `cms_level_chunked` (loop over blocks, matmuls inside) compute the same thing.
+  "prev": last input [B, d]; nested levels also "phi", "phi_acc" (gradient sum since the last
+  re-initialization) and "since" (tokens since then)}. Carrying it across calls continues the stream exactly, also when
+  a call ends mid-block. The update itself lives in `nlbench.kernels.cms`: `cms_level_reference`
+  (token loop with a counter) and `cms_level_chunked` (loop over blocks, matmuls inside) compute
+  the same thing.
 """
 
 from __future__ import annotations
@@ -48,96 +60,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlbench.kernels.cms import (cms_level_chunked, cms_level_reference, cms_level_teach, swiglu_apply, swiglu_grads,
+                                 teach_grads)
+from nlbench.kernels.cms.state import check_period
 from nlbench.models.inputs import collecting, report_input
 from nlbench.models.layers import RMSNorm, SwiGLU
 
 __all__ = [
-    "CMS", "CMSLevel", "swiglu_apply", "swiglu_grads", "cms_level_reference", "cms_level_chunked",
-    "CMS_LR_MODES", "CMS_MODES", "CMS_VARIANTS",
+    "CMS", "CMSLevel", "swiglu_apply", "swiglu_grads", "teach_grads", "cms_level_reference", "cms_level_chunked",
+    "cms_level_teach", "check_nested", "CMS_LR_MODES", "CMS_MODES", "CMS_OBJECTIVES", "CMS_VARIANTS",
 ]
 
 CMS_MODES = ("optimizer", "in_context")
-CMS_VARIANTS = ("sequential", "independent")
+CMS_VARIANTS = ("sequential", "independent", "nested")
+CMS_OBJECTIVES = ("next_input", "teach")
 CMS_LR_MODES = ("period", "scaled")
-
-
-def _dsilu(x):
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
-def swiglu_apply(w, x):
-    """SwiGLU with per-batch weights w = [W_gate, W_up, W_down]: x [B, N, d] -> [B, N, d]."""
-    wg, wu, wd = w
-    return (F.silu(x @ wg.transpose(-1, -2)) * (x @ wu.transpose(-1, -2))) @ wd.transpose(-1, -2)
-
-
-def _apply_and_grads(w, x_ext, target):
-    """One pass over rows x_ext = [x_{s-1}, x_s, .., x_{s+n-1}] (n + 1 rows).
-
-    Returns the outputs of rows 1..n (the block's outputs) and Σ_t ∇_w ½‖MLP_w(x_{t-1}) − x_t‖²
-    over the n targets, using rows 0..n-1 as inputs (closed-form SwiGLU backprop).
-    """
-    wg, wu, wd = w
-    g, u = x_ext @ wg.transpose(-1, -2), x_ext @ wu.transpose(-1, -2)
-    a = F.silu(g)
-    m = a * u
-    out = m @ wd.transpose(-1, -2)
-    e = out[:, :-1] - target                       # δ_t, [B, n, d]
-    xin, m_in, g_in, u_in, a_in = x_ext[:, :-1], m[:, :-1], g[:, :-1], u[:, :-1], a[:, :-1]
-    dm = e @ wd                                    # [B, n, h]
-    d_wd = e.transpose(-1, -2) @ m_in
-    d_wu = (dm * a_in).transpose(-1, -2) @ xin
-    d_wg = (dm * u_in * _dsilu(g_in)).transpose(-1, -2) @ xin
-    return out[:, 1:], [d_wg, d_wu, d_wd]
-
-
-def swiglu_grads(w, x_prev, x_next):
-    """Σ_t ∇_w ½‖SwiGLU_w(x_prev_t) − x_next_t‖² (x_next is used as given; detach it yourself)."""
-    ext = torch.cat([x_prev, x_prev[:, -1:]], dim=1)  # the extra row only feeds an unused output
-    return _apply_and_grads(w, ext, x_next)[1]
-
-
-def _check_period(period):
-    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise ValueError(f"CMS period must be a positive integer, got {period!r}.")
-
-
-def cms_level_reference(state, x, period: int, lr):
-    """Token loop with a counter: out_t = MLP_θ(x_t); acc += ∇ℓ_t(θ); update when the count hits C."""
-    _check_period(period)
-    w, acc, prev = list(state["w"]), list(state["acc"]), state["prev"]
-    count, outs = int(state["count"]), []
-    for t in range(x.shape[1]):
-        x_t = x[:, t : t + 1]
-        outs.append(swiglu_apply(w, x_t))
-        acc = [a + g for a, g in zip(acc, swiglu_grads(w, prev[:, None], x_t.detach()))]
-        prev, count = x[:, t], count + 1
-        if count == period:
-            w = [p - lr * a for p, a in zip(w, acc)]
-            acc, count = [torch.zeros_like(a) for a in acc], 0
-    new = {"w": w, "acc": acc, "count": torch.tensor(count, dtype=torch.long), "prev": prev}
-    return torch.cat(outs, dim=1), new
-
-
-def cms_level_chunked(state, x, period: int, lr):
-    """Same as `cms_level_reference`, one segment per block (matmuls inside, no token loop)."""
-    _check_period(period)
-    w, acc, prev = list(state["w"]), list(state["acc"]), state["prev"]
-    count, T, outs = int(state["count"]), x.shape[1], []
-    first = min(period - count, T)  # the rest of the block in progress, then whole blocks
-    sizes = [first] + [period] * ((T - first) // period) + ([(T - first) % period] if (T - first) % period else [])
-    # split once (a slice per block would zero-fill a full-length gradient per block)
-    for xs in x.split([n for n in sizes if n], dim=1):
-        out, grads = _apply_and_grads(w, torch.cat([prev[:, None], xs], dim=1), xs.detach())
-        outs.append(out)
-        acc = [a + g for a, g in zip(acc, grads)]
-        prev, count = xs[:, -1], count + xs.shape[1]
-        if count == period:
-            w = [p - lr * a for p, a in zip(w, acc)]
-            acc, count = [torch.zeros_like(a) for a in acc], 0
-    new = {"w": w, "acc": acc, "count": torch.tensor(count, dtype=torch.long), "prev": prev}
-    return torch.cat(outs, dim=1), new
 
 
 class CMSLevel(nn.Module):
@@ -147,13 +84,17 @@ class CMSLevel(nn.Module):
     step, or every token in context) with its learning rate divided by C^(ℓ), so the same
     learning rate per token or step reaches it without the rare updates."""
 
-    def __init__(self, dim: int, hidden: int, period: int, mode: str, lr: float, lr_mode: str = "period"):
+    def __init__(self, dim: int, hidden: int, period: int, mode: str, lr: float, lr_mode: str = "period",
+                 objective: str = "next_input"):
         super().__init__()
-        _check_period(period)
+        check_period(period)
         if lr_mode not in CMS_LR_MODES:
             raise ValueError(f"cms_lr_mode must be one of {', '.join(CMS_LR_MODES)}; got {lr_mode!r}.")
-        self.period, self.mode, self.lr_mode = period, mode, lr_mode
+        if objective not in CMS_OBJECTIVES:
+            raise ValueError(f"cms_objective must be one of {', '.join(CMS_OBJECTIVES)}; got {objective!r}.")
+        self.period, self.mode, self.lr_mode, self.objective = period, mode, lr_mode, objective
         self.step_period = 1 if lr_mode == "scaled" else period  # how often the level moves
+        self.nested = False  # set by CMS: re-initialized from φ at the end of the next level's block
         self.norm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, hidden)
         if mode == "optimizer":
@@ -169,27 +110,45 @@ class CMSLevel(nn.Module):
             return None
         w = [m.weight.unsqueeze(0).expand(batch_size, *m.weight.shape)
              for m in (self.mlp.w_gate, self.mlp.w_up, self.mlp.w_down)]
-        return {
+        state = {
             "w": w, "acc": [torch.zeros_like(p) for p in w],
             "count": torch.tensor(0, dtype=torch.long),
             "prev": w[0].new_zeros(batch_size, w[0].shape[-1]),
         }
+        if self.nested:  # φ: the meta-learned initial state the level re-initializes from
+            state.update(phi=list(w), phi_acc=[torch.zeros_like(p) for p in w],
+                         since=torch.tensor(0, dtype=torch.long))
+        return state
 
     @property
     def lr(self):
         return F.softplus(self.lr_param)
 
-    def forward(self, x, state, reference: bool = False):
-        h = self.norm(x)
-        if self.mode == "optimizer":
-            return self.mlp(h), None
+    def _report(self, h):
         if collecting():  # fast weights start from the parameters: their inputs for DGD (models/inputs.py)
             wg, wu = self.mlp.w_gate.weight, self.mlp.w_up.weight
             report_input(wg, h)
             report_input(wu, h)
             report_input(self.mlp.w_down.weight, lambda: F.silu(F.linear(h, wg)) * F.linear(h, wu))
+
+    def forward(self, x, state, reference: bool = False, nest=None):
+        h = self.norm(x)
+        if self.mode == "optimizer":
+            return self.mlp(h), None
+        self._report(h)
         fn = cms_level_reference if reference else cms_level_chunked
-        return fn(state, h, self.step_period, self.lr)
+        return fn(state, h, self.step_period, self.lr, nest)
+
+    def read(self, x, state):
+        """Teach objective, first half: the level's output with its current fast weights (no
+        update) and its normalized input h, kept for `teach`."""
+        h = self.norm(x)
+        self._report(h)
+        return swiglu_apply(state["w"], h), h
+
+    def teach(self, state, h, delta, nest=None):
+        """Teach objective, second half: fold the segment's Σ J_tᵀ δ_t into the state."""
+        return cms_level_teach(state, h, delta, self.step_period, self.lr, nest)
 
 
 class CMS(nn.Module):
@@ -197,42 +156,90 @@ class CMS(nn.Module):
     adds the residuals itself (see module docstring for the wiring of each variant)."""
 
     def __init__(self, dim: int, hidden: int | list[int], periods, mode: str = "optimizer",
-                 variant: str = "sequential", lr: float | list[float] = 0.5, lr_mode: str = "period"):
+                 variant: str = "sequential", lr: float | list[float] = 0.5, lr_mode: str = "period",
+                 objective: str = "next_input"):
         super().__init__()
         if mode not in CMS_MODES:
             raise ValueError(f"cms_mode must be one of {', '.join(CMS_MODES)}; got {mode!r}.")
         if variant not in CMS_VARIANTS:
             raise ValueError(f"cms_variant must be one of {', '.join(CMS_VARIANTS)}; got {variant!r}.")
         periods = list(periods)
+        if variant == "nested":
+            check_nested(mode, periods)
+        if objective == "teach" and mode != "in_context":
+            raise ValueError("cms_objective 'teach' is the local objective of in-context CMS; it needs "
+                             "cms_mode 'in_context'.")
         hidden = [hidden] * len(periods) if isinstance(hidden, int) else list(hidden)
-        self.mode, self.variant = mode, variant
+        self.mode, self.variant, self.objective = mode, variant, objective
         self.reference = False  # True: per-token reference loops (tests)
         lrs = [lr] * len(periods) if isinstance(lr, (int, float)) else list(lr)
         if len(lrs) != len(periods) or len(hidden) != len(periods):
             raise ValueError(f"CMS: {len(periods)} periods need as many hidden widths and lrs; got {hidden!r}, {lr!r}.")
-        self.levels = nn.ModuleList(CMSLevel(dim, h, p, mode, r, lr_mode) for h, p, r in zip(hidden, periods, lrs))
+        self.levels = nn.ModuleList(CMSLevel(dim, h, p, mode, r, lr_mode, objective)
+                                    for h, p, r in zip(hidden, periods, lrs))
+        for lvl in list(self.levels)[:-1]:
+            lvl.nested = variant == "nested"
 
     def init_state(self, batch_size: int):
         if self.mode == "optimizer":
             return None
         return [lvl.init_state(batch_size) for lvl in self.levels]
 
+    def _nest(self, i):
+        """Level i's re-initialization clock in the nested variant: (C^(i+1), η^(i+1)) or None."""
+        if self.variant != "nested" or i + 1 == len(self.levels):
+            return None
+        nxt = self.levels[i + 1]
+        return nxt.period, nxt.lr
+
+    @property
+    def teach_period(self) -> int:
+        """Teach objective: the model runs segment by segment, this many tokens each (the gcd of
+        the levels' step periods, so no segment crosses a level's block boundary)."""
+        return math.gcd(*(lvl.step_period for lvl in self.levels))
+
     def forward(self, x, state=None, reference: bool | None = None):
+        if self.objective == "teach":
+            raise RuntimeError("CMS with cms_objective 'teach' needs the model's loss: use read() and "
+                               "teach() (Hope.forward runs the segments).")
         reference = self.reference if reference is None else reference
         if state is None:
             state = self.init_state(x.shape[0])
         states = [None] * len(self.levels) if state is None else state
         new, total = [], 0
-        for lvl, s in zip(self.levels, states):
-            out, s = lvl(x, s, reference)
+        for i, (lvl, s) in enumerate(zip(self.levels, states)):
+            out, s = lvl(x, s, reference, self._nest(i))
             new.append(s)
-            if self.variant == "sequential":
-                x = x + out
-            else:
+            if self.variant == "independent":
                 total = total + out
+            else:
+                x = x + out
         if self.variant == "independent":
             x = x + total
         return x, (None if self.mode == "optimizer" else new)
+
+    def read(self, x, state):
+        """Teach objective: the wiring of `forward` with every level's output read at its current
+        fast weights, plus a zero probe per level (its gradient is δ = ∂L/∂(level output)).
+        Returns (x_out, pending) with pending = [(h, probe)] per level, for `teach`."""
+        pending, total = [], 0
+        for lvl, s in zip(self.levels, state):
+            out, h = lvl.read(x, s)
+            probe = torch.zeros_like(out, requires_grad=True)
+            out = out + probe
+            pending.append((h, probe))
+            if self.variant == "independent":
+                total = total + out
+            else:
+                x = x + out
+        if self.variant == "independent":
+            x = x + total
+        return x, pending
+
+    def teach(self, state, pending, deltas):
+        """Teach objective: each level folds its segment's Σ J_tᵀ δ_t into its state."""
+        return [lvl.teach(s, h, d, self._nest(i))
+                for i, (lvl, s, (h, _), d) in enumerate(zip(self.levels, state, pending, deltas))]
 
     def flops_per_token(self) -> float:
         f = 0.0
@@ -242,3 +249,14 @@ class CMS(nn.Module):
             if self.mode == "in_context":
                 f += 2 * 3 * d * h * 2 + 2 * d * h  # closed-form backprop + the one extra row
         return f
+
+
+def check_nested(mode: str, periods) -> None:
+    """The nested variant re-initializes level ℓ every C^(ℓ+1) tokens: in-context levels only,
+    and each period must divide the next (a re-initialization lands on a block boundary)."""
+    if mode != "in_context":
+        raise ValueError("cms_variant 'nested' re-initializes in-context fast weights; it needs cms_mode "
+                         "'in_context'.")
+    if any(b % a for a, b in zip(periods, periods[1:])):
+        raise ValueError(f"cms_variant 'nested' needs each CMS period to divide the next (level ℓ "
+                         f"re-initializes at the end of level ℓ+1's block); got {list(periods)!r}.")

@@ -16,15 +16,17 @@ not leak into the next training step.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_collector", "remove_collector", "collecting", "report_input", "report_conv_input",
+__all__ = ["add_collector", "remove_collector", "collecting", "no_reports", "report_input", "report_conv_input",
            "report_chain_inputs"]
 
 _collectors: list[Callable] = []
+_quiet: list[bool] = []
 
 
 def add_collector(fn: Callable) -> None:
@@ -39,7 +41,18 @@ def remove_collector(fn: Callable) -> None:
 
 def collecting() -> bool:
     """True when some optimizer collects inputs (and autograd is on): compute inputs only then."""
-    return bool(_collectors) and torch.is_grad_enabled()
+    return bool(_collectors) and torch.is_grad_enabled() and not _quiet
+
+
+@contextmanager
+def no_reports():
+    """No reports inside (a model that turns autograd on under no_grad for an inner objective,
+    e.g. Hope's teach-signal CMS, so evaluation still does not leak into training)."""
+    _quiet.append(True)
+    try:
+        yield
+    finally:
+        _quiet.pop()
 
 
 def report_input(weight: torch.Tensor, x) -> None:

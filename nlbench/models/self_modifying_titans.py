@@ -20,7 +20,7 @@ Chunked training (Eq. 90–91) with two chunk sizes: `chunk_size` for the projec
 {k, v, η, α} — inside one such chunk k, v, η, α and their targets come from the chunk-start
 memories — and `mem_chunk_size` for M_mem, whose reads use the per-token state inside its
 chunks. η ∈ (0, 1) and α ∈ (0, 1) are squashed by a sigmoid whose bias sets their value at
-init (`eta_init` = 0.7, `alpha_init` = 0.99: the memory keeps 99% per token; 0.5 would halve
+init (`eta_init` = 0.2, `alpha_init` = 0.999: the memory keeps 99.9% per token; 0.5 would halve
 it every token, spec §7). The mean over the head's channels is the scalar read-out of the η/α
 memories.
 
@@ -49,9 +49,12 @@ ablation (it diverges within the first 128-token sequence from init).
   of the way to v̂, vs 17% now at η = 0.7.) W1 ~ N(0, 0.1²/(hidden·d_h)) (‖W1‖_F ≈ 0.1): each
   memory starts near the identity map, and W2 still receives gradients. Linear memories start
   at the identity.
-* eta_init 0.7 (was 0.1): with the MLP's own DGD decay W2(I − η k kᵀ) the read-back of a
-  write peaks around η ≈ 0.5–0.7; at 0.1 the writes are too weak for the outer loop to find
-  the copy circuit in 100 steps (copy accuracy 0.33 / 0.48; 0.5: 0.99 / 0.56; 0.7: 1.00 ×3).
+* `eta_init` 0.2, `alpha_init` 0.999 (hyper-parameters, chosen by measurement,
+  docs/decisions.md): with the MLP's own DGD decay W2(I − η k kᵀ) the read-back of a single
+  write peaks around η ≈ 0.5–0.7, which finds the copy circuit fastest, but every write also
+  erases along its key, and a passkey must survive ~120 tokens of filler writes: under
+  configs/standard.yaml's passkey stream (Muon on every matrix) Hope's mean diagonal accuracy
+  was 0.242 at 0.3 / 0.999 and 0.359 at 0.2 / 0.999 (3 seeds; the Transformer 0.314).
 * chunk_size 16 (was 64): with 64 chunk-start gradients summed, the projection memories'
   W2 diverged within ~1500 tokens of a carried stream, even untrained (without the guard
   below), and with the guard a model trained 300 copy steps still diverged (W2 of M_k → inf
@@ -96,11 +99,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nlbench.kernels.compiling import compile_kernel, compile_mode
 from nlbench.kernels.dgd import (
     dgd_chunk, dgd_chunk_stacked, dgd_chunk_triton, dgd_flops_per_token, dgd_memory_reference, memory_apply,
-    resolve_backend,
+    resolve_memory_kernel,
 )
 from nlbench.models.inputs import collecting, report_chain_inputs, report_conv_input, report_input
 from nlbench.models.layers import ShortConv, causal_conv
@@ -112,6 +116,9 @@ MEMORY_KERNELS = ("chunked", "triton")
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 W2_STD = 1.0    # init std of W2: O(1) pre-activations for unit-norm inputs (module docstring)
 W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gradients to W2
+# recompute_chunks: chunk steps per checkpoint; the backward pass keeps one chunk-start state
+# ([5, B, H, out, in] per matrix) per group and recomputes at most one group's intermediates at a time
+RECOMPUTE_GROUP = 4
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 # The stabilisers (module docstring, "Choices ... and deviations"): their defaults, and the
 # paper's form that the model option `paper_exact: true` selects (Eq. 84–91 as written).
@@ -209,7 +216,7 @@ def gates(p, b_eta, b_alpha, normalize_v: bool = True):
     return k, v, eta, alpha
 
 
-def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk, normalize_v=True, normalized_step=True):
+def stacked_chunk_step(weights, u, zc, qc, b_eta, b_alpha, chunk_fn=dgd_chunk, normalize_v=True, normalized_step=True):
     """One chunk of Eq. 84–91 for the five memories stacked [k, v, η, α, mem] (weights: list of
     [5, B, H, out, in]; u: the guard's carried vectors [5, B, H, hidden], None for linear
     memories or without the guard): the chunk-start projection memories give k, v, η, α
@@ -221,19 +228,19 @@ def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, kernel=dgd_chunk, norma
     if u is not None:
         lam, u = tracked_curvature(weights[1], u)
         eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
-    y, new = kernel(weights, qc, k, v, eta, alpha, read_index=n_proj, normalized_step=normalized_step)
+    y, new = chunk_fn(weights, qc, k, v, eta, alpha, read_index=n_proj, normalized_step=normalized_step)
     return y, new, u
 
 
 @functools.cache
-def _compiled_fused_chunk_step(device_type: str, mode: str = "default"):
-    """`fused_chunk_step` through `torch.compile`, with the chunk in plain autograd ops
+def _compiled_stacked_chunk_step(device_type: str, mode: str = "default"):
+    """`stacked_chunk_step` through `torch.compile`, with the chunk in plain autograd ops
     (`dgd_chunk_stacked`: `dgd_chunk_autograd` in fewer, larger matmuls) so that AOTAutograd
     derives one fused backward for the whole step; made once per process and shared by every
     layer of the same shape. One Hope `medium` train step on 2 CPU threads (T=512, batch 4; one
     run each): eager 1357 ms, the DGD kernel alone compiled 1067 ms, the whole chunk step
     compiled 838 ms."""
-    return compile_kernel(functools.partial(fused_chunk_step, kernel=dgd_chunk_stacked), device_type, mode)
+    return compile_kernel(functools.partial(stacked_chunk_step, chunk_fn=dgd_chunk_stacked), device_type, mode)
 
 
 def _logit(p: float) -> float:
@@ -242,10 +249,11 @@ def _logit(p: float) -> float:
 
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", mem_hidden: int | None = None,
-                 chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.7,
-                 alpha_init: float = 0.99, conv_size: int = 4, memory_kernel: str = "chunked",
+                 chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.2,
+                 alpha_init: float = 0.999, conv_size: int = 4, memory_kernel: str = "chunked",
                  curvature_guard: bool = True, normalize_v: bool = True, normalized_step: bool = True,
-                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD):
+                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD,
+                 recompute_chunks: bool = False):
         super().__init__()
         assert d_model % n_heads == 0
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
@@ -257,9 +265,12 @@ class SelfModifyingTitans(nn.Module):
             raise ValueError("memory_kernel 'triton' has only the normalized step; normalized_step=False needs "
                              "memory_kernel 'chunked'.")
         self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
-        self.kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
-        self.fuse = True  # stack the five memories when both chunk sizes agree (`_memories_fused`)
+        self.memory_kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
+        self.stack = True  # stack the five memories when both chunk sizes agree (`_memories_stacked`)
         self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
+        # memory, not math: keep only each group's chunk-start state for the backward pass and
+        # recompute the rest there (`_memories_stacked`, `dgd_chunk_manual`); same outputs and gradients
+        self.recompute_chunks = recompute_chunks
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
         # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3),
@@ -317,12 +328,13 @@ class SelfModifyingTitans(nn.Module):
         if lam is not None:
             eta = torch.minimum(eta, (GUARD / lam).unsqueeze(-1))
         ns = self.normalized_step
-        if self.kernel == "reference":
+        if self.memory_kernel == "reference":
             y, new = dgd_memory_reference(weights, q, k, v, eta, alpha, k.shape[-2], normalized_step=ns)
-        elif self.kernel == "triton":
+        elif self.memory_kernel == "triton":
             y, new = dgd_chunk_triton(weights, q, k, v, eta, alpha, normalized_step=ns)
         else:
-            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns)
+            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns,
+                               recompute=self.recompute_chunks)
         return y, new, u
 
     # --- forward -----------------------------------------------------------------------------
@@ -332,14 +344,14 @@ class SelfModifyingTitans(nn.Module):
         z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
                                       self.conv_q.conv.weight, self.n_heads, self.normalize_inputs)
         self._report_inputs(x, z, q, state)
-        if self.kernel == "triton":
+        if self.memory_kernel == "triton":
             try:
-                resolve_backend("triton", x.device)
+                resolve_memory_kernel("triton", x.device)
             except RuntimeError as e:
                 raise RuntimeError(f"model option memory_kernel='triton': {e} (the model option: "
                                    f"memory_kernel: chunked)") from e
-        if self.fuse and self.kernel != "reference" and self.chunk_size == self.mem_chunk_size:
-            y, mems = self._memories_fused(z, q, state)
+        if self.stack and self.memory_kernel != "reference" and self.chunk_size == self.mem_chunk_size:
+            y, mems = self._memories_stacked(z, q, state)
         else:
             y, mems = self._memories(z, q, state)
         report_input(self.w_o.weight, lambda: y.transpose(1, 2).flatten(-2))
@@ -389,28 +401,55 @@ class SelfModifyingTitans(nn.Module):
     def _guard_state(self, us):
         return {"guard": torch.stack(us)} if self.curvature_guard else {}
 
-    def _memories_fused(self, z, q, state):
+    def _memories_stacked(self, z, q, state):
         """The same computation as `_memories` when both chunk sizes agree, with the five memories
         stacked on a leading axis [k, v, η, α, mem]: one projection, one guard and one DGD chunk
         per chunk for all of them instead of five (on CPU these small matmuls cost mostly per-op
         overhead); only M_mem is read. Tests check it equals `_memories`. With `compile_kernels`
-        each chunk step runs through `torch.compile` (`_compiled_fused_chunk_step`)."""
+        each chunk step runs through `torch.compile` (`_compiled_stacked_chunk_step`)."""
         names = (*PROJECTION_MEMORIES, "mem")
         weights = [torch.stack(ws) for ws in zip(*(state[n] for n in names))]  # each [5, B, H, out, in]
         u = state.get("guard")
         if u is None and self.curvature_guard:
             u = top_direction(weights[1])
-        if self.kernel == "triton":
-            step = functools.partial(fused_chunk_step, kernel=dgd_chunk_triton)
+        if self.memory_kernel == "triton":
+            step = functools.partial(stacked_chunk_step, chunk_fn=dgd_chunk_triton)
         elif self.compile_kernels:
-            step = _compiled_fused_chunk_step(z.device.type, compile_mode(self.compile_kernels))
+            step = _compiled_stacked_chunk_step(z.device.type, compile_mode(self.compile_kernels))
         else:
-            step = fused_chunk_step
+            step = stacked_chunk_step
+        step = functools.partial(step, normalize_v=self.normalize_v, normalized_step=self.normalized_step)
+        chunks = list(zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)))
+        if self.recompute_chunks and self.memory_kernel == "chunked" and not self.compile_kernels:
+            return self._memories_recomputed(chunks, weights, u, names)
         ys = []
-        for zc, qc in zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)):
-            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha, normalize_v=self.normalize_v,
-                                 normalized_step=self.normalized_step)
+        for zc, qc in chunks:
+            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
             ys.append(y)
+        mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
+        return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
+
+    def _memories_recomputed(self, chunks, weights, u, names):
+        """`_memories_stacked`'s eager loop with `recompute_chunks`: every RECOMPUTE_GROUP chunk
+        steps run under `torch.utils.checkpoint`, so the backward pass keeps only each group's
+        chunk-start weights and guard vectors and runs the group's forward again; inside, the DGD
+        chunk keeps only its inputs (`dgd_chunk_manual(recompute=True)`: the checkpoint cannot drop
+        the intermediates the hand-written backward holds). Same values: the recomputation runs
+        the same ops on the same inputs."""
+        step = functools.partial(stacked_chunk_step, chunk_fn=functools.partial(dgd_chunk, recompute=True),
+                                 normalize_v=self.normalize_v, normalized_step=self.normalized_step)
+
+        def run(weights, u, group):
+            ys = []
+            for zc, qc in group:
+                y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
+                ys.append(y)
+            return ys, weights, u
+
+        ys = []
+        for i in range(0, len(chunks), RECOMPUTE_GROUP):
+            group_ys, weights, u = checkpoint(run, weights, u, chunks[i:i + RECOMPUTE_GROUP], use_reentrant=False)
+            ys += group_ys
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
         return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
 

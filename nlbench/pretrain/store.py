@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nlbench.atomic import atomic_write
 from nlbench.pretrain.config import pretrain_key
 
 FORMAT = "nlbench-pretrained"
@@ -43,21 +43,8 @@ def checkpoint_dir(root, key: str) -> Path:
 
 
 def save_atomic(path: Path, payload: dict) -> None:
-    """torch.save to a hidden temp file beside `path`, fsync, os.replace: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """torch.save, atomically (nlbench.atomic): never a torn file."""
+    atomic_write(path, lambda f: torch.save(payload, f), private=True)
 
 
 def read_safe(path: Path, fmt: str) -> dict:

@@ -4,6 +4,8 @@ divergence check.
 Loss: `F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100)`. The task has
 already shifted the targets once (targets[b, t] labels logits[b, t]); nothing here shifts again.
 Accuracy: mean over scored positions of argmax(logits) == targets (docs/ARCHITECTURE.md, Tasks).
+Task-incremental streams pass `output_groups`: loss and argmax are then taken over the target's own
+task's labels only (nlbench.tasks.base.restrict_to_group), in training and scoring alike.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nlbench.models.base import clone_state
+from nlbench.tasks.base import restrict_to_group
 
 IGNORE_INDEX = -100
 
@@ -27,7 +30,8 @@ class Diverged(RuntimeError):
         self.reason, self.step = reason, step
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, output_groups: torch.Tensor | None = None) -> torch.Tensor:
+    logits = restrict_to_group(logits, targets, output_groups)
     V = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
@@ -46,7 +50,8 @@ def _head(batch, max_sequences: int | None):
     return tokens, targets
 
 
-def _score(logits, targets, sums):
+def _score(logits, targets, sums, output_groups=None):
+    logits = restrict_to_group(logits, targets, output_groups)
     scored = targets != IGNORE_INDEX
     V = logits.shape[-1]
     sums["loss"] += F.cross_entropy(
@@ -64,7 +69,8 @@ def _finish(sums) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, batch, *, batch_size: int, max_sequences: int | None, device, dtype: str = "float32") -> dict:
+def evaluate(model, batch, *, batch_size: int, max_sequences: int | None, device, dtype: str = "float32",
+             output_groups: torch.Tensor | None = None) -> dict:
     """Finetune scoring: every sequence starts from the meta-learned initial state (state=None).
 
     Accuracy and loss are averaged over all scored positions of the (first `max_sequences`)
@@ -76,13 +82,13 @@ def evaluate(model, batch, *, batch_size: int, max_sequences: int | None, device
         x, y = tokens[s:s + batch_size].to(device), targets[s:s + batch_size].to(device)
         with autocast_for(device, dtype):
             logits = model(x, state=None, update_state=True).logits
-        _score(logits, y, sums)
+        _score(logits, y, sums, output_groups)
     return _finish(sums)
 
 
 @torch.no_grad()
 def evaluate_with_state(model, batch, state, *, streams: int, max_sequences: int | None, device,
-                        dtype: str = "float32") -> dict:
+                        dtype: str = "float32", output_groups: torch.Tensor | None = None) -> dict:
     """In-context scoring: probe each held-out chunk of `streams` sequences from a clone of the
     carried fast state with update_state=False: writes within a probe sequence happen (the
     memories are the token mixer), its final state is discarded, so scoring never teaches the
@@ -102,7 +108,7 @@ def evaluate_with_state(model, batch, state, *, streams: int, max_sequences: int
         x, y = x.to(device), y.to(device)
         with autocast_for(device, dtype):
             logits = model(x, state=clone_state(state), update_state=False).logits
-        _score(logits, y, sums)
+        _score(logits, y, sums, output_groups)
     return _finish(sums)
 
 

@@ -51,7 +51,8 @@ class Finetune(Protocol):
 
     def score(self, task):
         return evaluate(self.model, self.eval_set(task), batch_size=int(self.eval_cfg["batch_size"]),
-                        max_sequences=self.eval_cfg.get("max_sequences"), device=self.device, dtype=self.dtype)
+                        max_sequences=self.eval_cfg.get("max_sequences"), device=self.device, dtype=self.dtype,
+                        output_groups=self.stream.output_groups)
 
     def _clip_params(self):
         due = getattr(self.optimizer, "due_params", None)
@@ -69,7 +70,7 @@ class Finetune(Protocol):
             self.optimizer.zero_grad(set_to_none=True)
             with autocast_for(self.device, self.dtype):
                 logits = self.model(x, state=None).logits
-            loss = lm_loss(logits, y)
+            loss = lm_loss(logits, y, self.stream.output_groups)
             check_finite(loss, "training loss", self.step + 1, i)
             penalty = self.strategy.penalty()
             if penalty is not None:

@@ -35,7 +35,7 @@ class InContext(Protocol):
     def score(self, task):
         return evaluate_with_state(self.model, self.eval_set(task), self.state, streams=self.batch_size,
                                    max_sequences=self.eval_cfg.get("max_sequences"), device=self.device,
-                                   dtype=self.dtype)
+                                   dtype=self.dtype, output_groups=self.stream.output_groups)
 
     @torch.no_grad()
     def train_task(self, i: int) -> None:
@@ -46,7 +46,7 @@ class InContext(Protocol):
             x, y = tokens.to(self.device), targets.to(self.device)
             with autocast_for(self.device, self.dtype):
                 out = self.model(x, state=self.state, update_state=True)
-            check_finite(lm_loss(out.logits, y), "in-context loss", self.step + 1, i)
+            check_finite(lm_loss(out.logits, y, self.stream.output_groups), "in-context loss", self.step + 1, i)
             self.state = detach_state(out.state)
             self.after_step(i, s)
 

@@ -161,7 +161,7 @@ class EWC(Naive):
             x, y = x.to(self.device), y.to(self.device)
             with autocast_for(self.device, self.dtype):
                 logits = self.model(x, state=None).logits
-            grads = torch.autograd.grad(lm_loss(logits, y), params, allow_unused=True)
+            grads = torch.autograd.grad(lm_loss(logits, y, task.output_groups), params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
                     a.add_(g.detach().float().pow(2))

@@ -1,8 +1,9 @@
 """Report figures (matplotlib Agg, PNG + SVG): forgetting curves, accuracy-matrix heatmaps,
 retention curves of in-context entries, final accuracy vs forgetting, accuracy vs throughput.
 
-Every figure is drawn per stream from its primary section (accuracy when the stream has it,
-else loss) of the leaderboard document, so the points are the same seed means the tables show.
+Every figure is drawn per stream setting (section label: stream, protocol and stream
+configuration) from its primary section (accuracy when it has it, else loss) of the leaderboard
+document, so the points are the same seed means the tables show.
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ def save(fig, stem, formats=FORMATS) -> list[str]:
     return paths
 
 
+def label(section: dict) -> str:
+    """The section's stream setting (documents written before the `section` key: the stream)."""
+    return section.get("section") or section["stream"]
+
+
 def primary_sections(doc: dict) -> list[dict]:
     by = {}
     for s in doc["streams"]:
-        if s["stream"] not in by or s["score"] == "accuracy":
-            by[s["stream"]] = s
+        if label(s) not in by or s["score"] == "accuracy":
+            by[label(s)] = s
     return [by[k] for k in sorted(by)]
 
 
@@ -81,7 +87,7 @@ def forgetting_curves(section: dict, curves: pd.DataFrame, stem) -> list[str] | 
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(section["score"])
         ax.legend(fontsize=7)
-    fig.suptitle(f"{section['stream']}: forgetting curves (seed mean; dashed: task boundaries)", fontsize=10)
+    fig.suptitle(f"{label(section)}: forgetting curves (seed mean; dashed: task boundaries)", fontsize=10)
     fig.tight_layout()
     paths = save(fig, stem)
     plt.close(fig)
@@ -116,7 +122,7 @@ def heatmaps(section: dict, matrix: pd.DataFrame, stem) -> list[str] | None:
         ax.set_ylabel("after task i")
         ax.set_title(e["entry"], fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"{section['stream']}: R[i][j] ({section['score']}, seed mean)", fontsize=10)
+    fig.suptitle(f"{label(section)}: R[i][j] ({section['score']}, seed mean)", fontsize=10)
     fig.tight_layout()
     paths = save(fig, stem)
     plt.close(fig)
@@ -144,7 +150,7 @@ def scatter_acc_forgetting(doc: dict, stem) -> list[str] | None:
         _errbar(ax, s["entries"], lambda e: e["metrics"]["forgetting"], lambda e: e["metrics"]["acc_final"])
         ax.set_xlabel("forgetting (lower is better)")
         ax.set_ylabel(f"acc_final ({s['score']})")
-        ax.set_title(s["stream"], fontsize=9)
+        ax.set_title(label(s), fontsize=9)
         ax.legend(fontsize=6)
     fig.suptitle("final score vs forgetting (seed mean, 95% CI)", fontsize=10)
     fig.tight_layout()
@@ -163,7 +169,7 @@ def scatter_acc_throughput(doc: dict, stem) -> list[str] | None:
         ax.set_xscale("log")
         ax.set_xlabel("train tokens/s")
         ax.set_ylabel(f"acc_final ({s['score']})")
-        ax.set_title(s["stream"], fontsize=9)
+        ax.set_title(label(s), fontsize=9)
         ax.legend(fontsize=6)
     fig.suptitle("final score vs training throughput", fontsize=10)
     fig.tight_layout()
@@ -195,7 +201,7 @@ def retention_figure(section: dict, matrix: pd.DataFrame, curves: pd.DataFrame, 
             ax.axhline(chance, ls="--", lw=0.8, color=line.get_color())
     ax.set_xlabel("tokens since the task ended")
     ax.set_ylabel(section["score"])
-    ax.set_title(f"{section['stream']}: retention (in_context)")
+    ax.set_title(f"{label(section)}: retention")
     ax.legend(fontsize=7)
     paths = save(fig, stem)
     plt.close(fig)
@@ -207,18 +213,18 @@ def make_figures(doc: dict, res, fig_dir) -> dict[str, list[str]]:
     fig_dir = Path(fig_dir)
     out: dict[str, list[str]] = {}
     for s in primary_sections(doc):
-        name = slug(s["stream"])
+        name, lab = slug(label(s)), label(s)
         if not res.curves.empty:
             p = forgetting_curves(s, res.curves, fig_dir / f"curves_{name}")
             if p:
-                out[f"forgetting curves: {s['stream']}"] = p
+                out[f"forgetting curves: {lab}"] = p
         if not res.matrix.empty:
             p = heatmaps(s, res.matrix, fig_dir / f"matrix_{name}")
             if p:
-                out[f"accuracy matrix: {s['stream']}"] = p
+                out[f"accuracy matrix: {lab}"] = p
             p = retention_figure(s, res.matrix, res.curves, fig_dir / f"retention_{name}")
             if p:
-                out[f"retention: {s['stream']}"] = p
+                out[f"retention: {lab}"] = p
     for title, fn, stem in (
         ("final score vs forgetting", scatter_acc_forgetting, "acc_vs_forgetting"),
         ("final score vs throughput", scatter_acc_throughput, "acc_vs_throughput"),

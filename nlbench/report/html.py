@@ -97,13 +97,36 @@ def _img(path: str, alt: str) -> str:
 
 def _section_html(s: dict) -> list[str]:
     direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
-    p = [f"<h3>{escape(s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
+    p = [f"<h3>{escape(s.get('section') or s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
+    if s.get("kind_reason"):
+        p.append(f'<p class="note">{escape(s["kind_reason"])}</p>')
     head, rows = lb.section_rows(s)
-    tid = f"stream-{slug(s['stream'])}-{s['score']}"
+    tid = f"stream-{slug(s.get('section') or s['stream'])}-{s['score']}"
     p.append(table_html(head, rows, tid, ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
     if s["paired"]:
         p.append(f"<p>Paired differences against <b>{escape(s['baseline'])}</b> (entry − baseline, 95% CI over common seeds):</p>")
-        p.append(table_html(*lb.paired_table(s), f"paired-{slug(s['stream'])}-{s['score']}"))
+        p.append(table_html(*lb.paired_table(s), f"paired-{slug(s.get('section') or s['stream'])}-{s['score']}"))
+    return p
+
+
+def _ablation_html(ablations: list[dict], figures: dict) -> list[str]:
+    """The CMS ablation section (nlbench.report.cms_ablation): verdict, then per stream figure and tables."""
+    from nlbench.report import cms_ablation as ca
+
+    if not ablations:
+        return []
+    p = ["<h2>CMS ablation: does multi-frequency CMS beat its controls?</h2>", f"<p>{escape(ca.INTRO)}</p>",
+         f"<p><b>Verdict.</b> {escape(ca.verdict_text(ablations))}</p>", f"<p>Rule: {escape(ca.RULE)}.</p>"]
+    for ab in ablations:
+        p.append(f"<h3>{escape(ab['section'])}</h3><p>{escape(ab['verdict'])}.</p>")
+        key = f"CMS ablation: {ab['section']}"
+        paths = (figures or {}).get(key)
+        if paths and paths[0].endswith(".png"):
+            p.append(_img(paths[0], key))
+        p.append(table_html(*ca.points_rows(ab), f"cms-points-{slug(ab['section'])}"))
+        if ab["comparisons"]:
+            p.append("<p>Paired differences (multi-frequency arm − control, per seed):</p>")
+            p.append(table_html(*ca.pair_rows(ab), f"cms-pairs-{slug(ab['section'])}"))
     return p
 
 
@@ -121,6 +144,7 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
     if headline:
         p.append("<h2>Headline figures</h2>")
         p += [_img(paths[0], name) for name, paths in headline.items() if paths and paths[0].endswith(".png")]
+    p += _ablation_html(doc.get("cms_ablation") or [], figures)
     p.append("<h2>Details</h2>")
     if doc.get("sources"):
         p.append(f"<p>Generated {escape(doc['generated_at'])} from {escape(', '.join(doc['sources']))}. "
@@ -132,6 +156,11 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append(f'<p class="note">{escape(n)}</p>')
     for w in doc.get("warnings", []):
         p.append(f'<p class="warn">warning: {escape(w)}</p>')
+    if doc.get("streams"):
+        sel_head, sel_rows = lb.selection_table(doc)
+        if sel_rows:
+            p += ["<h2>Selected hyper-parameters</h2>", f"<p>{escape(lb.SELECTION_SENTENCE)}</p>",
+                  table_html(sel_head, sel_rows, "selection")]
     forgetting = [s for s in doc.get("streams", []) if s["kind"] == "forgetting"]
     capability = [s for s in doc.get("streams", []) if s["kind"] == "capability"]
     if forgetting:
@@ -151,7 +180,11 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append("<h2>Throughput</h2>")
         p.append(f"<p>{escape(tp.legend(throughput))}</p>")
         p.append(table_html(*tp.table_rows(throughput), "throughput"))
-    rest = {k: v for k, v in figures.items() if k not in lb.HEADLINE_FIGURES}
+    if throughput and throughput.get("stream"):
+        p.append("<h3>Streaming</h3>")
+        p.append(f"<p>{escape(tp.STREAM_LEGEND)}</p>")
+        p.append(table_html(*tp.stream_table_rows(throughput), "stream"))
+    rest = {k: v for k, v in figures.items() if k not in lb.HEADLINE_FIGURES and not k.startswith("CMS ablation")}
     if rest:
         p.append("<h2>Figures</h2>")
         p += [_img(paths[0], name) for name, paths in rest.items() if paths and paths[0].endswith(".png")]

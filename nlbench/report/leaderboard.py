@@ -6,7 +6,10 @@ task, …) — a short fingerprint of that configuration, so two configurations 
 if they were seeds of one.
 
 Per-run metrics come from :func:`nlbench.metrics.per_run_metrics` (docs/METRICS.md), seed
-aggregation from :func:`nlbench.metrics.aggregate`. Sections are per (stream, score):
+aggregation from :func:`nlbench.metrics.aggregate`. Sections are per (stream setting, score), a
+*stream setting* being the stream with its protocol and configuration (:func:`section_labels`:
+an in-context markov-languages stream of 8-token languages is not the fine-tuning one, so its
+entries are never ranked or paired against those); in each:
 ``accuracy`` (higher is better) and, for language-modelling streams, ``loss`` (lower is better;
 the transfer metrics are computed on −R so a positive BWT/FWT still means "helped" and a
 positive forgetting "got worse").
@@ -32,6 +35,7 @@ import pandas as pd
 
 from nlbench import metrics as M
 from nlbench.report.load import ReportError, Results
+from nlbench.tasks import capability_streams
 
 SCHEMA_VERSION = 2
 # The metrics of the table, in the order shown (forgetting always next to plasticity); lca needs
@@ -40,8 +44,13 @@ TABLE_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalized
 RANK_METRIC = "acc_final"  # the one metric a rank is computed from (no metric counted twice)
 PAIRED_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalized")
 # Streams that test a capability (transfer, learnability at a budget), not forgetting: their own
-# section of the report, outside the verdict.
-CAPABILITY_STREAMS = ("passkey", "modular-arithmetic", "text-domains")
+# section of the report, outside the verdict. The stream registry marks them (StreamSpec.measures).
+CAPABILITY_STREAMS = capability_streams()
+# Shown as an extra column only in sections where some entry has a value (recurring streams).
+SECTION_EXTRA_METRICS = ("relearn_savings",)
+# a forgetting stream ranks only entries that learned it: plasticity >= chance + this fraction of
+# (ceiling - chance) for every ranked entry, else the stream is reported as a capability test
+LEARNABLE_FRACTION = 0.2
 HEADLINE_FIGURES = ("final score vs forgetting",)  # shown right after the verdict; the rest with the details
 RANKING_RULE = (
     "per stream section: entries that learned, by acc_final; rank = 1 + the number of entries whose paired "
@@ -57,6 +66,7 @@ LOSS_NOTE = (
     "'helped' and positive forgetting 'got worse'."
 )
 _ENTRY_KEYS = ("model", "size", "protocol", "strategy")
+DEFAULT_PROTOCOL = "finetune"  # its sections keep the bare stream name
 NO_VERDICT = "None: no forgetting stream has both a Hope entry and a non-Hope entry that learned."
 LOWER_IS_BETTER = ("loss", "perplexity")  # matrix scores where lower is better
 
@@ -119,9 +129,31 @@ def _entry_table(runs: pd.DataFrame) -> pd.DataFrame:
     base = base.str.replace("//", "/", regex=False).str.strip("/")
     runs["entry"] = base
     # same label, several configurations (and same stream): tell them apart by fingerprint
-    n_fp = runs.groupby(["stream", "entry"])["fingerprint"].transform("nunique")
+    runs["section"] = section_labels(runs)
+    n_fp = runs.groupby(["section", "entry"])["fingerprint"].transform("nunique")
     runs.loc[n_fp > 1, "entry"] = base[n_fp > 1] + "#" + runs.loc[n_fp > 1, "fingerprint"]
     return runs
+
+
+def _stream_config(config: dict) -> dict:
+    stream = config.get("stream")
+    return stream if isinstance(stream, dict) else {}
+
+
+def section_labels(runs: pd.DataFrame) -> pd.Series:
+    """The section each run is ranked in: runs of one section share the task data per seed.
+
+    The label is the stream name for the default protocol (finetune), ``"<stream> · <protocol>"``
+    for any other, and gets ``#<hash>`` of the stream configuration when one (stream, protocol)
+    was run with several configurations (e.g. other options or task counts).
+    """
+    proto = runs["protocol"].replace("", DEFAULT_PROTOCOL)
+    streams = runs["stream"].fillna("").astype(str)
+    shash = pd.Series([hashlib.sha1(json.dumps(_stream_config(c), sort_keys=True).encode()).hexdigest()[:8]
+                       for c in runs["config_dict"]], index=runs.index)
+    base = streams.where(proto == DEFAULT_PROTOCOL, streams + " · " + proto)
+    n_cfg = shash.groupby([streams, proto]).transform("nunique")
+    return base.where(n_cfg <= 1, base + "#" + shash)
 
 
 def _environment(g: pd.DataFrame) -> dict:
@@ -206,7 +238,7 @@ def _outcome(d: dict, score: str) -> str:
 
 
 def verdict_rows(sections: list[dict]) -> list[dict]:
-    """Per forgetting stream (its primary section): each Hope entry against the section's baseline."""
+    """Per forgetting stream setting (its primary section): each Hope entry against the section's baseline."""
     rows = []
     for s in sections:
         if s["kind"] != "forgetting" or not s["primary"]:
@@ -215,7 +247,8 @@ def verdict_rows(sections: list[dict]) -> list[dict]:
         for e in s["entries"]:
             if not is_hope(e):
                 continue
-            row = {"stream": s["stream"], "score": s["score"], "entry": e["entry"], "baseline": s["baseline"],
+            row = {"section": s["section"], "stream": s["stream"], "protocol": s["protocol"], "score": s["score"],
+                   "entry": e["entry"], "baseline": s["baseline"],
                    "did_not_learn": e["did_not_learn"]}
             if s["baseline"] is None:
                 row["outcome"] = "no baseline"
@@ -263,6 +296,7 @@ def build_leaderboard(res: Results) -> dict:
         "notes": [],
         "warnings": list(res.warnings),
         "verdict": [],
+        "cms_ablation": [],
         "streams": [],
     }
     if res.runs.empty:
@@ -284,24 +318,26 @@ def build_leaderboard(res: Results) -> dict:
     # the chance rule lives on accuracy; a run's loss section inherits its accuracy flag
     acc_flag = per_run[per_run["score"] == "accuracy"].set_index("run_id")["did_not_learn"].to_dict()
     per_run["did_not_learn"] = [acc_flag.get(r, f) for r, f in zip(per_run["run_id"], per_run["did_not_learn"])]
-    keep = ["run_id", "entry", "config_dict", "status", *_ENTRY_KEYS,
+    keep = ["run_id", "entry", "section", "config_dict", "status", *_ENTRY_KEYS,
             *[c for c in ("seed", "train_tokens_per_s", "chance", "ceiling") if c in runs]]
     per_run = per_run.drop(columns=["model", "seed"]).merge(runs[[c for c in keep if c in runs]], on="run_id", how="left")
     if set(LOWER_IS_BETTER) & set(per_run["score"]):
         doc["notes"].append(LOSS_NOTE)
-    dup = per_run.groupby(["stream", "score", "entry", "seed"]).size()
+    dup = per_run.groupby(["section", "score", "entry", "seed"]).size()
     if (dup > 1).any():
         raise ReportError(f"entry/seed pairs with more than one run: {list(dup[dup > 1].index)[:3]}; cannot aggregate seeds")
 
     failed = runs[status != "completed"]
     chance_of = _run_chance(done)
-    for (stream, score), sec in per_run.groupby(["stream", "score"], sort=True):
+    order = {lab: (st, lab) for lab, st in zip(per_run["section"], per_run["stream"])}
+    for (label, score), sec in sorted(per_run.groupby(["section", "score"], sort=True), key=lambda kv: order[kv[0][0]]):
+        stream = sec["stream"].iloc[0]
         entries = []
         for entry, g in sec.groupby("entry", sort=True):
             first = g.iloc[0]
             flags = [bool(f) for f in g["did_not_learn"] if f is not None and not (isinstance(f, float) and math.isnan(f))]
             n_dnl = sum(flags)
-            f_runs = failed[(failed["entry"] == entry) & (failed["stream"] == stream)]
+            f_runs = failed[(failed["entry"] == entry) & (failed["section"] == label)]
             entries.append({
                 "entry": entry,
                 **{k: first[k] for k in _ENTRY_KEYS},
@@ -331,9 +367,12 @@ def build_leaderboard(res: Results) -> dict:
             })
         _rank_section(entries, score)
         baseline = _baseline(entries, score)
-        scores = set(per_run.loc[per_run["stream"] == stream, "score"])
+        scores = set(per_run.loc[per_run["section"] == label, "score"])
         doc["streams"].append({
+            "section": label,
             "stream": stream,
+            "protocol": sec["protocol"].iloc[0] or DEFAULT_PROTOCOL,
+            "stream_config": _stream_config(sec["config_dict"].iloc[0]),
             "score": score,
             "kind": "capability" if stream in CAPABILITY_STREAMS else "forgetting",
             "primary": score == "accuracy" or "accuracy" not in scores,
@@ -345,8 +384,45 @@ def build_leaderboard(res: Results) -> dict:
         })
         for e in entries:
             del e["_per_seed"]
+    _demote_unlearned(doc["streams"])
     doc["verdict"] = verdict_rows(doc["streams"])
+    from nlbench.report.cms_ablation import build_ablation
+
+    doc["cms_ablation"] = build_ablation(res)  # [] unless the runs hold such an ablation
     return _clean(doc)
+
+
+def learnability_failures(section: dict) -> list[str]:
+    """Ranked entries of an accuracy section whose plasticity is below chance + LEARNABLE_FRACTION ·
+    (ceiling − chance) (ceiling 1 where unknown): the stream does not measure their forgetting."""
+    out = []
+    for e in section["entries"]:
+        if e["rank"] is None:
+            continue
+        p, c = e["metrics"]["plasticity"]["mean"], e["chance"]["mean"]
+        if p is None or c is None or math.isnan(p) or math.isnan(c):
+            continue
+        ceiling = e["ceiling"] if e.get("ceiling") is not None else 1.0
+        need = c + LEARNABLE_FRACTION * (ceiling - c)
+        if p < need:
+            out.append(f"{e['entry']} plasticity {p:.3f} < chance {c:.3f} + {LEARNABLE_FRACTION:g}·(ceiling "
+                       f"{ceiling:.3f} − chance) = {need:.3f}")
+    return out
+
+
+def _demote_unlearned(sections: list[dict]) -> None:
+    """A forgetting stream where a ranked entry barely learns is reported as a capability test."""
+    reasons = {}
+    for s in sections:
+        if s["kind"] == "forgetting" and s["score"] == "accuracy":
+            failed = learnability_failures(s)
+            if failed:
+                reasons[s["section"]] = ("reported as a capability test: " + "; ".join(failed))
+    for s in sections:
+        if s["section"] in reasons:
+            s["kind"], s["kind_reason"] = "capability", reasons[s["section"]]
+        else:
+            s["kind_reason"] = None
 
 
 def _run_chance(runs) -> dict:
@@ -382,7 +458,10 @@ def fmt_rate(a: dict | None) -> str:
 
 def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
     """Header and rows (display text, sort value) of one stream section's table."""
-    head = ["rank", "entry", "seeds", "chance", *TABLE_METRICS, "train tok/s", "flags"]
+    shown = TABLE_METRICS + tuple(m for m in SECTION_EXTRA_METRICS if any(
+        (e["metrics"].get(m) or {}).get("mean") is not None and not math.isnan(e["metrics"][m]["mean"])
+        for e in section["entries"]))
+    head = ["rank", "entry", "seeds", "chance", *shown, "train tok/s", "flags"]
     rows = []
     for e in section["entries"]:
         flags = []
@@ -390,13 +469,16 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
             flags.append(f"did not learn ({e['n_did_not_learn']}/{e['n_seeds']} seeds)")
         if e["n_failed"]:
             flags.append(f"{e['n_failed']} failed run(s)")
+        edge = (e.get("selected") or {}).get("edge") or {}
+        if edge:
+            flags.append("selected at range edge: " + ", ".join(f"{k} ({v['edge']})" for k, v in edge.items()))
         row = [
             (str(e["rank"]) if e["rank"] is not None else "—", e["rank"]),
             (e["entry"], e["entry"]),
             (str(e["n_seeds"]), e["n_seeds"]),
             (f"{e['chance']['mean']:.3f}" if e["chance"]["mean"] is not None and not math.isnan(e["chance"]["mean"]) else "—",
              e["chance"]["mean"]),
-            *[(fmt_ci(e["metrics"][m]), e["metrics"][m]["mean"]) for m in TABLE_METRICS],
+            *[(fmt_ci(e["metrics"][m]), e["metrics"][m]["mean"]) for m in shown],
             (fmt_rate(e["train_tokens_per_s"]), e["train_tokens_per_s"]["mean"]),
             ("; ".join(flags), "; ".join(flags)),
         ]
@@ -418,7 +500,7 @@ def verdict_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]]]
     """Hope vs the best non-Hope entry per forgetting stream: paired differences (Hope − baseline)."""
     head = ["stream", "Hope entry", "baseline", "outcome (acc_final)", *[f"Δ {m}" for m in PAIRED_METRICS]]
     rows = [
-        [(r["stream"], r["stream"]), (r["entry"], r["entry"]), (r["baseline"] or "—", r["baseline"] or ""),
+        [(r["section"], r["section"]), (r["entry"], r["entry"]), (r["baseline"] or "—", r["baseline"] or ""),
          (r["outcome"], r["outcome"]),
          *[(fmt_diff(r[m]), (r[m] or {}).get("diff_mean")) for m in PAIRED_METRICS]]
         for r in doc["verdict"]
@@ -441,6 +523,43 @@ def paired_table(section: dict) -> tuple[list[str], list[list[tuple[str, object]
     return head, rows
 
 
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def selection_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
+    """One row per (entry, stream) whose runs carry a selection (nlbench leaderboard): the chosen
+    values, the seeds they were tuned on (disjoint from the reporting seeds), edge flags."""
+    head = ["stream", "entry", "selected values", "tuning seeds", "reporting seeds", "objective on tuning seeds",
+            "trials", "at range edge"]
+    rows = []
+    for s in doc["streams"]:
+        if not s["primary"]:
+            continue
+        for e in s["entries"]:
+            sel = e.get("selected")
+            if not sel:
+                continue
+            values = ", ".join(f"{k}={_fmt_value(v)}" for k, v in (sel.get("values") or {}).items())
+            obj = sel.get("objective") or {}
+            edge = ", ".join(f"{k} ({v['edge']})" for k, v in (sel.get("edge") or {}).items()) or "—"
+            where = s.get("section") or s["stream"]
+            rows.append([(where, where), (e["entry"], e["entry"]), (values, values),
+                         (str(sel.get("tuning_seeds")), str(sel.get("tuning_seeds"))),
+                         (str(e["seeds"]), str(e["seeds"])),
+                         (f"{obj.get('metric')} = {obj['value']:.4f}" if obj.get("value") is not None else "—",
+                          obj.get("value")),
+                         (f"{sel.get('budget')}", sel.get("budget")), (edge, edge)])
+    return head, rows
+
+
+SELECTION_SENTENCE = ("Hyper-parameters chosen per entry and stream family by `nlbench leaderboard`: an equal trial "
+                      "budget per entry on the tuning seeds, which are disjoint from the reporting seeds; a value at "
+                      "the edge of its search range is flagged (the best value may lie outside it).")
+
+
 def verdict_sentence(doc: dict) -> str:
     return ("Hope − best non-Hope entry (by acc_final) on each forgetting stream, paired over common seeds, "
             "95% Student t interval; outcome on acc_final: better/worse when the interval excludes 0, else tie. "
@@ -460,7 +579,9 @@ def metric_notes(doc: dict) -> list[str]:
 
 def _md_section(s: dict) -> list[str]:
     direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
-    out = [f"### {s['stream']} — {s['score']} ({direction}, T = {s['num_tasks']})", ""]
+    out = [f"### {s['section']} — {s['score']} ({direction}, T = {s['num_tasks']})", ""]
+    if s.get("kind_reason"):
+        out += [f"> {s['kind_reason']}", ""]
     out += [_md_table(*section_rows(s)), ""]
     if s["paired"]:
         out += [f"Paired differences against **{s['baseline']}** (entry − baseline, 95% CI over common seeds):", ""]
@@ -480,6 +601,9 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
     headline = {k: v for k, v in (figures or {}).items() if k in HEADLINE_FIGURES}
     if headline:
         out += ["## Headline figures", ""] + [f"![{k}]({v})" for k, v in headline.items()] + [""]
+    from nlbench.report.cms_ablation import render_markdown as ablation_markdown
+
+    out += ablation_markdown(doc.get("cms_ablation") or [], figures, _md_table)
     out += ["## Details", ""]
     out.append(f"Cells: seed mean [95% CI]. CI method: {doc['ci_method']}. {doc['did_not_learn_rule']}; "
                "such entries are flagged and not ranked. Ranking: " + doc["ranking_rule"] + ".")
@@ -488,6 +612,9 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
         out += [f"> {n}", ""]
     for w in doc["warnings"]:
         out += [f"> **warning:** {w}", ""]
+    sel_head, sel_rows = selection_table(doc)
+    if sel_rows:
+        out += ["## Selected hyper-parameters", "", SELECTION_SENTENCE, "", _md_table(sel_head, sel_rows), ""]
     forgetting = [s for s in doc["streams"] if s["kind"] == "forgetting"]
     capability = [s for s in doc["streams"] if s["kind"] == "capability"]
     if forgetting:
@@ -503,7 +630,7 @@ def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict |
         out += ["## Metrics", ""] + metric_notes(doc) + [""]
     else:
         out += ["No completed runs to rank.", ""]
-    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES}
+    rest = {k: v for k, v in (figures or {}).items() if k not in HEADLINE_FIGURES and not k.startswith("CMS ablation")}
     if rest:
         out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in rest.items()] + [""]
     if throughput_md:

@@ -11,7 +11,7 @@ flash-linear-attention:
                    `dgd_chunk_triton` on the Triton kernel)
     triton.py      fused Triton forward and backward (imports triton: loaded only when used)
 
-This module chooses the backend of `dgd_memory`:
+This module chooses the memory kernel of `dgd_memory` (the `memory_kernel` argument):
 
     reference   per-token loop (`dgd_memory_reference`): the ground truth
     chunked     matmuls per chunk, WY form (`dgd_memory_chunked`): any device, any dtype
@@ -37,12 +37,12 @@ from nlbench.kernels.dgd.solve import unit_lower_solve
 from nlbench.kernels.dgd.stacked import dgd_chunk_stacked, dgd_chunk_triton
 
 __all__ = [
-    "BACKENDS", "dgd_chunk", "dgd_chunk_autograd", "dgd_chunk_manual", "dgd_chunk_stacked", "dgd_chunk_triton",
+    "DGD_MEMORY_KERNELS", "dgd_chunk", "dgd_chunk_autograd", "dgd_chunk_manual", "dgd_chunk_stacked", "dgd_chunk_triton",
     "dgd_flops_per_token", "dgd_memory", "dgd_memory_chunked", "dgd_memory_reference", "memory_apply",
-    "memory_gradients", "resolve_backend", "triton_status", "unit_lower_solve",
+    "memory_gradients", "resolve_memory_kernel", "triton_status", "unit_lower_solve",
 ]
 
-BACKENDS = ("reference", "chunked", "triton", "auto")
+DGD_MEMORY_KERNELS = ("reference", "chunked", "triton", "auto")
 
 
 def triton_status() -> tuple[bool, bool, str]:
@@ -50,38 +50,38 @@ def triton_status() -> tuple[bool, bool, str]:
     built for the CPU interpreter, and why not when they don't load."""
     try:
         from nlbench.kernels.dgd import triton as dgd_triton
-    except Exception as e:  # ImportError, or a triton install without a backend
+    except Exception as e:  # ImportError, or a triton install without a GPU driver backend
         return False, False, f"{type(e).__name__}: {e}"
     from triton.runtime.interpreter import InterpretedFunction
 
     return True, isinstance(dgd_triton._dgd_linear_fwd_kernel, InterpretedFunction), ""
 
 
-def resolve_backend(backend: str, device) -> str:
-    """The concrete backend ("reference" | "chunked" | "triton") for `backend` on `device`."""
-    if backend not in BACKENDS:
+def resolve_memory_kernel(memory_kernel: str, device) -> str:
+    """The concrete memory kernel ("reference" | "chunked" | "triton") for `memory_kernel` on `device`."""
+    if memory_kernel not in DGD_MEMORY_KERNELS:
         raise ValueError(
-            f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}: 'reference' is "
+            f"memory_kernel must be one of {', '.join(repr(b) for b in DGD_MEMORY_KERNELS)}, got {memory_kernel!r}: 'reference' is "
             f"the per-token loop, 'chunked' the PyTorch chunked kernel, 'triton' the fused GPU kernel, "
             f"'auto' picks triton on CUDA when it imports and chunked otherwise.")
     dev_type = getattr(device, "type", str(device).split(":")[0])
-    if backend == "auto":
+    if memory_kernel == "auto":
         return "triton" if dev_type == "cuda" and triton_status()[0] else "chunked"
-    if backend == "triton":
+    if memory_kernel == "triton":
         ok, interpreted, why = triton_status()
         if not ok:
-            raise RuntimeError(f"backend 'triton': triton kernels failed to import ({why}); use backend 'chunked'.")
+            raise RuntimeError(f"memory_kernel 'triton': triton kernels failed to import ({why}); use memory_kernel 'chunked'.")
         if dev_type == "cuda" and interpreted:
             raise RuntimeError(
-                "backend 'triton': the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 was set "
+                "memory_kernel 'triton': the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 was set "
                 "when triton was imported) but the tensors are on CUDA; unset TRITON_INTERPRET.")
         if dev_type != "cuda" and not interpreted:
             env = os.environ.get("TRITON_INTERPRET")
             raise RuntimeError(
-                f"backend 'triton' needs CUDA tensors, got tensors on {dev_type!r}; on CPU the kernels only run "
+                f"memory_kernel 'triton' needs CUDA tensors, got tensors on {dev_type!r}; on CPU the kernels only run "
                 f"under the Triton interpreter, which needs TRITON_INTERPRET=1 in the environment BEFORE triton "
-                f"is first imported (now TRITON_INTERPRET={env!r}). Use backend 'chunked' or 'auto' on CPU.")
-    return backend
+                f"is first imported (now TRITON_INTERPRET={env!r}). Use memory_kernel 'chunked' or 'auto' on CPU.")
+    return memory_kernel
 
 
 def _triton_fits(weights, k) -> bool:
@@ -93,25 +93,25 @@ def _triton_fits(weights, k) -> bool:
     return max(dims) <= MAX_DIM and k.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, backend: str = "auto",
+def dgd_memory(weights, q, k, v, eta, alpha, chunk_size: int, self_target: bool = True, memory_kernel: str = "auto",
                compiled: bool | str = False, normalized_step: bool = True):
-    """DGD memory over a sequence (Eq. 86–93) with the chosen backend. Returns (y or None, weights).
-    `compiled=True` runs the chunked backend's per-chunk kernel through `torch.compile`.
+    """DGD memory over a sequence (Eq. 86–93) with the chosen memory kernel. Returns (y or None, weights).
+    `compiled=True` runs the chunked per-chunk kernel through `torch.compile`.
     `normalized_step=False`: the literal step η_t on every matrix (`naive.step_size`); the Triton
     kernel has only the normalized step, so `auto` then takes `chunked`.
 
     Shapes: q (or None: no reads), k, v [B, H, T, d]; η, α [B, H, T]; weights: [W] (linear, Eq. 93)
-    or [W2, W1] (residual MLP, Eq. 89), each [B, H, out, in]. Differentiable on every backend.
+    or [W2, W1] (residual MLP, Eq. 89), each [B, H, out, in]. Differentiable on every memory kernel.
     """
-    name = resolve_backend(backend, k.device)
-    if backend == "auto" and name == "triton" and (not _triton_fits(weights, k) or not normalized_step):
+    name = resolve_memory_kernel(memory_kernel, k.device)
+    if memory_kernel == "auto" and name == "triton" and (not _triton_fits(weights, k) or not normalized_step):
         name = "chunked"
     if name == "reference":
         return dgd_memory_reference(weights, q, k, v, eta, alpha, chunk_size, self_target, normalized_step)
     if name == "chunked":
         return dgd_memory_chunked(weights, q, k, v, eta, alpha, chunk_size, self_target, compiled, normalized_step)
     if not normalized_step:
-        raise ValueError("backend 'triton' has only the normalized step η/max(1, ‖x‖²); use backend 'chunked' "
+        raise ValueError("memory_kernel 'triton' has only the normalized step η/max(1, ‖x‖²); use memory_kernel 'chunked' "
                          "or 'reference' for normalized_step=False.")
     from nlbench.kernels.dgd.triton import dgd_memory_triton
 

@@ -17,7 +17,7 @@ __all__ = ["dgd_chunk_stacked", "dgd_chunk_triton"]
 def dgd_chunk_stacked(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
                       normalized_step: bool = True):
     """`dgd_chunk_autograd` in fewer, larger batched matmuls: the form Hope's compiled chunk step
-    takes (`self_modifying_titans._compiled_fused_chunk_step`). For a residual-MLP memory whose
+    takes (`self_modifying_titans._compiled_stacked_chunk_step`). For a residual-MLP memory whose
     hidden width equals its input width (Hope's default), W2's and W1's triangular systems and
     chunk-end updates are solved as one batch stacked on a new leading axis, and k and v go
     through M_b as one block of rows [k; v]: at Hope's sizes the chunk's matmuls are small and
