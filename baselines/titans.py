@@ -133,6 +133,10 @@ class NeuralMemory(nn.Module):
         the chunk, which the paper form does not. `momentum_coupling` switches the (1 − η_t)
         factor, `key_gram_norm` the 1 / λ_t factor, `max_lr` scales the range. This method
         returns θ before the 1 / λ_t factor (it needs the keys; `memorize` applies it).
+        Gap: λ_t covers the first memory layer (its inputs are the unit keys), not the MLP's
+        deeper layers, whose inputs SiLU(W1 k) are neither unit nor in the key Gram; the one
+        diverged run of the defaults in configs/probe-titans.yaml was layer 2 running away
+        (figures and the choice of defaults: docs/decisions.md, "Titans' stabilisers").
         """
         eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
         theta = self.max_lr * theta

@@ -104,3 +104,21 @@ def test_device_check_compile_adds_compiled_rows(tmp_path, capsys):
         (m, p) for m in ("transformer", "hope") for p in ("train", "infer")}
     assert all(r["compile_s"] is not None and r["tokens_per_s"] > 0 for r in compiled)
     assert got["hope_over_transformer_compiled"] > 0
+
+
+def test_labelled_entries_stay_apart_and_the_memory_goal_is_printed(tmp_path):
+    """Two entries of one model with different options (`label`) give rows of their own, and the
+    bench prints each Hope entry's training peak memory over the Transformer's."""
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(
+        "name: lb\nmodels: [transformer, hope, {name: hope, label: hope-recompute, options: {recompute_chunks: true}}]\n"
+        "sizes: [tiny]\nseq_lens: [32]\nbatch_size: 2\nphases: [train]\nwarmup_steps: 1\nsteps: 1\n"
+        "kernel_seq_len: null\nthreads: 1\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = ResultStore(out).read("throughput")
+    assert sorted(df.model) == ["hope", "hope-recompute", "transformer"]
+    for name in ("hope", "hope-recompute"):
+        assert f"goal: {name}/Transformer train peak memory at tiny, T=32:" in proc.stdout

@@ -199,13 +199,17 @@ def test_every_shipped_config_loads_and_expands():
 
     from nlbench.bench.bench_config import load_bench_config
     from nlbench.config import expand_runs, load_config
+    from nlbench.selection.config import load_leaderboard_config
     from nlbench.tune import load_tune_config
 
     paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(paths) >= 7
     for p in paths:
         raw = yaml.safe_load(p.read_text())
-        if "space" in raw:
+        if "tuning_seeds" in raw:  # a leaderboard config: selection studies, then reporting runs
+            lc, plans = load_leaderboard_config(p)
+            assert plans and not set(lc.tuning_seeds) & set(lc.seeds or []), p.name
+        elif "space" in raw:
             tc, experiment = load_tune_config(p)
             assert tc.trials >= 1 and experiment["models"], p.name
         elif "seq_lens" in raw:

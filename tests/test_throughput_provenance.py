@@ -1,5 +1,5 @@
 """Throughput rows record the code that measured them: package versions (ray too) and the source
-commit (nlbench.environment); schema v8 added ray_version and git_sha, and v7 files without them
+commit (nlbench.environment); schema v9 added ray_version and git_sha, and v8 files without them
 still read (the columns null)."""
 
 from importlib.metadata import version
@@ -24,12 +24,12 @@ def test_throughput_provenance_columns():
     assert {"triton_version", "nlbench_version", "python_version"} <= set(v)
 
 
-def test_v7_throughput_file_reads_with_ray_version_and_git_sha_null(tmp_path):
+def test_v8_throughput_file_reads_with_ray_version_and_git_sha_null(tmp_path):
     full = schema_for("throughput")
-    v7 = pa.schema([f for f in full if f.name not in ("ray_version", "git_sha")],
-                   metadata={SCHEMA_VERSION_KEY: "7", "nlbench.table": "throughput"})
+    v8 = pa.schema([f for f in full if f.name not in ("ray_version", "git_sha")],
+                   metadata={SCHEMA_VERSION_KEY: "8", "nlbench.table": "throughput"})
     (tmp_path / "throughput").mkdir()
-    pq.write_table(pa.Table.from_pylist([ROW], schema=v7), tmp_path / "throughput" / "old.parquet")
+    pq.write_table(pa.Table.from_pylist([ROW], schema=v8), tmp_path / "throughput" / "old.parquet")
     store = ResultStore(tmp_path)
     store.write_rows("throughput", [{**ROW, "run_id": "s", **versions()}], key="new")
     df = store.read("throughput").set_index("run_id")

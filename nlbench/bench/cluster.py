@@ -62,7 +62,7 @@ def node_kinds(nodes: list[dict], device: str = "auto", threads: int | None = No
     return list(found.values())
 
 
-def _measure_remote(cfg, models, kind: Kind, command: str, stamp: str) -> dict:
+def _measure_remote(cfg, models, kind: Kind, command: str, stamp: str, only: str | None) -> dict:
     """Body of the Ray task: the suite on this node's device, its printed lines collected."""
     import os
 
@@ -77,12 +77,13 @@ def _measure_remote(cfg, models, kind: Kind, command: str, stamp: str) -> dict:
     if kind.device == "cpu":
         torch.set_num_threads(max(1, int(kind.cpus)))  # the CPUs Ray gave the task
     lines: list[str] = []
-    out = measure_suite(cfg, models, kind.device, lines.append, command=command, stamp=stamp)
+    out = measure_suite(cfg, models, kind.device, lines.append, command=command, stamp=stamp, only=only)
     out["lines"] = lines
     return out
 
 
-def bench_on_cluster(cfg, models, address: str, log, *, command: str, stamp: str) -> tuple[list[dict], list[str]]:
+def bench_on_cluster(cfg, models, address: str, log, *, command: str, stamp: str,
+                     only: str | None = None) -> tuple[list[dict], list[str]]:
     """Measure on one node of each kind of the cluster at ``address``; returns (rows, errors).
 
     ``log`` gets each kind's choice of node and, as each kind finishes, the lines it printed."""
@@ -104,7 +105,7 @@ def bench_on_cluster(cfg, models, address: str, log, *, command: str, stamp: str
             log(f"{k.name}: measuring on node {k.node_id} ({k.host}), {k.cpus:g} CPU(s), {k.gpus:g} GPU(s)")
             refs[task.options(num_cpus=k.cpus, num_gpus=k.gpus, max_retries=0,
                               scheduling_strategy=NodeAffinitySchedulingStrategy(k.node_id, soft=False),
-                              ).remote(cfg, models, k, command, stamp)] = k
+                              ).remote(cfg, models, k, command, stamp, only)] = k
         rows, errors = [], []
         pending = list(refs)
         while pending:

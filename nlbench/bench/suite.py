@@ -22,8 +22,9 @@ def row_id(cfg_name: str, r: dict, stamp: str) -> str:
 
 
 def measure_suite(cfg, models, dev_str: str, log: Callable[[str], None], *, command: str | None = None,
-                  stamp: str | None = None) -> dict:
-    """Measure ``models`` (the config's, filtered) on ``dev_str`` ('cpu' or 'cuda').
+                  stamp: str | None = None, only: str | None = None) -> dict:
+    """Measure ``models`` (the config's, filtered by --only) and the config's stream models
+    matching ``only`` on ``dev_str`` ('cpu' or 'cuda').
 
     Returns ``dict(device=…, peak=…, rows=[…], kernel_lines=[…])``; every row carries the
     provenance columns (versions, git sha), the command and the timestamp ``stamp`` (one per
@@ -51,7 +52,7 @@ def measure_suite(cfg, models, dev_str: str, log: Callable[[str], None], *, comm
     for size in cfg.sizes:
         for seq_len in cfg.seq_lens:
             for m in models:
-                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options)
+                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options, label=m.label)
                 t0 = time.perf_counter()
                 try:
                     got = bench_case(
@@ -68,6 +69,22 @@ def measure_suite(cfg, models, dev_str: str, log: Callable[[str], None], *, comm
                     log(f"{r['model']:>15} {size:>6} T={seq_len:<5} {r['phase']:<5} {r['tokens_per_s']:>10.0f} tok/s "
                         f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}%  ({time.perf_counter() - t0:.0f}s)")
                 rows.extend(got)
+    stream_models = [m for m in cfg.stream.models if only is None or only in m.row_name] if cfg.stream else []
+    for size in cfg.sizes if stream_models else []:
+        for m in stream_models:
+            from nlbench.bench.stream import bench_stream
+
+            t0 = time.perf_counter()
+            got = bench_stream(m.name, size, cfg.stream.seq_lens, chunk=cfg.stream.chunk,
+                               warmup_chunks=cfg.stream.warmup_chunks, device=dev, dtype=dtype,
+                               vocab_size=cfg.vocab_size, options=m.options, peak_flops=peak)
+            for r in got:
+                r.update(meta, model=m.row_name)
+                r["run_id"] = f"{cfg.name}:{r['model']}:{size}:{r['seq_len']}:1:stream:{r['dtype']}:{r['device']}:{stamp}"
+                log(f"{r['model']:>15} {size:>6} T={r['seq_len']:<5} stream {r['tokens_per_s']:>9.0f} tok/s "
+                    f"per token p50 {r['token_ms_p50']:.3f} ms p95 {r['token_ms_p95']:.3f} ms "
+                    f"({time.perf_counter() - t0:.0f}s)")
+            rows.extend(got)
     kernel_lines = []
     if cfg.kernel_seq_len:
         from nlbench.bench.kernels import bench_memory_kernels

@@ -131,6 +131,7 @@ class BenchCase:
     seq_len: int
     batch_size: int
     options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # the rows' `model` (default: the model's name)
 
 
 def bench_case(
@@ -211,7 +212,7 @@ def bench_case(
         sheet = datasheet_peak(device_name(device), dtype)
         rows.append(
             dict(
-                model=case.model,
+                model=case.label or case.model,
                 size=case.size,
                 seq_len=case.seq_len,
                 batch_size=case.batch_size,

@@ -37,7 +37,7 @@ def bench(config, out, only, device, address):
     cfg = load_bench_config(config)
     check_writable(out)
     check_address(address)
-    models = [m for m in cfg.models if only is None or only in m.name]
+    models = [m for m in cfg.models if only is None or only in m.row_name]
     if not models:
         click.echo(f"error: --only {only!r} matches none of the config's models "
                       f"({', '.join(m.name for m in cfg.models)}); nothing measured or written.", err=True)
@@ -50,7 +50,7 @@ def bench(config, out, only, device, address):
     if address is not None:
         from nlbench.bench.cluster import bench_on_cluster
 
-        rows, errors = bench_on_cluster(cfg, models, address, console.print, command=cmd, stamp=stamp)
+        rows, errors = bench_on_cluster(cfg, models, address, console.print, command=cmd, stamp=stamp, only=only)
         if errors:
             click.echo("error: the bench failed on " + "; ".join(errors) + f". Nothing was written to {out} "
                        f"(the other kinds' rows too: rerun with `device: cpu` or `device: cuda` to measure "
@@ -65,7 +65,7 @@ def bench(config, out, only, device, address):
         if dev_str == "cuda" and not torch.cuda.is_available():
             console.print("[red]error:[/red] device 'cuda' requested but torch sees no CUDA device; use device: cpu or auto.")
             sys.exit(2)
-        got = measure_suite(cfg, models, dev_str, console.print, command=cmd, stamp=stamp)
+        got = measure_suite(cfg, models, dev_str, console.print, command=cmd, stamp=stamp, only=only)
         rows = got["rows"]
         title = f"throughput — {got['device']} ({cfg.dtype})"
 
@@ -78,17 +78,32 @@ def bench(config, out, only, device, address):
     cols = ["model", "size", "T", "phase", "tokens/s", "p50 ms", "p95 ms", "peak MiB", "MFU %"]
     for col in (["device"] if multi else []) + cols:
         table.add_column(col, justify="right" if col not in ("model", "phase", "device") else "left")
-    for r in rows:
+    for r in (r for r in rows if r["phase"] != "stream"):
         table.add_row(*([r["device"]] if multi else []), r["model"], r["size"], str(r["seq_len"]), r["phase"],
                       f"{r['tokens_per_s']:.0f}", f"{r['step_ms_p50']:.1f}", f"{r['step_ms_p95']:.1f}",
                       f"{r['peak_mem_bytes'] / 2**20:.0f}", f"{100 * r['mfu']:.1f}")
     console.print(table)
     for dev_name in sorted({r["device"] for r in rows}):
-        _print_goals(console, [r for r in rows if r["device"] == dev_name])
+        of_device = [r for r in rows if r["device"] == dev_name]
+        if any(r["phase"] == "stream" for r in of_device):
+            console.print(_stream_table(of_device, dev_name, cfg.dtype))
+        _print_goals(console, of_device)
     if address is None:
         for line in got["kernel_lines"]:
             console.print(line)
     console.print(f"wrote {len(rows)} rows to {str(out).rstrip('/')}/throughput")
+
+
+def _stream_table(rows, device, dtype):
+    from rich.table import Table
+
+    table = Table(title=f"stream (batch 1, state carried) — {device} ({dtype})")
+    for col in ["model", "size", "T", "chunk", "tokens/s", "ms/token p50", "ms/token p95", "peak MiB"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in (r for r in rows if r["phase"] == "stream"):
+        table.add_row(r["model"], r["size"], str(r["seq_len"]), str(r["stream_chunk"]), f"{r['tokens_per_s']:.0f}",
+                      f"{r['token_ms_p50']:.3f}", f"{r['token_ms_p95']:.3f}", f"{r['peak_mem_bytes'] / 2**20:.0f}")
+    return table
 
 
 def _print_goals(console, rows):
@@ -98,8 +113,19 @@ def _print_goals(console, rows):
     by = {(r["model"], r["size"], r["seq_len"], r["phase"]): r for r in rows}
     for (model, size, t, phase), r in sorted(by.items()):
         ref = by.get(("transformer", size, t, "train"))
+        if model.startswith("hope") and not model.startswith("hope-attention") and phase == "train" and ref:
+            console.print(f"goal: {model}/Transformer train peak memory at {size}, T={t}: "
+                          f"{r['peak_mem_bytes'] / ref['peak_mem_bytes']:.2f}x ({r['peak_mem_bytes'] / 2**20:.0f} vs "
+                          f"{ref['peak_mem_bytes'] / 2**20:.0f} MiB; goal <= 2x)")
         if model == "hope" and phase == "train" and ref is not None:
             ratio = r["tokens_per_s"] / ref["tokens_per_s"]
             median_ratio = ref["step_ms_p50"] / r["step_ms_p50"]
             console.print(f"goal: Hope/Transformer train tokens/s at {size}, T={t}: {ratio:.2f}x (goal >= 0.5x; "
                           f"median step times: {median_ratio:.2f}x)")
+    from nlbench.bench.stream import flatness
+
+    for (model, size), x in sorted(flatness(rows).items()):
+        ts = sorted(r["seq_len"] for r in rows if r["phase"] == "stream" and (r["model"], r["size"]) == (model, size))
+        goal = " (goal <= 1.5x: flat in T)" if model == "hope" else ""
+        console.print(f"stream: {model} at {size}: per-token latency (median) at T={ts[-1]} / T={ts[0]}: "
+                      f"{x:.2f}x{goal}")

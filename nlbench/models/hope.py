@@ -39,6 +39,9 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
                     Triton DGD kernel per chunk, CUDA; same results)              [hope only]
+    recompute_chunks  true: the backward pass keeps only every 4th chunk-start state of the
+                    memories and recomputes the chunk steps in between: the same outputs and
+                    gradients with less training memory, for time (docs/decisions.md) [hope only]
     Stabilisers of the self-modifying memories (defaults on; self_modifying_titans.py says
     why, docs/ALGORITHMS.md shows where each enters the equations)                  [hope only]:
     curvature_guard  η ← min(η, 1/‖W1‖²_op) per chunk and MLP memory (default true)
@@ -86,6 +89,7 @@ __all__ = ["Hope", "HopeAttentionOptions", "HopeBlock", "HopeOptions", "build_ho
 
 # the options SelfModifyingTitans takes (HopeOptions has the defaults)
 SMT_OPTIONS = ("memory", "mem_hidden", "chunk_size", "mem_chunk_size", "eta_init", "alpha_init", "memory_kernel",
+               "recompute_chunks",
                *STABILISERS)
 
 
@@ -355,6 +359,7 @@ class HopeOptions(HopeAttentionOptions):
     eta_init: float = 0.2
     alpha_init: float = 0.999
     memory_kernel: Literal[MEMORY_KERNELS] = "chunked"
+    recompute_chunks: bool = False
     curvature_guard: bool = STABILISERS["curvature_guard"]
     normalize_v: bool = STABILISERS["normalize_v"]
     normalized_step: bool = STABILISERS["normalized_step"]

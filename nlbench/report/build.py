@@ -55,9 +55,11 @@ def _build(res, out: Path, formats, figures: bool) -> dict:
         figs.update(ablation_figures(doc["cms_ablation"], out / "figures"))
         if rep is not None and rep["rows"]:
             figs["throughput"] = tp.bar_chart(rep, out / "figures" / "throughput")
+        if rep is not None and rep["stream"]:
+            figs["streaming: per-token cost vs T"] = tp.stream_chart(rep, out / "figures" / "stream")
     rel = {k: str(Path(v[0]).relative_to(out)) for k, v in figs.items()}
     written = []
-    tp_md = tp.render_markdown(rep) if rep is not None and rep["rows"] else None
+    tp_md = tp.render_markdown(rep) if rep is not None and (rep["rows"] or rep["stream"]) else None
     if "md" in formats:
         (out / "leaderboard.md").write_text(lb.render_markdown(doc, tp_md, rel))
         written.append(out / "leaderboard.md")
