@@ -20,19 +20,22 @@ the input state untouched.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from nlbench.baselines.transformer import check_positive_int, check_tokens, scale_residual_init
+from nlbench.baselines.transformer import check_tokens, scale_residual_init
 from nlbench.kernels.compiling import compile_mode
 from nlbench.kernels.titans import memory_flops_per_token, memory_read, titans_memory_chunked
-from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
 from nlbench.models.inputs import report_chain_inputs, report_conv_input
 from nlbench.models.layers import (
     CausalSelfAttention, RMSNorm, ShortConv, SwiGLU, attention_flops, causal_conv, init_weights, swiglu_hidden,
 )
+from nlbench.models.options import ModelOptions, check_size, in_unit, parse_options, positive_int, with_options
 
 # Gate initialisation (the sigmoid's value at init; the bias is its logit): forgetting
 # α ≈ 0.007 so memory decays slowly (not the 0.5-per-token halving of spec §7), momentum
@@ -130,6 +133,10 @@ class NeuralMemory(nn.Module):
         the chunk, which the paper form does not. `momentum_coupling` switches the (1 − η_t)
         factor, `key_gram_norm` the 1 / λ_t factor, `max_lr` scales the range. This method
         returns θ before the 1 / λ_t factor (it needs the keys; `memorize` applies it).
+        Gap: λ_t covers the first memory layer (its inputs are the unit keys), not the MLP's
+        deeper layers, whose inputs SiLU(W1 k) are neither unit nor in the key Gram; the one
+        diverged run of the defaults in configs/probe-titans.yaml was layer 2 running away
+        (figures and the choice of defaults: docs/decisions.md, "Titans' stabilisers").
         """
         eta, theta, alpha = torch.sigmoid(self.gates(x)).permute(0, 2, 1).chunk(3, dim=1)
         theta = self.max_lr * theta
@@ -374,110 +381,146 @@ class Titans(NLModel):
         return float(sum(b.flops_per_token(seq_len) for b in self.blocks) + 2 * self.d_model * self.vocab_size)
 
 
-MEMORY_OPTIONS = {
-    "chunk_size": "tokens per parallel memory chunk (default 16; 1 = exact per-token Titans)",
-    "memory": "'mlp' (default) or 'linear'",
-    "memory_layers": "layers of the MLP memory, >= 2 (default 2)",
-    "memory_hidden": "hidden width of the MLP memory per head (default 2 * head_dim)",
-    "max_lr": "in (0, 1] (default 0.3; paper 1): θ_t = max_lr · sigmoid(·), times the factors below",
-    "momentum_coupling": "true (default; paper false): θ_t carries a factor (1 − η_t)",
-    "key_gram_norm": "true (default; paper false): θ_t divided by λ_t, the norm of the chunk's prefix key Gram",
-    "eta_init": "momentum gate η at init, in (0, 1) (default 0.5)",
-    "theta_init": "θ gate sigmoid at init, in (0, 1) (default 0.5)",
-    "alpha_init": "forgetting gate α at init, in (0, 1) (default sigmoid(-5) ≈ 0.0067)",
-    "paper_exact": "true: max_lr 1, momentum_coupling and key_gram_norm false (spec §1 as written); "
-                   "options given beside it still win",
-}
 # The stabilisers and their paper values (`paper_exact: true`); gate inits are hyper-parameters.
 STABILISER_DEFAULTS = {"max_lr": 0.3, "momentum_coupling": True, "key_gram_norm": True}
 PAPER_FORM = {"max_lr": 1.0, "momentum_coupling": False, "key_gram_norm": False}
 
 
-def _resolve(name: str, d_model: int, n_layers: int, n_heads: int, opts: dict, extra: dict) -> tuple[dict, dict]:
-    """Every option after defaults, then `paper_exact`'s paper values, then the options given
-    explicitly (an explicit stabiliser wins: one-at-a-time ablations). Returns (options, the
-    NeuralMemory keyword arguments)."""
-    for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
-        check_positive_int(name, key, value)
-    if d_model % n_heads:
-        raise ModelConfigError(f"model '{name}': d_model={d_model} must be divisible by n_heads={n_heads}.")
-    paper = opts.get("paper_exact", False)
-    if not isinstance(paper, bool):
-        raise ModelConfigError(f"model '{name}': option 'paper_exact' must be true or false, got {paper!r}.")
-    res = {"chunk_size": 16, "memory": "mlp", "memory_layers": 2, "memory_hidden": None,
-           **STABILISER_DEFAULTS, **GATE_INITS, **extra, "paper_exact": paper}
-    if paper:
-        res.update(PAPER_FORM)
-    res.update(opts)
-    res["chunk_size"] = check_positive_int(name, "chunk_size", res["chunk_size"])
-    res["memory_layers"] = check_positive_int(name, "memory_layers", res["memory_layers"], minimum=2)
-    if res["memory"] not in ("mlp", "linear"):
-        raise ModelConfigError(f"model '{name}': option 'memory' must be one of 'mlp', 'linear', got {res['memory']!r}.")
-    for key in ("max_lr", *GATE_INITS):
-        value, hi_closed = res[key], key == "max_lr"
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not (0 < value <= 1 if hi_closed else 0 < value < 1)):
-            span = "(0, 1]" if hi_closed else "(0, 1)"
-            raise ModelConfigError(f"model '{name}': option '{key}' must be a number in {span}, got {value!r}.")
-        res[key] = float(value)
-    for key in ("momentum_coupling", "key_gram_norm"):
-        if not isinstance(res[key], bool):
-            raise ModelConfigError(f"model '{name}': option '{key}' must be true or false, got {res[key]!r}.")
-    if res["memory_hidden"] is not None:
-        res["memory_hidden"] = check_positive_int(name, "memory_hidden", res["memory_hidden"])
-    mem_kw = {k: res[k] for k in ("chunk_size", "memory", "memory_layers", "memory_hidden", *STABILISER_DEFAULTS,
-                                  *GATE_INITS)}
-    return res, mem_kw
+class TitansOptions(ModelOptions):
+    """Options of `titans-lmm` (the memory's options, shared by every Titans variant)."""
+
+    chunk_size: int = Field(16, description="tokens per parallel memory chunk (1 = exact per-token Titans)")
+    memory: Literal["mlp", "linear"] = Field("mlp", description="the memory's form")
+    memory_layers: int = Field(2, description="layers of the MLP memory, >= 2")
+    memory_hidden: int | None = Field(None, description="hidden width of the MLP memory per head (default 2 * head_dim)")
+    max_lr: float = Field(STABILISER_DEFAULTS["max_lr"],
+                          description="in (0, 1] (paper 1): θ_t = max_lr · sigmoid(·), times the factors below")
+    momentum_coupling: bool = Field(True, description="true (paper false): θ_t carries a factor (1 − η_t)")
+    key_gram_norm: bool = Field(True, description="true (paper false): θ_t divided by λ_t, the norm of the "
+                                                  "chunk's prefix key Gram")
+    eta_init: float = Field(GATE_INITS["eta_init"], description="momentum gate η at init, in (0, 1)")
+    theta_init: float = Field(GATE_INITS["theta_init"], description="θ gate sigmoid at init, in (0, 1)")
+    alpha_init: float = Field(GATE_INITS["alpha_init"], description="forgetting gate α at init, in (0, 1)")
+    paper_exact: bool = Field(False, description="true: max_lr 1, momentum_coupling and key_gram_norm false "
+                                                 "(spec §1 as written); options given beside it still win")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_form(cls, data):
+        # defaults, then paper_exact's paper values, then the options given explicitly (an
+        # explicit stabiliser wins: one-at-a-time ablations)
+        if isinstance(data, dict) and data.get("paper_exact") is True:
+            data = {**PAPER_FORM, **data}
+        return data
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _chunk(cls, v):
+        return positive_int(v)
+
+    @field_validator("memory_layers", mode="before")
+    @classmethod
+    def _layers(cls, v):
+        return positive_int(v, minimum=2)
+
+    @field_validator("memory_hidden", mode="before")
+    @classmethod
+    def _hidden(cls, v):
+        return None if v is None else positive_int(v)
+
+    @field_validator("max_lr", mode="before")
+    @classmethod
+    def _max_lr(cls, v):
+        return in_unit(v, closed_high=True)
+
+    @field_validator("eta_init", "theta_init", "alpha_init", mode="before")
+    @classmethod
+    def _gate(cls, v):
+        return in_unit(v)
+
+    def memory_kwargs(self) -> dict:
+        """The NeuralMemory keyword arguments."""
+        return {k: getattr(self, k) for k in ("chunk_size", "memory", "memory_layers", "memory_hidden",
+                                              *STABILISER_DEFAULTS, *GATE_INITS)}
 
 
-def _titans(variant, vocab_size, d_model, n_layers, n_heads, options, block_fn) -> Titans:
-    model = Titans(variant, vocab_size, d_model, n_layers, n_heads, block_fn)
-    model.options = options
-    return model
+class TitansMACOptions(TitansOptions):
+    """Options of `titans-mac`: the memory's, and its segments and persistent tokens."""
 
+    segment_len: int = Field(32, description="tokens per MAC segment")
+    n_persistent: int = Field(4, description="learned persistent-memory tokens")
 
-def build_titans_lmm(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
-    check_overrides("titans-lmm", overrides, MEMORY_OPTIONS)
-    opts, mem_kw = _resolve("titans-lmm", d_model, n_layers, n_heads, overrides, {})
-    return _titans("lmm", vocab_size, d_model, n_layers, n_heads, opts, lambda: LMMBlock(d_model, n_heads, mem_kw))
+    @field_validator("segment_len", mode="before")
+    @classmethod
+    def _segment(cls, v):
+        return positive_int(v)
 
-
-MAC_OPTIONS = {**MEMORY_OPTIONS,
-               "segment_len": "tokens per MAC segment (default 32)",
-               "n_persistent": "learned persistent-memory tokens (default 4)"}
-
-
-def build_titans_mac(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
-    check_overrides("titans-mac", overrides, MAC_OPTIONS)
-    opts, mem_kw = _resolve("titans-mac", d_model, n_layers, n_heads, overrides,
-                            {"segment_len": 32, "n_persistent": 4})
-    seg = check_positive_int("titans-mac", "segment_len", opts["segment_len"])
-    n_p = check_positive_int("titans-mac", "n_persistent", opts["n_persistent"], minimum=0)
-    return _titans("mac", vocab_size, d_model, n_layers, n_heads, opts,
-                   lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
+    @field_validator("n_persistent", mode="before")
+    @classmethod
+    def _persistent(cls, v):
+        return positive_int(v, minimum=0)
 
 
 # Sliding window of MAG / MAL: half the shipped 64-token sequences, so that it slides.
 DEFAULT_WINDOW = 32
-WINDOW_OPTIONS = {**MEMORY_OPTIONS,
-                  "window": f"sliding-window attention span in tokens, itself included (default {DEFAULT_WINDOW})",
-                  "n_persistent": "learned persistent-memory tokens (default 4)"}
-MAG_OPTIONS = MAL_OPTIONS = WINDOW_OPTIONS
+
+
+class TitansWindowOptions(TitansOptions):
+    """Options of `titans-mag` and `titans-mal`: the memory's, the sliding window, persistent tokens."""
+
+    window: int = Field(DEFAULT_WINDOW, description="sliding-window attention span in tokens, itself included")
+    n_persistent: int = Field(4, description="learned persistent-memory tokens")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v):
+        return positive_int(v)
+
+    @field_validator("n_persistent", mode="before")
+    @classmethod
+    def _persistent(cls, v):
+        return positive_int(v, minimum=0)
+
+
+def _titans(variant, vocab_size, d_model, n_layers, n_heads, options, block_fn) -> Titans:
+    model = Titans(variant, vocab_size, d_model, n_layers, n_heads, block_fn)
+    model.options = options.model_dump()
+    return model
+
+
+def _options(name: str, cls, d_model, n_layers, n_heads, overrides):
+    opts = parse_options(name, cls, overrides)
+    check_size(name, d_model, n_layers, n_heads)
+    return opts
+
+
+@with_options(TitansOptions)
+def build_titans_lmm(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    opts = _options("titans-lmm", TitansOptions, d_model, n_layers, n_heads, overrides)
+    mem_kw = opts.memory_kwargs()
+    return _titans("lmm", vocab_size, d_model, n_layers, n_heads, opts, lambda: LMMBlock(d_model, n_heads, mem_kw))
+
+
+@with_options(TitansMACOptions)
+def build_titans_mac(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
+    opts = _options("titans-mac", TitansMACOptions, d_model, n_layers, n_heads, overrides)
+    mem_kw, seg, n_p = opts.memory_kwargs(), opts.segment_len, opts.n_persistent
+    return _titans("mac", vocab_size, d_model, n_layers, n_heads, opts,
+                   lambda: MACBlock(d_model, n_heads, mem_kw, seg, n_p))
 
 
 def _windowed(name, variant, block_cls, vocab_size, d_model, n_layers, n_heads, overrides) -> Titans:
-    check_overrides(name, overrides, WINDOW_OPTIONS)
-    opts, mem_kw = _resolve(name, d_model, n_layers, n_heads, overrides,
-                            {"window": DEFAULT_WINDOW, "n_persistent": 4})
-    window = check_positive_int(name, "window", opts["window"])
-    n_p = check_positive_int(name, "n_persistent", opts["n_persistent"], minimum=0)
+    opts = _options(name, TitansWindowOptions, d_model, n_layers, n_heads, overrides)
+    mem_kw, window, n_p = opts.memory_kwargs(), opts.window, opts.n_persistent
     return _titans(variant, vocab_size, d_model, n_layers, n_heads, opts,
                    lambda: block_cls(d_model, n_heads, mem_kw, window, n_p))
 
 
+@with_options(TitansWindowOptions)
 def build_titans_mag(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
     return _windowed("titans-mag", "mag", MAGBlock, vocab_size, d_model, n_layers, n_heads, overrides)
 
 
+@with_options(TitansWindowOptions)
 def build_titans_mal(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Titans:
     return _windowed("titans-mal", "mal", MALBlock, vocab_size, d_model, n_layers, n_heads, overrides)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
-from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel
-import torch.nn.functional as F
-
 from nlbench.models.layers import (CausalSelfAttention, RMSNorm, SwiGLU, apply_rope, attention_flops, init_weights,
                                    rope_cache, swiglu_hidden)
+from nlbench.models.options import ModelOptions, check_size, parse_options, positive_int, with_options
 
 
 def check_tokens(tokens) -> None:
@@ -33,12 +33,6 @@ def check_tokens(tokens) -> None:
         raise ValueError(f"tokens must be an integer tensor [batch, seq_len]; got {got} of dtype {dtype}.")
     if tokens.shape[1] == 0:
         raise ValueError("tokens must hold at least one position (seq_len >= 1).")
-
-
-def check_positive_int(model: str, name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelConfigError(f"model '{model}': option '{name}' must be an integer >= {minimum}, got {value!r}.")
-    return value
 
 
 def scale_residual_init(model: nn.Module, n_layers: int, std: float = 0.02) -> None:
@@ -138,21 +132,31 @@ class Transformer(NLModel):
         return float(self.n_layers * per_layer + 2 * d * self.vocab_size)
 
 
-TRANSFORMER_OPTIONS = {"mlp_hidden": "SwiGLU hidden width (default swiglu_hidden(d_model))",
-                       "kv_window": "KV cache carried across calls: tokens kept (int >= 1) or 'full'; default none"}
+class TransformerOptions(ModelOptions):
+    """Options of `transformer` (the size fields d_model, n_layers, n_heads come from the preset)."""
+
+    mlp_hidden: int | None = Field(None, description="SwiGLU hidden width (default swiglu_hidden(d_model))")
+    kv_window: int | str | None = Field(
+        None, description="KV cache carried across calls: tokens kept (int >= 1) or 'full'; default none")
+
+    @field_validator("mlp_hidden", mode="before")
+    @classmethod
+    def _hidden(cls, v):
+        return None if v is None else positive_int(v)
+
+    @field_validator("kv_window", mode="before")
+    @classmethod
+    def _kv(cls, v):
+        if v is None or v == "full":
+            return v
+        try:
+            return positive_int(v)
+        except ValueError:
+            raise ValueError(f"must be an integer >= 1 (tokens kept) or 'full', got {v!r}") from None
 
 
+@with_options(TransformerOptions)
 def build_transformer(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Transformer:
-    check_overrides("transformer", overrides, TRANSFORMER_OPTIONS)
-    for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
-        check_positive_int("transformer", name, value)
-    if d_model % n_heads:
-        raise ModelConfigError(f"model 'transformer': d_model={d_model} must be divisible by n_heads={n_heads}.")
-    if overrides.get("mlp_hidden") is not None:
-        check_positive_int("transformer", "mlp_hidden", overrides["mlp_hidden"])
-    kv = overrides.get("kv_window")
-    if kv is not None and kv != "full":
-        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1:
-            raise ModelConfigError(f"model 'transformer': option 'kv_window' must be an integer >= 1 (tokens kept) "
-                                   f"or 'full', got {kv!r}.")
-    return Transformer(vocab_size, d_model, n_layers, n_heads, **overrides)
+    opts = parse_options("transformer", TransformerOptions, overrides)
+    check_size("transformer", d_model, n_layers, n_heads)
+    return Transformer(vocab_size, d_model, n_layers, n_heads, **opts.model_dump())

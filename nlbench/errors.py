@@ -27,7 +27,7 @@ USER_ERRORS = (
     "nlbench.bench.bench_config:BenchConfigError",
     "nlbench.report.load:ReportError",
     "nlbench.metrics:MetricsError",
-    "nlbench.models:ModelConfigError",
+    "nlbench.models.options:ModelConfigError",
     "nlbench.pretrain.store:PretrainError",
     "nlbench.runner:CheckpointError",
     "nlbench.storage:StorageError",

@@ -11,21 +11,26 @@
   executes one run at a time with ``nlbench.runner.execute_run`` (torch threads = its CPUs, CUDA
   when it holds a GPU). Actors are reused across runs because starting a Python process and
   importing torch costs about a second, which would dwarf a short run.
-* **Faults.** Actors are created with ``max_restarts = max_task_retries = max_failures``: when an
-  actor's process dies, Ray restarts it and re-sends the run, which resumes from its last per-task
-  checkpoint (``OUT/checkpoints/<run_id>/``, written atomically by the runner), so the result
-  equals an undisturbed run. An actor that was restarted is replaced after the run finishes, so
-  every run gets the full ``max_failures`` budget. A run whose actor dies more than
-  ``max_failures`` times, or whose ``execute_run`` raises more than ``max_failures`` times, is
-  recorded with status ``failed`` and the error, and the sweep goes on.
+* **Faults.** Per-task checkpoints go through the driver: ``RunActor.run`` is a streaming
+  generator that yields the checkpoint's bytes after every task, and the driver stores them in
+  ``OUT/checkpoints/<run_id>/last.pt`` (atomically) and sends them with the run whenever it
+  (re)starts it, so a run resumes on any node, never from a path local to a lost one. When an
+  actor's process or its whole node dies (``RayActorError``), the driver re-queues the run and
+  sends it to a fresh actor on whatever nodes are alive (as many actors as they still hold), up
+  to ``max_failures`` times; Ray itself restarts nothing (``max_restarts=0``), so nothing waits
+  on an actor that cannot come back. A run whose actor dies more than ``max_failures`` times, or
+  whose ``execute_run`` raises more than ``max_failures`` times, is recorded with status
+  ``failed`` and the error, and the sweep goes on. A resumed run equals an undisturbed one.
 * **One writer.** Results come back as runs finish (``ray.wait``) and only this driver writes them
   into ``OUT`` (``ResultStore.write_run``: one file per run per table, atomic), so nothing is
   written twice or half. Runs already ``completed`` in ``OUT`` are skipped: re-running a sweep
   after Ctrl-C, a killed driver or a lost cluster finishes only what is missing, and runs that
   were in flight resume from their checkpoints.
 
-On a multi-node cluster ``OUT`` must be on storage every node sees (the actors write
-checkpoints there); results themselves are written by the driver only.
+Only the driver touches ``OUT`` (results and checkpoints), so ``OUT`` needs to be reachable from
+the driver only. Each ``runs`` row names the Ray node that ran it (``node_id``). Fractional
+``gpus_per_run`` packs several actors per GPU; each actor computes on the GPU Ray assigned it
+(Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so ``cuda`` is that GPU).
 """
 
 from __future__ import annotations
@@ -66,22 +71,44 @@ class RunActor:
         torch.set_num_threads(self.threads)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
-    def run(self, spec, checkpoint_dir: str, hooks: Mapping[str, Any] | None = None):
-        """One run; returns ``(RunRecord, info)`` where ``info`` says which process ran it and
-        whether that process is a restart of this actor (Ray re-sent the run after a crash)."""
+    def run(self, spec, resume_from: bytes | None, pretrained_dir: str, hooks: Mapping[str, Any] | None = None):
+        """One run, as a Ray streaming generator: yields ``("checkpoint", bytes, None)`` after
+        every task (the driver stores it, so any node can resume the run) and finally
+        ``("record", RunRecord, info)``; ``info`` says which node, process and GPUs ran it.
+        ``resume_from``: the bytes of the run's last checkpoint (None: from the start)."""
+        import queue
+        import threading
+
         import ray
         from nlbench.runner import execute_run
 
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "restarted": bool(ray.get_runtime_context().was_current_actor_reconstructed),
-        }
-        kwargs = dict(checkpoint_dir=checkpoint_dir, device=self.device)
+        ctx = ray.get_runtime_context()
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ctx.get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device}
+        kwargs = dict(device=self.device, pretrained_dir=pretrained_dir, resume_from=resume_from)
         if hooks:  # extra execute_run arguments (e.g. its stop_after_task test hook)
             kwargs.update(hooks)
-        record = execute_run(spec, threads=self.threads, **kwargs)
-        return record, info
+        items: queue.Queue = queue.Queue()
+
+        def work():  # execute_run calls on_checkpoint from inside; the generator yields meanwhile
+            try:
+                record = execute_run(spec, threads=self.threads,
+                                     on_checkpoint=lambda data: items.put(("checkpoint", data)), **kwargs)
+                items.put(("record", record))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the generator below
+                items.put(("error", e))
+
+        threading.Thread(target=work, name=f"run-{spec.run_id}", daemon=True).start()
+        while True:
+            kind, value = items.get()
+            if kind == "checkpoint":
+                yield ("checkpoint", value, None)
+            elif kind == "record":
+                value.run["node_id"] = info["node_id"]
+                yield ("record", value, info)
+                return
+            else:
+                raise value
 
     def pid(self) -> int:
         return os.getpid()
@@ -289,8 +316,14 @@ class _Progress:
 class _Slot:
     actor: Any
     spec: Any = None
-    ref: Any = None
+    ref: Any = None  # the run in flight (a streaming generator)
     started: float = 0.0
+    ready_ref: Any = None  # the actor's start-up (its pid() call) until it answers
+    ready: bool | None = None  # the actor has started and takes runs
+
+
+# how often (s) a sweep whose actors all wait for resources re-checks the live nodes
+ACTOR_POLL_S = 10.0
 
 
 @dataclass
@@ -299,6 +332,8 @@ class _Tally:
     diverged: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
     restarts: dict = field(default_factory=dict)
+    placements: dict = field(default_factory=dict)
+    resumed: set = field(default_factory=set)
 
 
 def _resources_from(resources, cpus_per_run, gpus_per_run, max_failures):
@@ -363,6 +398,7 @@ def run_sweep(
     _check_args(cpus_per_run, gpus_per_run, max_failures)
     _check_address(address)
     from nlbench.results import ResultsError, ResultStore
+    from nlbench.runner import clear_checkpoint
 
     from nlbench.storage import local_dir
 
@@ -403,61 +439,114 @@ def run_sweep(
     if max_concurrent is not None:
         width = max(1, min(width, int(max_concurrent)))
     width = min(width, len(pending))
-    Actor = _actor_class().options(
-        num_cpus=cpus_per_run, num_gpus=gpus_per_run,
-        max_restarts=max_failures, max_task_retries=max_failures,
-    )
+    # Ray restarts nothing by itself: when an actor (or its node) dies, the driver re-sends the run
+    # to a fresh actor wherever the cluster has room, with the run's last checkpoint
+    Actor = _actor_class().options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_restarts=0, max_task_retries=0)
 
     def new_actor():
         return Actor.remote(cpus_per_run, gpus_per_run > 0)
 
     queue = list(reversed(pending))
-    attempts: dict[str, int] = {}
+    attempts: dict[str, int] = {}  # execute_run raised
+    deaths: dict[str, int] = {}  # the actor running it died
     slots = [_Slot(new_actor()) for _ in range(width)]
     bar = _Progress(len(pending), progress)
+    pretrained_dir = local_dir(out_dir, "pretrained")
 
     def submit(slot: _Slot):
         slot.spec = queue.pop()
         slot.started = time.time()
-        slot.ref = slot.actor.run.remote(slot.spec, ckpt_dir, hooks)
+        resume = _read_checkpoint(ckpt_dir, slot.spec.run_id)
+        if resume is not None:
+            tally.resumed.add(slot.spec.run_id)
+        slot.ref = slot.actor.run.options(num_returns="streaming").remote(slot.spec, resume, pretrained_dir, hooks)
+
+    def record_of(slot: _Slot, spec, started):
+        """Next item of the slot's run: store a checkpoint (None back), or the record, or the
+        failed record / None (run re-queued) when the actor died or execute_run raised."""
+        try:
+            kind, value, info = ray.get(next(slot.ref))
+        except StopIteration:  # cannot happen: the generator ends after the record
+            return failed_record(spec, "the actor's run ended without a record", started), True
+        except ray.exceptions.RayActorError as e:  # the process or its node is gone
+            deaths[spec.run_id] = deaths.get(spec.run_id, 0) + 1
+            tally.restarts[spec.run_id] = deaths[spec.run_id]
+            if deaths[spec.run_id] <= max_failures:
+                queue.append(spec)  # resumed next, from its last checkpoint, on a fresh actor
+                return None, True
+            return failed_record(spec, f"actor died {deaths[spec.run_id]} time(s) (max_failures={max_failures}): {e}",
+                                 started), True
+        except ray.exceptions.RayTaskError as e:
+            attempts[spec.run_id] = attempts.get(spec.run_id, 0) + 1
+            if attempts[spec.run_id] <= max_failures:
+                queue.append(spec)  # retried next, on a fresh actor
+                return None, True
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+            return failed_record(spec, f"execute_run raised {attempts[spec.run_id]} time(s): {text}\n{e}", started), True
+        if kind == "checkpoint":
+            _store_checkpoint(ckpt_dir, spec.run_id, value)
+            return "checkpoint", False
+        tally.placements[spec.run_id] = info
+        return value, False
+
+    def replenish():
+        """Keep as many actors as the live nodes hold (at least one, at most ``width``): a lost
+        node shrinks the sweep, a node that comes back (or joins) may grow it again."""
+        want = max(1, min(_live_capacity(cpus_per_run, gpus_per_run), width))
+        for s in slots:
+            if s.actor is None and sum(x.actor is not None for x in slots) < want:
+                s.actor, s.ready = new_actor(), None
+                s.ready_ref = s.actor.pid.remote()
+
+    def hand_out():
+        # runs go only to actors that have started: one created while a node was dying may wait
+        # for resources forever, and a run sent to it would wait with it
+        for s in slots:
+            if queue and s.actor is not None and s.ready and s.ref is None:
+                submit(s)
+
+    def drop(slot: _Slot):
+        with contextlib.suppress(Exception):  # a dead actor may be gone already
+            ray.kill(slot.actor, no_restart=True)
+        slot.actor, slot.ready, slot.ready_ref = None, None, None
 
     try:
         for slot in slots:
-            submit(slot)
-        while any(s.ref is not None for s in slots):
+            slot.ready_ref = slot.actor.pid.remote()
+        while queue or any(s.ref is not None for s in slots):
             bar.update(len(tally.completed) + len(tally.diverged), sum(s.ref is not None for s in slots), len(tally.failed))
             busy = {s.ref: s for s in slots if s.ref is not None}
-            ready, _ = ray.wait(list(busy), num_returns=1)
+            starting = {s.ready_ref: s for s in slots if s.ready_ref is not None} if queue else {}
+            # a timeout so a sweep left with no actor re-checks the cluster now and then
+            ready, _ = ray.wait([*busy, *starting], num_returns=1, timeout=ACTOR_POLL_S)
+            if not ready:
+                replenish()
+                continue
             for ref in ready:
+                if ref in starting:  # an actor has started (or failed to: its node is gone)
+                    slot = starting[ref]
+                    slot.ready_ref = None
+                    try:
+                        ray.get(ref)
+                        slot.ready = True
+                    except ray.exceptions.RayError:
+                        drop(slot)
+                        replenish()
+                    hand_out()
+                    continue
                 slot = busy[ref]
                 spec, started = slot.spec, slot.started
+                record, replace = record_of(slot, spec, started)
+                if record == "checkpoint":
+                    continue  # the run goes on
                 slot.ref = slot.spec = None
-                replace = False
-                try:
-                    record, info = ray.get(ref)
-                    replace = info["restarted"]
-                    if replace:
-                        tally.restarts[spec.run_id] = tally.restarts.get(spec.run_id, 0) + 1
-                except ray.exceptions.RayActorError as e:
-                    # Ray already restarted the actor max_failures times for this run
-                    record = failed_record(spec, f"actor died {max_failures + 1} time(s) (max_failures={max_failures}): {e}", started)
-                    replace = True
-                except ray.exceptions.RayTaskError as e:
-                    attempts[spec.run_id] = attempts.get(spec.run_id, 0) + 1
-                    if attempts[spec.run_id] <= max_failures:
-                        queue.append(spec)  # retried next, on a fresh actor
-                        record, replace = None, True
-                    else:
-                        cause = e.cause if getattr(e, "cause", None) is not None else e
-                        text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-                        record = failed_record(spec, f"execute_run raised {attempts[spec.run_id]} time(s): {text}\n{e}", started)
-                # hand the actor its next run before writing this one's results, so the
-                # driver's Parquet writes overlap the actors' work
                 if replace:
-                    ray.kill(slot.actor, no_restart=True)
-                    slot.actor = new_actor()
-                if queue:
-                    submit(slot)
+                    drop(slot)
+                    replenish()
+                # hand the actors their next runs before writing this one's results, so the
+                # driver's Parquet writes overlap the actors' work
+                hand_out()
                 if record is not None:
                     try:
                         store.write_run(record)
@@ -465,6 +554,8 @@ def run_sweep(
                         record = failed_record(spec, f"results of this run could not be stored: {e}", started)
                         store.write_run(record)
                     status = record.run.get("status")
+                    if status in ("completed", "diverged"):
+                        clear_checkpoint(ckpt_dir, spec.run_id)
                     if status == "completed":
                         tally.completed.append(spec.run_id)
                     elif status == "diverged":
@@ -478,12 +569,49 @@ def run_sweep(
         bar.close()
         for s in slots:
             try:
-                ray.kill(s.actor, no_restart=True)
+                if s.actor is not None:
+                    ray.kill(s.actor, no_restart=True)
             except Exception:  # the runtime may already be gone (Ctrl-C during shutdown)
                 pass
         if started_ray:
             ray.shutdown()
+        with contextlib.suppress(OSError):
+            os.rmdir(ckpt_dir)  # only when empty: every run finished
     return _finish(summary, tally, t0, width)
+
+
+def _read_checkpoint(ckpt_dir: str, run_id: str) -> bytes | None:
+    """The bytes of the run's last checkpoint stored by a driver (this one, or one killed before)."""
+    from nlbench.runner import checkpoint_path
+
+    try:
+        return checkpoint_path(ckpt_dir, run_id).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _store_checkpoint(ckpt_dir: str, run_id: str, data: bytes) -> None:
+    from nlbench.runner import checkpoint_path, save_checkpoint
+
+    save_checkpoint(checkpoint_path(ckpt_dir, run_id), data)
+
+
+def _live_capacity(cpus_per_run: float, gpus_per_run: float) -> int:
+    """Like sweep_capacity, from the nodes the GCS reports alive now (a lost node's resources can
+    linger in the cluster totals for a moment)."""
+    import ray
+
+    total: dict = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for k, v in node.get("Resources", {}).items():
+                total[k] = total.get(k, 0) + v
+    fits = []
+    if cpus_per_run > 0:
+        fits.append(math.floor(total.get("CPU", 0) / cpus_per_run + 1e-9))
+    if gpus_per_run > 0:
+        fits.append(math.floor(total.get("GPU", 0) / gpus_per_run + 1e-9))
+    return max(0, min(fits) if fits else 1)
 
 
 def _finish(summary: dict, tally: _Tally, t0: float, width: int) -> dict:
@@ -493,6 +621,8 @@ def _finish(summary: dict, tally: _Tally, t0: float, width: int) -> dict:
         failed=len(tally.failed),
         failed_runs=dict(tally.failed),
         restarts=dict(tally.restarts),
+        placements=dict(tally.placements),
+        resumed=sorted(tally.resumed),
         concurrency=width,
         wall_s=time.perf_counter() - t0,
     )

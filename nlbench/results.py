@@ -45,12 +45,14 @@ __all__ = [
     "ResultStore", "ResultsError", "RunRecord", "RunRow", "canonical_json", "run_id_for", "run_row", "schema_for",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 # columns added after schema v1, with the version that added them: files written before it read
 # with the column null (a v1 throughput file has no compile_mode)
 ADDED_IN: dict[tuple[str, str], int] = {("throughput", "compile_mode"): 2, ("runs", "pretrain"): 3,
                                    ("runs", "model_options"): 4, ("runs", "optimizer_params"): 5,
-                                   ("runs", "ceiling"): 6}
+                                   ("runs", "ceiling"): 6, ("runs", "node_id"): 7, ("throughput", "token_ms_p50"): 8,
+                                   ("throughput", "token_ms_p95"): 8, ("throughput", "token_ms_mean"): 8,
+                                   ("throughput", "stream_chunk"): 8}
 SCHEMA_VERSION_KEY = "nlbench.schema_version"
 TABLE_KEY = "nlbench.table"
 RUN_STATUSES = ("completed", "failed", "diverged")
@@ -101,7 +103,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "runs": _cols(
         "run_id:str model:str stream:str seed:int protocol:str strategy:str status:str error:str config:json "
         "started_at:ts finished_at:ts wall_s:float train_s:float eval_s:float device:str host:str params:int "
-        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float pretrain:str model_options:json optimizer_params:json ceiling:json",
+        "versions:json git_sha:str size:str chance:json train_tokens_per_s:float pretrain:str model_options:json optimizer_params:json ceiling:json node_id:str",
         required={"run_id", "model", "stream", "seed", "protocol", "strategy", "status", "config"},
         allowed={"status": RUN_STATUSES},
     ),
@@ -120,9 +122,9 @@ TABLES: dict[str, tuple[Column, ...]] = {
         "step_ms_p95:float peak_mem_bytes:int mfu:float mfu_datasheet:float flops_per_token:float device:str "
         "dtype:str torch_version:str triton_version:str command:str compile_s:float timestamp:ts "
         "params:int steps:int nlbench_version:str python_version:str matmul_peak_flops:float config_name:str "
-        "compile_mode:str",
+        "compile_mode:str token_ms_p50:float token_ms_p95:float token_ms_mean:float stream_chunk:int",
         required={"run_id", "model", "size", "seq_len", "batch_size", "phase", "tokens_per_s", "device", "dtype"},
-        allowed={"phase": ("train", "infer")},
+        allowed={"phase": ("train", "infer", "stream")},
     ),
     # fixed part; plus param_<name> / attr_<name> columns (DYNAMIC_PREFIXES)
     "trials": _cols(
@@ -350,6 +352,7 @@ class RunRow(TypedDict):
     model_options: Any
     optimizer_params: Any
     ceiling: Any
+    node_id: str | None            # the Ray node that ran it (set by the sweep's actor)
 
 
 def run_row(**fields: Any) -> RunRow:

@@ -1,4 +1,4 @@
-"""Retention curves (issue 16, in-context metrics): the score on task j as a function of the
+"""Retention curves: the score on task j as a function of the
 training tokens read since task j ended.
 
     curve = retention_curve(store.read("matrix"), store.read("curves"))

@@ -22,6 +22,7 @@ each record to the ResultStore under out_dir, skipping run ids already completed
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -103,10 +104,14 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(checkpoint_dir) / run_id / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save, atomically (nlbench.atomic): a crash leaves the previous checkpoint or the
-    new one, never a torn file. Private to the user (0o600), as the run's own state."""
-    atomic_write(path, lambda f: torch.save(payload, f), private=True)
+def save_checkpoint(path: Path, payload: dict | bytes) -> None:
+    """torch.save (or the bytes of checkpoint_to_bytes), atomically (nlbench.atomic): a crash
+    leaves the previous checkpoint or the new one, never a torn file. Private to the user (0o600),
+    as the run's own state."""
+    if isinstance(payload, bytes):
+        atomic_write(path, lambda f: f.write(payload), private=True)
+    else:
+        atomic_write(path, lambda f: torch.save(payload, f), private=True)
 
 
 class CheckpointError(RuntimeError):
@@ -118,16 +123,29 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     on shared storage, so a planted file must never execute code (tensors and containers only)."""
     if not path.is_file():
         return None
+    return checkpoint_from_bytes(path.read_bytes(), run_id, str(path), f"Delete {path.parent}")
+
+
+def checkpoint_to_bytes(payload: dict) -> bytes:
+    """A checkpoint payload as the bytes save_checkpoint would write (for a driver to store)."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def checkpoint_from_bytes(data: bytes, run_id: str, source: str, delete: str = "Delete it") -> dict:
+    """A checkpoint read from bytes with `weights_only=True` (nothing in it runs) and checked to be
+    ``run_id``'s; ``source`` names where it came from in errors."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for torn files
         raise CheckpointError(
-            f"checkpoint {path} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
+            f"checkpoint {source} of run {run_id} was refused: it is not a plain tensor checkpoint written by "
             f"nlbench ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}). Nothing in it "
-            f"was run. Delete {path.parent} to recompute the run from its start.") from None
+            f"was run. {delete} to recompute the run from its start.") from None
     if not isinstance(payload, dict) or payload.get("run_id") != run_id:
         owner = payload.get("run_id") if isinstance(payload, dict) else None
-        raise CheckpointError(f"checkpoint {path} belongs to run {owner!r}, not {run_id!r}; delete it.")
+        raise CheckpointError(f"checkpoint {source} belongs to run {owner!r}, not {run_id!r}; delete it.")
     return payload
 
 
@@ -168,7 +186,9 @@ def load_pretrained_into(model, config: dict, root: Path | None, device) -> str:
 
 def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, device: str | None = None,
                 progress: Callable | None = None, threads: int | None = None,
-                stop_after_task: int | None = None, pretrained_dir: str | os.PathLike | None = None) -> "RunRecord":  # noqa: F821
+                stop_after_task: int | None = None, pretrained_dir: str | os.PathLike | None = None,
+                resume_from: bytes | None = None, on_checkpoint: Callable[[bytes], None] | None = None,
+                ) -> "RunRecord":  # noqa: F821
     """Run one spec; never raises for a failing run (see module docstring).
 
     device: 'cpu', 'cuda', 'cuda:1', 'auto' or None (= the config's train.device).
@@ -179,6 +199,9 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
     pretrained_dir: pretrained checkpoints (default: checkpoint_dir's parent / "pretrained");
     a run whose config has a `pretrain` block starts from that checkpoint, computing it first
     if it is missing, and names its key in the `pretrain` column.
+    resume_from / on_checkpoint: checkpoints kept by the caller instead of under checkpoint_dir
+    (a Ray sweep's driver stores them, so a run resumes on any node): the bytes of the last
+    one to resume from, and a callback given each new one's bytes after every task.
     """
     from nlbench.malloc import keep_freed_memory
     from nlbench.results import RunRecord, run_row
@@ -219,15 +242,21 @@ def execute_run(spec: RunSpec, checkpoint_dir: str | os.PathLike | None = None, 
             run["pretrain"] = load_pretrained_into(model, config, pretrained_root(checkpoint_dir, pretrained_dir), dev)
         protocol = build_protocol(config, model, stream, dev, progress=progress)
 
-        resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
+        if resume_from is not None:
+            resume = checkpoint_from_bytes(resume_from, spec.run_id, "sent by the sweep's driver")
+        else:
+            resume = load_checkpoint(ckpt, spec.run_id) if ckpt is not None else None
         if resume is not None:
             prior_wall = float(resume["wall_s"])
             run["started_at"] = datetime.fromisoformat(resume["started_at"])
 
         def on_task_end(task_index: int, state: dict) -> None:
-            if ckpt is not None:
-                save_checkpoint(ckpt, dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
-                                           wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index))
+            payload = dict(run_id=spec.run_id, protocol_state=state, started_at=run["started_at"].isoformat(),
+                           wall_s=prior_wall + time.perf_counter() - t_wall, after_task=task_index)
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoint_to_bytes(payload))
+            elif ckpt is not None:
+                save_checkpoint(ckpt, payload)
 
         result = protocol.run(resume=None if resume is None else resume["protocol_state"],
                               on_task_end=on_task_end, stop_after_task=stop_after_task)

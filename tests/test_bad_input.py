@@ -1,5 +1,5 @@
 """Bad input on the command line: one paragraph naming the problem, exit status 2, no
-traceback, and nothing written (issue 19.7). Each case runs the real command; the checks must
+traceback, and nothing written. Each case runs the real command; the checks must
 come before any compute, so none of these cases trains, measures or starts a trial."""
 
 import os

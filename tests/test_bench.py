@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nlbench.bench.bench_config import BenchConfigError, load_bench_config
-from nlbench.bench.throughput import _percentile, datasheet_peak
+from nlbench.bench.throughput import datasheet_peak
 from nlbench.results import ResultStore
 
 NLBENCH = [sys.executable, "-m", "nlbench.cli"]
@@ -20,11 +20,6 @@ def test_datasheet_peak_known_devices_bf16_only():
     assert datasheet_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
     assert datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) is None
     assert datasheet_peak("cpu:x86_64:2threads", torch.bfloat16) is None
-
-
-def test_percentile_interpolates():
-    assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert _percentile([1.0, 2.0], 0.95) == pytest.approx(1.95)
 
 
 def test_bench_cli_writes_throughput_rows(tmp_path):
@@ -106,3 +101,21 @@ def test_device_check_compile_adds_compiled_rows(tmp_path, capsys):
         (m, p) for m in ("transformer", "hope") for p in ("train", "infer")}
     assert all(r["compile_s"] is not None and r["tokens_per_s"] > 0 for r in compiled)
     assert got["hope_over_transformer_compiled"] > 0
+
+
+def test_labelled_entries_stay_apart_and_the_memory_goal_is_printed(tmp_path):
+    """Two entries of one model with different options (`label`) give rows of their own, and the
+    bench prints each Hope entry's training peak memory over the Transformer's."""
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(
+        "name: lb\nmodels: [transformer, hope, {name: hope, label: hope-recompute, options: {recompute_chunks: true}}]\n"
+        "sizes: [tiny]\nseq_lens: [32]\nbatch_size: 2\nphases: [train]\nwarmup_steps: 1\nsteps: 1\n"
+        "kernel_seq_len: null\nthreads: 1\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = ResultStore(out).read("throughput")
+    assert sorted(df.model) == ["hope", "hope-recompute", "transformer"]
+    for name in ("hope", "hope-recompute"):
+        assert f"goal: {name}/Transformer train peak memory at tiny, T=32:" in proc.stdout

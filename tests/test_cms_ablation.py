@@ -1,4 +1,4 @@
-"""The CMS ablation section (issue 15 item 5): arms read from Hope's resolved CMS options, paired
+"""The CMS ablation section: arms read from Hope's resolved CMS options, paired
 verdict at each learning rate, figures/cms_ablation_<stream>.png. Hand-made score matrices for
 the verdict rule (real per_run_metrics and paired statistics), and one tiny real run (real Hope,
 real Parquet) for the figure and the text."""

@@ -4,6 +4,7 @@ count and stable, content-addressed run ids; dotted overrides."""
 import copy
 
 import pytest
+import torch
 import yaml
 
 from nlbench.config import (ConfigError, apply_override, expand_runs, load_config, spec_from_config,
@@ -198,16 +199,50 @@ def test_every_shipped_config_loads_and_expands():
 
     from nlbench.bench.bench_config import load_bench_config
     from nlbench.config import expand_runs, load_config
+    from nlbench.selection.config import load_leaderboard_config
     from nlbench.tune import load_tune_config
 
     paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(paths) >= 7
     for p in paths:
         raw = yaml.safe_load(p.read_text())
-        if "space" in raw:
+        if "tuning_seeds" in raw:  # a leaderboard config: selection studies, then reporting runs
+            lc, plans = load_leaderboard_config(p)
+            assert plans and not set(lc.tuning_seeds) & set(lc.seeds or []), p.name
+        elif "space" in raw:
             tc, experiment = load_tune_config(p)
             assert tc.trials >= 1 and experiment["models"], p.name
         elif "seq_lens" in raw:
             assert load_bench_config(p).models, p.name
         else:
             assert expand_runs(load_config(p)), p.name
+
+
+def test_model_optimizer_gives_one_entry_its_own_optimizer_and_leaves_the_others_alone():
+    from nlbench.optim import M3, Muon
+    from nlbench.protocol import build_protocol
+    from nlbench.runner import build_run_model, build_run_stream
+
+    plain = cfg_with(models=["transformer", "hope"], train__optimizer=dict(name="muon", lr=0.02))
+    with_m3 = cfg_with(models=["transformer", "hope", dict(name="hope", label="hope-m3")],
+                       train__optimizer=dict(name="muon", lr=0.02),
+                       model_optimizer={"hope-m3": dict(name="m3", lr=0.01)})
+    before = {s.config["model"]["label"]: s for s in expand_runs(validate_config(plain))}
+    after = {s.config["model"]["label"]: s for s in expand_runs(validate_config(with_m3))}
+    assert after["hope-m3"].config["train"]["optimizer"] == {"name": "m3", "lr": 0.01}
+    for label in ("transformer", "hope"):  # the other entries: same runs, same ids
+        assert after[label].run_id == before[label].run_id
+        assert after[label].config["train"]["optimizer"] == {"name": "muon", "lr": 0.02}
+    # the run builds M3 for the Hope-M3 entry and Muon for Hope
+    for label, kind in (("hope-m3", M3), ("hope", Muon)):
+        # (M3 is not a Muon subclass, so the check tells them apart)
+        config = after[label].config
+        stream = build_run_stream(config)
+        proto = build_protocol(config, build_run_model(config, stream.vocab_size), stream, torch.device("cpu"))
+        inner = [opt for _, opt in proto.optimizer.optimizers.values()]
+        assert any(isinstance(opt, kind) for opt in inner), (label, inner)
+        assert not (label == "hope" and any(isinstance(opt, M3) for opt in inner))
+    msg = error_of(cfg_with(model_optimizer={"hope-m3": dict(name="m3")}))
+    assert "model_optimizer" in msg and "'hope-m3'" in msg and "'transformer'" in msg
+    msg = error_of(cfg_with(model_optimizer={"transformer": dict(name="sgd")}))
+    assert "model_optimizer" in msg and "'m3'" in msg

@@ -111,11 +111,11 @@ def _init_projections(m, B=2, T=32):
 
 
 def test_gates_at_init():
-    """α ≈ alpha_init = 0.999 (never the halving of spec §7) and η ≈ eta_init = 0.3 at init;
+    """α ≈ alpha_init = 0.999 (never the halving of spec §7) and η ≈ eta_init = 0.2 at init;
     both follow their options."""
     _, _, (_, _, eta, alpha) = _init_projections(build_model("hope", size="tiny", vocab_size=V))
     assert alpha.min() > 0.99 and alpha.max() < 1
-    assert 0.2 < eta.min() and eta.max() < 0.4
+    assert 0.15 < eta.min() and eta.max() < 0.25
     _, _, (_, _, eta, alpha) = _init_projections(build_model("hope", size="tiny", vocab_size=V, eta_init=0.7,
                                                              alpha_init=0.9))
     assert 0.85 < alpha.min() and alpha.max() < 0.95 and 0.6 < eta.min() and eta.max() < 0.8
@@ -131,7 +131,7 @@ def test_keys_and_values_differ_at_init():
 def test_one_write_moves_the_memory_toward_its_target():
     """Write strength at init (the fix for "Hope does not learn the copy task"): one in-context
     DGD write of (k, v) with the default η moves M_mem(k) at least 10% of the way to
-    v̂ = M_mem(v). Measured 19% at η = 0.3 (16% at 0.7); the old fan-in init of W2
+    v̂ = M_mem(v). Measured 15% at η = 0.2 (19% at 0.3, 16% at 0.7); the old fan-in init of W2
     (‖σ(W2 k)‖² ≈ 0.3) with η = 0.1 gave 2.6%."""
     from nlbench.kernels.dgd import memory_apply
 
@@ -228,7 +228,7 @@ def test_guard_vector_is_carried_chunk_by_chunk(stack):
         torch.testing.assert_close(torch.cat(ys, 1), whole_y, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(state["guard"], whole["guard"], atol=1e-5, rtol=1e-4)
         lam, _ = tracked_curvature(w1, state["guard"])
-        assert (lam * 0.3 > GUARD).any(), "the guard is not active in this test"  # η ≈ eta_init
+        assert (lam * m.options["eta_init"] > GUARD).any(), "the guard is not active in this test"  # η ≈ eta_init
 
 
 def test_long_carried_stream_stays_finite_with_a_large_meta_learned_w1():
@@ -239,7 +239,8 @@ def test_long_carried_stream_stays_finite_with_a_large_meta_learned_w1():
 
     def run():
         torch.manual_seed(0)
-        m = build_model("hope", size="tiny", vocab_size=V).eval()
+        # η 0.3: at the default 0.2 this stream happens to stay finite without the guard too
+        m = build_model("hope", size="tiny", vocab_size=V, eta_init=0.3).eval()
         with torch.no_grad():
             for b in m.blocks:
                 for name, p in b.mixer.mem0.items():

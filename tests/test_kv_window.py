@@ -1,4 +1,4 @@
-"""The Transformer's KV-cache window (`kv_window`), its in-context baseline (issue 16)."""
+"""The Transformer's KV-cache window (`kv_window`), its in-context baseline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""nlbench leaderboard (issue 15 item 1): per-entry selection on tuning seeds disjoint from the
+"""nlbench leaderboard: per-entry selection on tuning seeds disjoint from the
 reporting seeds, then the reporting runs with the selected values, resumable. Real Ray (the
 session's runtime), real Optuna journal storage, real Parquet; tiny Transformer runs."""
 
@@ -126,6 +126,11 @@ def test_overlapping_seeds_are_refused_and_nothing_is_written(tmp_path):
 def test_invalid_config_names_the_field(change, expect):
     with pytest.raises(LeaderboardConfigError, match=expect):
         validate_leaderboard_config(lb_config(**change))
+
+
+def test_an_experiment_config_given_as_leaderboard_config_is_named_as_such():
+    with pytest.raises(LeaderboardConfigError, match=r"it is an experiment config .* names one with 'base: PATH'"):
+        validate_leaderboard_config(experiment())
 
 
 def test_one_study_per_entry_and_family_with_the_same_budget():
@@ -276,10 +281,13 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(ray_session, tm
     assert sorted(set(ResultStore(out).read("runs")["seed"])) == REPORT_SEEDS
 
 
-@pytest.mark.parametrize("name, studies", [("leaderboard.yaml", 18), ("leaderboard-gpu.yaml", 252)])
+@pytest.mark.parametrize("name, studies", [("leaderboard.yaml", 40), ("leaderboard-gpu.yaml", 560)])
 def test_shipped_configs_are_valid(name, studies):
     from nlbench.selection import load_leaderboard_config
 
     lc, plans = load_leaderboard_config(Path(__file__).resolve().parent.parent / "configs" / name)
     assert len(plans) == studies and len(lc.seeds) >= 5 and not set(lc.seeds) & set(lc.tuning_seeds)
     assert len({p.tune_config.trials for p in plans}) == 1  # the same budget for every entry
+    assert {p.strategy for p in plans} == {"naive", "replay", "ewc", "joint", "fresh"}
+    m3 = [p for p in plans if "m3" in p.model]
+    assert m3 and all(p.tuning_experiment["train"]["optimizer"]["name"] == "m3" for p in m3)

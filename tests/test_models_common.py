@@ -7,7 +7,6 @@ exists but fails to import is an error, not a skip.
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -32,9 +31,7 @@ CONTEXT_NOT_IN_STATE = {
 
 
 def build(name: str, size: str = "tiny", vocab_size: int = V, **overrides):
-    module = MODELS[name].split(":")[0]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not written yet (registry entry '{name}')")
+    # every registry entry must build: a broken mapping fails here, it is never skipped
     return build_model(name, size=size, vocab_size=vocab_size, **overrides)
 
 
@@ -92,8 +89,12 @@ def test_update_state_false_returns_input_state(name):
             assert torch.equal(a, b)
         for a, b in zip(leaves(state), before):  # the input state was not written in place
             assert torch.equal(a, b)
-        # and with update_state=True the state does move (for stateful models)
-        moved = model(tokens(T=16, seed=2), state=state).state
+        # and with update_state=True the state does move (for stateful models), while the
+        # logits are the same: update_state=False writes within the sequence too, and only
+        # discards the final state
+        written = model(tokens(T=16, seed=2), state=state)
+        torch.testing.assert_close(out.logits, written.logits, atol=0, rtol=0)
+        moved = written.state
         if before:
             assert any(not torch.equal(a, b) for a, b in zip(leaves(moved), before))
 
@@ -158,9 +159,6 @@ def test_bad_name_and_size_list_valid_values():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_option_lists_valid_options(name):
-    module = MODELS[name].split(":")[0]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not written yet (registry entry '{name}')")
     with pytest.raises(ModelConfigError, match=rf"model '{name}': unknown option\(s\) 'bogus_knob'.*Valid options"):
         build_model(name, size="tiny", vocab_size=V, bogus_knob=1)
 
@@ -198,3 +196,20 @@ def test_learns_copy_task(name):
     scored = y != -100
     acc = (pred[scored] == y[scored]).float().mean().item()
     assert acc > 0.5, f"{name}: copy accuracy {acc:.3f} (chance {1 / (vocab - 1):.3f})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_are_typed_and_registered_with_the_factory(name):
+    # the factory, config checks and tune read one options class; its defaults are the model's
+    from nlbench.models import options_class, validate_options
+    from nlbench.models.options import ModelOptions
+
+    cls = options_class(name)
+    assert issubclass(cls, ModelOptions)
+    defaults = validate_options(name, {})
+    assert set(defaults) == set(cls.model_fields)
+    model = build(name)
+    if getattr(model, "options", None) is not None:
+        assert set(model.options) == set(cls.model_fields)
+    with pytest.raises(ModelConfigError, match=rf"model '{name}': unknown option\(s\) 'bogus_knob'"):
+        validate_options(name, {"bogus_knob": 1})

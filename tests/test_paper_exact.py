@@ -1,4 +1,4 @@
-"""Hope's stabilisers as options, and `paper_exact: true` (issue 14.3): the paper form is
+"""Hope's stabilisers as options, and `paper_exact: true`: the paper form is
 checked against Eq. 83–91 computed token by token here, each stabiliser changes the result,
 and the resolved options reach the run record."""
 

@@ -1,4 +1,4 @@
-"""Pretraining (issue 16): seed spaces, compute-once reuse, bit-exact checkpoints and resume,
+"""Pretraining: seed spaces, compute-once reuse, bit-exact checkpoints and resume,
 safe loading, probes that never write, the meta-continual and TBPTT mechanics."""
 
 from __future__ import annotations
@@ -245,8 +245,8 @@ def _leaves(state):
 
 
 def test_meta_continual_probes_add_loss_but_do_not_change_the_state_carried(tmp_path):
-    """probe_weight only adds read-only probe losses: the sequence losses are the same, the
-    gradient is not."""
+    """probe_weight only adds probe losses (update_state=False: writes within the probe, its final
+    state discarded): the sequence losses are the same, the gradient is not."""
     rows = {}
     for w in (0.0, 0.5):
         b = block(probe_weight=w)

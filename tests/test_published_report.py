@@ -3,7 +3,7 @@
 `reports/data/<config name>/` holds the Parquet tables of every published config; re-reporting
 all of them must give `reports/leaderboard.json` (and `reports/in-context/leaderboard.json` from
 the in-context config alone), so a reader can audit every number, and the in-context entries
-must be in the combined leaderboard, with `chance` on each (issue 16).
+must be in the combined leaderboard, with `chance` on each.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def test_record_fills_every_runs_column(tmp_path):
     run = rec.run
     assert run["status"] == "completed" and run["error"] is None
     for col in TABLES["runs"]:
-        if col.name not in ("git_sha", "error", "pretrain"):  # git_sha: None outside a git checkout; pretrain: none named
+        # git_sha: None outside a git checkout; pretrain: none named; node_id: set by the Ray actor
+        if col.name not in ("git_sha", "error", "pretrain", "node_id"):
             assert run[col.name] is not None, col.name
     assert run["run_id"] == spec.run_id and run["model"] == "transformer" and run["seed"] == 1
     assert json.loads(run["config"]) == spec.config

@@ -1,5 +1,5 @@
 """Resuming a tune study proposes new trials, not the first ones again; a second tuner on a live
-study is refused (issue 19.9). Real Optuna journal storage; no trial needs to run."""
+study is refused. Real Optuna journal storage; no trial needs to run."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nlbench.models import MODELS, PRESETS
+from nlbench.optim.build import OPTIMIZERS
 
 
 class BenchConfigError(ValueError):
@@ -18,12 +19,41 @@ class BenchModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     options: dict = Field(default_factory=dict)
+    # the rows' `model` column (default: name): two entries of one model with different options
+    # (e.g. hope and hope with recompute_chunks) stay apart in the table and the report
+    label: str | None = Field(None, min_length=1)
+
+    @property
+    def row_name(self) -> str:
+        return self.label or self.name
 
     @field_validator("name")
     @classmethod
     def _known(cls, v):
         if v not in MODELS:
             raise ValueError(f"unknown model '{v}'; allowed: {', '.join(sorted(MODELS))}")
+        return v
+
+
+class StreamConfig(BaseModel):
+    """The streaming phase (`nlbench.bench.stream`): batch 1, one stream per length, read
+    `chunk` tokens per call with the state carried."""
+    model_config = ConfigDict(extra="forbid")
+    models: list[BenchModel] = Field(..., min_length=1)
+    seq_lens: list[int] = [1024, 2048, 4096, 8192]
+    chunk: int = Field(16, ge=1)
+    warmup_chunks: int = Field(4, ge=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return [{"name": m} if isinstance(m, str) else m for m in v]
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _lens(cls, v):
+        if not v or any(t < 1 for t in v):
+            raise ValueError("every stream length must be an integer >= 1")
         return v
 
 
@@ -35,7 +65,7 @@ class BenchConfig(BaseModel):
     seq_lens: list[int] = [256]
     batch_size: int = Field(8, ge=1)
     vocab_size: int = Field(256, ge=2)
-    optimizer: Literal["adamw", "muon", "m3", "dgd"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-3, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -46,6 +76,8 @@ class BenchConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     # memory-update micro-benchmark: chunked fast path vs token-by-token reference
     kernel_seq_len: int | None = Field(1024, ge=16)
+    # streaming phase (rows with phase "stream"); none when absent
+    stream: StreamConfig | None = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -100,6 +132,24 @@ def load_bench_config(path: str | Path) -> BenchConfig:
 
     try:  # each model factory rejects unknown or invalid options before any measuring
         _check_model_options(cfg.models, "models")
+        if cfg.stream is not None:
+            _check_model_options(cfg.stream.models, "stream.models")
     except ConfigError as e:
         raise BenchConfigError(str(e).replace("invalid config:", f"invalid bench config '{path}':", 1)) from None
+    if cfg.stream is not None:
+        _check_stateful(cfg.stream.models, path)
     return cfg
+
+
+def _check_stateful(models, path) -> None:
+    """A stream needs a state carried across calls: a stateless model would read each chunk alone."""
+    from nlbench.bench.stream import stream_options
+    from nlbench.models import build_model
+
+    for i, m in enumerate(models):
+        opts = stream_options(m.name, m.options)
+        if build_model(m.name, size="tiny", vocab_size=256, **opts).init_state(1) is None:
+            raise BenchConfigError(
+                f"invalid bench config '{path}': field 'stream.models.{i}': model '{m.name}' with options {opts} "
+                f"carries no state across calls, so a stream would read each chunk alone; give it a state "
+                f"(the transformer streams with a KV cache, kv_window) or leave it out of stream.models.")

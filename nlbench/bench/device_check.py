@@ -1,4 +1,4 @@
-"""One short accelerator check of the throughput goals (issue 7), needing only torch and triton —
+"""One short accelerator check of the throughput goals, needing only torch and triton —
 what a bare GPU machine has (no Ray, Optuna or pydantic):
 
     pip install --no-deps --no-build-isolation -e .          # offline: nlbench itself only

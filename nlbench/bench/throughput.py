@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 import nlbench
@@ -130,13 +131,7 @@ class BenchCase:
     seq_len: int
     batch_size: int
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    label: str | None = None  # the rows' `model` (default: the model's name)
 
 
 def bench_case(
@@ -217,14 +212,14 @@ def bench_case(
         sheet = datasheet_peak(device_name(device), dtype)
         rows.append(
             dict(
-                model=case.model,
+                model=case.label or case.model,
                 size=case.size,
                 seq_len=case.seq_len,
                 batch_size=case.batch_size,
                 phase=phase,
                 tokens_per_s=tokens_per_s,
-                step_ms_p50=1e3 * _percentile(times, 0.5),
-                step_ms_p95=1e3 * _percentile(times, 0.95),
+                step_ms_p50=1e3 * float(np.percentile(times, 50)),
+                step_ms_p95=1e3 * float(np.percentile(times, 95)),
                 peak_mem_bytes=int(peak_mem),
                 mfu=achieved / peak_flops,
                 mfu_datasheet=(achieved / sheet) if sheet else None,

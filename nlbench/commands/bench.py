@@ -35,7 +35,7 @@ def bench(config, out, only, device):
 
     cfg = load_bench_config(config)
     check_writable(out)
-    models = [m for m in cfg.models if only is None or only in m.name]
+    models = [m for m in cfg.models if only is None or only in m.row_name]
     if not models:
         click.echo(f"error: --only {only!r} matches none of the config's models "
                       f"({', '.join(m.name for m in cfg.models)}); nothing measured or written.", err=True)
@@ -64,7 +64,7 @@ def bench(config, out, only, device):
     for size in cfg.sizes:
         for seq_len in cfg.seq_lens:
             for m in models:
-                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options)
+                case = BenchCase(m.name, size, seq_len, cfg.batch_size, m.options, label=m.label)
                 t0 = time.perf_counter()
                 try:
                     got = bench_case(
@@ -83,6 +83,24 @@ def bench(config, out, only, device):
                         f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}%  ({time.perf_counter() - t0:.0f}s)"
                     )
                 rows.extend(got)
+    stream_models = [m for m in cfg.stream.models if only is None or only in m.row_name] if cfg.stream else []
+    for size in cfg.sizes if stream_models else []:
+        for m in stream_models:
+            from nlbench.bench.stream import bench_stream
+
+            t0 = time.perf_counter()
+            got = bench_stream(m.name, size, cfg.stream.seq_lens, chunk=cfg.stream.chunk,
+                               warmup_chunks=cfg.stream.warmup_chunks, device=dev, dtype=dtype,
+                               vocab_size=cfg.vocab_size, options=m.options, peak_flops=peak)
+            for r in got:
+                r.update(meta, model=m.row_name)
+                r["run_id"] = f"{cfg.name}:{r['model']}:{size}:{r['seq_len']}:1:stream:{r['dtype']}:{stamp}"
+                console.print(
+                    f"{r['model']:>15} {size:>6} T={r['seq_len']:<5} stream {r['tokens_per_s']:>9.0f} tok/s "
+                    f"per token p50 {r['token_ms_p50']:.3f} ms p95 {r['token_ms_p95']:.3f} ms "
+                    f"({time.perf_counter() - t0:.0f}s)"
+                )
+            rows.extend(got)
     store = ResultStore(Path(out))
     key = re.sub(r"[^A-Za-z0-9._+@-]", "_", f"{cfg.name}-{stamp}")
     store.write_rows("throughput", rows, key=key)
@@ -90,11 +108,13 @@ def bench(config, out, only, device):
     table = Table(title=f"throughput — {device_name(dev)} ({cfg.dtype})")
     for col in ["model", "size", "T", "phase", "tokens/s", "p50 ms", "p95 ms", "peak MiB", "MFU %"]:
         table.add_column(col, justify="right" if col not in ("model", "phase") else "left")
-    for r in rows:
+    for r in (r for r in rows if r["phase"] != "stream"):
         table.add_row(r["model"], r["size"], str(r["seq_len"]), r["phase"], f"{r['tokens_per_s']:.0f}",
                       f"{r['step_ms_p50']:.1f}", f"{r['step_ms_p95']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
                       f"{100 * r['mfu']:.1f}")
     console.print(table)
+    if any(r["phase"] == "stream" for r in rows):
+        console.print(_stream_table(rows, device_name(dev), cfg.dtype))
     _print_goals(console, rows)
     if cfg.kernel_seq_len:
         from nlbench.bench.kernels import bench_memory_kernels
@@ -104,6 +124,18 @@ def bench(config, out, only, device):
     console.print(f"wrote {len(rows)} rows to {Path(out) / 'throughput'}")
 
 
+def _stream_table(rows, device, dtype):
+    from rich.table import Table
+
+    table = Table(title=f"stream (batch 1, state carried) — {device} ({dtype})")
+    for col in ["model", "size", "T", "chunk", "tokens/s", "ms/token p50", "ms/token p95", "peak MiB"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in (r for r in rows if r["phase"] == "stream"):
+        table.add_row(r["model"], r["size"], str(r["seq_len"]), str(r["stream_chunk"]), f"{r['tokens_per_s']:.0f}",
+                      f"{r['token_ms_p50']:.3f}", f"{r['token_ms_p95']:.3f}", f"{r['peak_mem_bytes'] / 2**20:.0f}")
+    return table
+
+
 def _print_goals(console, rows):
     """Ratios the project sets goals on, from this run's own measurements: tokens/s (mean step
     time), and the same ratio of median step times, which one step slowed by the machine (a
@@ -111,8 +143,19 @@ def _print_goals(console, rows):
     by = {(r["model"], r["size"], r["seq_len"], r["phase"]): r for r in rows}
     for (model, size, t, phase), r in sorted(by.items()):
         ref = by.get(("transformer", size, t, "train"))
+        if model.startswith("hope") and not model.startswith("hope-attention") and phase == "train" and ref:
+            console.print(f"goal: {model}/Transformer train peak memory at {size}, T={t}: "
+                          f"{r['peak_mem_bytes'] / ref['peak_mem_bytes']:.2f}x ({r['peak_mem_bytes'] / 2**20:.0f} vs "
+                          f"{ref['peak_mem_bytes'] / 2**20:.0f} MiB; goal <= 2x)")
         if model == "hope" and phase == "train" and ref is not None:
             ratio = r["tokens_per_s"] / ref["tokens_per_s"]
             median_ratio = ref["step_ms_p50"] / r["step_ms_p50"]
             console.print(f"goal: Hope/Transformer train tokens/s at {size}, T={t}: {ratio:.2f}x (goal >= 0.5x; "
                           f"median step times: {median_ratio:.2f}x)")
+    from nlbench.bench.stream import flatness
+
+    for (model, size), x in sorted(flatness(rows).items()):
+        ts = sorted(r["seq_len"] for r in rows if r["phase"] == "stream" and (r["model"], r["size"]) == (model, size))
+        goal = " (goal <= 1.5x: flat in T)" if model == "hope" else ""
+        console.print(f"stream: {model} at {size}: per-token latency (median) at T={ts[-1]} / T={ts[0]}: "
+                      f"{x:.2f}x{goal}")

@@ -5,8 +5,10 @@
     out = model(tokens)                 # out.logits [B, T, V], out.state (fast memories)
 
 Each registry entry is "module:factory"; the factory is called as
-`factory(vocab_size=..., **preset, **overrides)` and must reject unknown overrides with a
-clear error (see `check_overrides`).
+`factory(vocab_size=..., **preset, **overrides)` and reads its options through its typed options
+class (`factory.options`, registered with `nlbench.models.options.with_options`), which rejects
+unknown or invalid options with a clear error. `validate_options(name, options, size)` checks a
+model's options through that class without building the model (configs, bench configs, tune).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from nlbench.models.base import PRESETS, ModelOutput, NLModel, clone_state, detach_state, map_state
+from nlbench.models.options import SIZE_FIELDS, ModelConfigError, check_size, parse_options
 
 MODELS: dict[str, str] = {
     "hope": "nlbench.models.hope:build_hope",
@@ -27,20 +30,6 @@ MODELS: dict[str, str] = {
     "titans-mag": "nlbench.baselines.titans:build_titans_mag",
     "titans-mal": "nlbench.baselines.titans:build_titans_mal",
 }
-
-
-class ModelConfigError(ValueError):
-    """A bad model name, size or option; the message names the field and the allowed values."""
-
-
-def check_overrides(model_name: str, overrides: dict[str, Any], allowed: dict[str, Any]) -> None:
-    """Raise ModelConfigError naming every unknown option and listing the valid ones."""
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ModelConfigError(
-            f"model '{model_name}': unknown option(s) {', '.join(map(repr, unknown))}. "
-            f"Valid options: {', '.join(sorted(allowed))}."
-        )
 
 
 def _factory(name: str):
@@ -66,6 +55,22 @@ def build_model(name: str, size: str = "tiny", vocab_size: int = 256, **override
     return model
 
 
+def options_class(name: str):
+    """The typed options class of a registered model (nlbench.models.options)."""
+    return _factory(name).options
+
+
+def validate_options(name: str, options: dict[str, Any], size: str = "tiny") -> dict[str, Any]:
+    """Check a model's options (size fields over the preset, then the family's options class)
+    without building it; returns the options with every default filled in."""
+    if size not in PRESETS:
+        raise ModelConfigError(f"unknown size '{size}' for model '{name}'. Valid sizes: {', '.join(PRESETS)}.")
+    cls = options_class(name)
+    dims = {**PRESETS[size], **{k: v for k, v in options.items() if k in SIZE_FIELDS}}
+    check_size(name, dims["d_model"], dims["n_layers"], dims["n_heads"])
+    return parse_options(name, cls, {k: v for k, v in options.items() if k not in SIZE_FIELDS}).model_dump()
+
+
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Matmul FLOPs per token of one forward pass (incl. in-context memory updates).
 
@@ -76,5 +81,6 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 __all__ = [
     "MODELS", "PRESETS", "ModelOutput", "NLModel", "ModelConfigError", "build_model",
-    "check_overrides", "clone_state", "detach_state", "flops_per_token", "map_state",
+    "clone_state", "detach_state", "flops_per_token", "map_state", "options_class",
+    "validate_options",
 ]

@@ -34,11 +34,14 @@ Options (`build_hope(vocab_size, d_model, n_layers, n_heads, **options)`):
     chunk_size      chunk of the projection memories k, v, η, α (default 16; 64 let
                     their W2 diverge on long carried streams)                     [hope only]
     mem_chunk_size  chunk of M_mem (default 16)                                   [hope only]
-    eta_init, alpha_init  learning rate / retention gates at init (0.3, 0.999: chosen so that
+    eta_init, alpha_init  learning rate / retention gates at init (0.2, 0.999: chosen so that
                     Hope learns standard.yaml's passkey stream with its optimizer; why:
                     self_modifying_titans.py docstring)                           [hope only]
     memory_kernel   "chunked" (default: PyTorch matmuls, any device) | "triton" (the fused
                     Triton DGD kernel per chunk, CUDA; same results)              [hope only]
+    recompute_chunks  true: the backward pass keeps only every 4th chunk-start state of the
+                    memories and recomputes the chunk steps in between: the same outputs and
+                    gradients with less training memory, for time (docs/decisions.md) [hope only]
     Stabilisers of the self-modifying memories (defaults on; self_modifying_titans.py says
     why, docs/ALGORITHMS.md shows where each enters the equations)                  [hope only]:
     curvature_guard  η ← min(η, 1/‖W1‖²_op) per chunk and MLP memory (default true)
@@ -65,28 +68,29 @@ count stays within a few percent of the Transformer at every preset.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from nlbench.kernels.compiling import compile_mode
-from nlbench.models import ModelConfigError, check_overrides
 from nlbench.models.base import ModelOutput, NLModel, detach_state
 from nlbench.models.cms import CMS, CMS_LR_MODES, CMS_MODES, CMS_OBJECTIVES, CMS_VARIANTS, check_nested
 from nlbench.models.inputs import no_reports
 from nlbench.models.layers import CausalSelfAttention, RMSNorm, attention_flops, init_weights, swiglu_hidden
+from nlbench.models.options import ModelOptions, check_size, parse_options, positive_int, with_options
 from nlbench.models.self_modifying_titans import (
     MEMORY_KERNELS, MEMORY_KINDS, PAPER_FORM, STABILISERS, SelfModifyingTitans,
 )
 
-__all__ = ["Hope", "HopeBlock", "build_hope", "build_hope_attention"]
+__all__ = ["Hope", "HopeAttentionOptions", "HopeBlock", "HopeOptions", "build_hope", "build_hope_attention"]
 
-CMS_DEFAULTS = dict(cms_levels=None, cms_periods=None, cms_mode="optimizer", cms_variant="sequential",
-                    cms_hidden=None, cms_lr=0.5, cms_lr_mode="period",
-                    cms_objective="next_input")
-SMT_DEFAULTS = dict(memory="mlp", mem_hidden=None, chunk_size=16, mem_chunk_size=16, eta_init=0.3,
-                    alpha_init=0.999, memory_kernel="chunked", **STABILISERS)
+# the options SelfModifyingTitans takes (HopeOptions has the defaults)
+SMT_OPTIONS = ("memory", "mem_hidden", "chunk_size", "mem_chunk_size", "eta_init", "alpha_init", "memory_kernel",
+               "recompute_chunks",
+               *STABILISERS)
 
 
 class HopeBlock(nn.Module):
@@ -244,60 +248,151 @@ class Hope(NLModel):
 
 # --- factories and validation -------------------------------------------------------------------
 
-def _err(model: str, field: str, allowed: str, got) -> ModelConfigError:
-    return ModelConfigError(f"model '{model}': option '{field}' must be {allowed}; got {got!r}.")
+def _one_of(values) -> str:
+    return ", ".join(map(repr, values))
 
 
-def _pos_int(model, field, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _err(model, field, "a positive integer", value)
-    return value
+class HopeAttentionOptions(ModelOptions):
+    """Options of `hope-attention`: the CMS's (module docstring), and paper_exact."""
 
+    cms_levels: int | None = None
+    cms_periods: list[int] | None = None
+    cms_mode: Literal[CMS_MODES] = "optimizer"
+    cms_variant: Literal[CMS_VARIANTS] = "sequential"
+    cms_hidden: int | None = None
+    cms_lr: float | list[float] = 0.5
+    cms_lr_mode: Literal[CMS_LR_MODES] = "period"
+    cms_objective: Literal[CMS_OBJECTIVES] = "next_input"
+    paper_exact: bool = False
+    # the teach signal runs the model segment by segment; attention keeps no cache across them
+    teach_ok: ClassVar[bool] = False
 
-def _open_unit(model, field, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
-        raise _err(model, field, "a number strictly between 0 and 1", value)
-    return float(value)
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_form(cls, data):
+        # defaults, then `paper_exact: true`'s paper values of the stabilisers this family has,
+        # then the options given explicitly (an explicit stabiliser wins: one-at-a-time ablations)
+        if isinstance(data, dict) and data.get("paper_exact") is True:
+            data = {**{k: v for k, v in PAPER_FORM.items() if k in cls.model_fields}, **data}
+        return data
 
-
-def _cms_periods(model, opts):
-    mode = opts["cms_mode"]
-    if mode not in CMS_MODES:
-        raise _err(model, "cms_mode", f"one of {', '.join(map(repr, CMS_MODES))}", mode)
-    if opts["cms_variant"] not in CMS_VARIANTS:
-        raise _err(model, "cms_variant", f"one of {', '.join(map(repr, CMS_VARIANTS))}", opts["cms_variant"])
-    if opts["cms_lr_mode"] not in CMS_LR_MODES:
-        raise _err(model, "cms_lr_mode", f"one of {', '.join(map(repr, CMS_LR_MODES))}", opts["cms_lr_mode"])
-    if opts["cms_objective"] not in CMS_OBJECTIVES:
-        raise _err(model, "cms_objective", f"one of {', '.join(map(repr, CMS_OBJECTIVES))}", opts["cms_objective"])
-    if opts["cms_objective"] == "teach" and mode != "in_context":
-        raise _err(model, "cms_objective", "'next_input' unless cms_mode is 'in_context' (the teach signal is "
-                   "the local objective of in-context levels)", opts["cms_objective"])
-    K, periods = opts["cms_levels"], opts["cms_periods"]
-    if K is not None:
-        _pos_int(model, "cms_levels", K)
-    if periods is None:
-        K = 3 if K is None else K
-        periods = [4 ** (i + (mode == "in_context")) for i in range(K)]
-    else:
-        if not isinstance(periods, (list, tuple)) or not periods or not all(
-            isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in periods
-        ):
-            raise _err(model, "cms_periods", "a non-empty list of positive integers", periods)
-        if any(b < a for a, b in zip(periods, periods[1:])):
-            raise _err(model, "cms_periods", "non-decreasing (one period per level, fastest first; equal "
-                       "periods such as [1, 1, 1] are the all-fast control)", periods)
-        if K is not None and len(periods) != K:
-            raise ModelConfigError(
-                f"model '{model}': option 'cms_periods' must have one period per level, i.e. "
-                f"len(cms_periods) == cms_levels = {K}; got {len(periods)} periods {list(periods)!r}."
-            )
-    if opts["cms_variant"] == "nested":
+    @field_validator("cms_levels", "cms_hidden", mode="before")
+    @classmethod
+    def _optional_positive(cls, v, info):
+        if v is None:
+            return v
         try:
-            check_nested(mode, periods)
-        except ValueError as e:
-            raise ModelConfigError(f"model '{model}': option 'cms_variant': {e}") from None
-    return list(periods)
+            return positive_int(v)
+        except ValueError:
+            raise ValueError(f"must be a positive integer; got {v!r}") from None
+
+    @field_validator("cms_periods", mode="before")
+    @classmethod
+    def _periods(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not v or not all(
+                isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in v):
+            raise ValueError(f"must be a non-empty list of positive integers; got {v!r}")
+        if any(b < a for a, b in zip(v, v[1:])):
+            raise ValueError("must be non-decreasing (one period per level, fastest first; equal periods such as "
+                             f"[1, 1, 1] are the all-fast control); got {v!r}")
+        return list(v)
+
+    @field_validator("cms_lr", mode="before")
+    @classmethod
+    def _lr(cls, v):
+        def ok(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+        if ok(v):
+            return float(v)
+        if isinstance(v, (list, tuple)) and v and all(ok(x) for x in v):
+            return [float(x) for x in v]
+        raise ValueError(f"must be a positive number, or a list of positive numbers (one per CMS level); got {v!r}")
+
+    @model_validator(mode="after")
+    def _cms(self):
+        if self.cms_objective == "teach" and self.cms_mode != "in_context":
+            raise ValueError("option 'cms_objective' must be 'next_input' unless cms_mode is 'in_context' (the "
+                             f"teach signal is the local objective of in-context levels); got {self.cms_objective!r}")
+        if self.cms_objective == "teach" and not self.teach_ok:
+            raise ValueError("option 'cms_objective' must be 'next_input' for hope-attention (the teach signal runs "
+                             "the model segment by segment, and its attention keeps no cache across segments); got "
+                             f"{self.cms_objective!r}")
+        periods, K = self.periods(), self.cms_levels
+        if K is not None and self.cms_periods is not None and len(periods) != K:
+            raise ValueError(f"option 'cms_periods' must have one period per level, i.e. len(cms_periods) == "
+                             f"cms_levels = {K}; got {len(periods)} periods {periods!r}")
+        if isinstance(self.cms_lr, list) and len(self.cms_lr) != len(periods):
+            raise ValueError(f"option 'cms_lr' must be a positive number, or a list of {len(periods)} positive "
+                             f"numbers (one per CMS level); got {self.cms_lr!r}")
+        if self.cms_variant == "nested":
+            try:
+                check_nested(self.cms_mode, periods)
+            except ValueError as e:
+                raise ValueError(f"option 'cms_variant': {e}") from None
+        return self
+
+    def periods(self) -> list[int]:
+        """The CMS periods: given, or K levels (default 3) at 4^ℓ (in-context: 4^(ℓ+1))."""
+        if self.cms_periods is not None:
+            return list(self.cms_periods)
+        K = 3 if self.cms_levels is None else self.cms_levels
+        return [4 ** (i + (self.cms_mode == "in_context")) for i in range(K)]
+
+    def level_lrs(self) -> list[float]:
+        """cms_lr for every level."""
+        K = len(self.periods())
+        return list(self.cms_lr) if isinstance(self.cms_lr, list) else [self.cms_lr] * K
+
+
+class HopeOptions(HopeAttentionOptions):
+    """Options of `hope`: the CMS's, the self-modifying memories' and their stabilisers."""
+
+    teach_ok: ClassVar[bool] = True
+
+    memory: Literal[MEMORY_KINDS] = "mlp"
+    mem_hidden: int | None = None
+    chunk_size: int = 16
+    mem_chunk_size: int = 16
+    eta_init: float = 0.2
+    alpha_init: float = 0.999
+    memory_kernel: Literal[MEMORY_KERNELS] = "chunked"
+    recompute_chunks: bool = False
+    curvature_guard: bool = STABILISERS["curvature_guard"]
+    normalize_v: bool = STABILISERS["normalize_v"]
+    normalized_step: bool = STABILISERS["normalized_step"]
+    separate_convs: bool = STABILISERS["separate_convs"]
+    normalize_inputs: bool = STABILISERS["normalize_inputs"]
+    w2_init_std: float | None = STABILISERS["w2_init_std"]
+
+    @field_validator("chunk_size", "mem_chunk_size", mode="before")
+    @classmethod
+    def _chunks(cls, v):
+        try:
+            return positive_int(v)
+        except ValueError:
+            raise ValueError(f"must be a positive integer; got {v!r}") from None
+
+    @field_validator("mem_hidden", mode="before")
+    @classmethod
+    def _mem_hidden(cls, v):
+        return cls._optional_positive(v, None)
+
+    @field_validator("eta_init", "alpha_init", mode="before")
+    @classmethod
+    def _gates(cls, v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+            raise ValueError(f"must be a number strictly between 0 and 1; got {v!r}")
+        return float(v)
+
+    @field_validator("w2_init_std", mode="before")
+    @classmethod
+    def _w2_std(cls, v):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+            raise ValueError(f"must be a positive number, or null for the fan-in init 1/sqrt(head dim); got {v!r}")
+        return v
 
 
 def _cms_hidden(d_model, n_heads, n_levels, mixer_params):
@@ -307,90 +402,36 @@ def _cms_hidden(d_model, n_heads, n_levels, mixer_params):
     return max(8, 8 * round(budget / (3 * d_model * n_levels) / 8))
 
 
-def _bool(model, field, value):
-    if not isinstance(value, bool):
-        raise _err(model, field, "true or false", value)
-    return value
-
-
-def _resolve(model, overrides, allowed):
-    """Defaults, then `paper_exact: true`'s paper values of the stabilisers, then the options
-    given explicitly (an explicit stabiliser wins over paper_exact: one-at-a-time ablations)."""
-    check_overrides(model, overrides, {**allowed, "paper_exact": False})
-    paper = _bool(model, "paper_exact", overrides.get("paper_exact", False))
-    opts = {**allowed, "paper_exact": paper}
-    if paper:
-        opts.update({k: v for k, v in PAPER_FORM.items() if k in allowed})
-    opts.update(overrides)
-    for field in STABILISERS:
-        if field in allowed and field != "w2_init_std":
-            _bool(model, field, opts[field])
-    std = opts.get("w2_init_std")
-    if "w2_init_std" in allowed and std is not None and (
-            not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0):
-        raise _err(model, "w2_init_std", "a positive number, or null for the fan-in init 1/sqrt(head dim)", std)
-    return opts
-
-
-def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, allowed):
-    opts = _resolve(model, overrides, allowed)
-    for field, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
-        _pos_int(model, field, value)
-    if d_model % n_heads:
-        raise _err(model, "n_heads", f"a divisor of d_model={d_model}", n_heads)
-    periods = _cms_periods(model, opts)
-    lr = _cms_lr(model, opts["cms_lr"], len(periods))
+def _build(model, mixer, vocab_size, d_model, n_layers, n_heads, overrides, cls):
+    o = parse_options(model, cls, overrides)
+    check_size(model, d_model, n_layers, n_heads)
+    opts = o.model_dump()
+    periods, lr = o.periods(), o.level_lrs()
     smt_kw = {}
     if mixer == "smt":
-        if opts["memory"] not in MEMORY_KINDS:
-            raise _err(model, "memory", f"one of {', '.join(map(repr, MEMORY_KINDS))}", opts["memory"])
-        if opts["memory_kernel"] not in MEMORY_KERNELS:
-            raise _err(model, "memory_kernel", f"one of {', '.join(map(repr, MEMORY_KERNELS))}", opts["memory_kernel"])
-        for field in ("chunk_size", "mem_chunk_size"):
-            _pos_int(model, field, opts[field])
-        if opts["mem_hidden"] is not None:
-            _pos_int(model, "mem_hidden", opts["mem_hidden"])
-        smt_kw = {k: opts[k] for k in SMT_DEFAULTS}
-        smt_kw["eta_init"] = _open_unit(model, "eta_init", opts["eta_init"])
-        smt_kw["alpha_init"] = _open_unit(model, "alpha_init", opts["alpha_init"])
+        smt_kw = {k: opts[k] for k in SMT_OPTIONS}
         mixer_params = sum(p.numel() for p in SelfModifyingTitans(d_model, n_heads, **smt_kw).parameters())
     else:
         mixer_params = 4 * d_model * d_model
     hidden = opts["cms_hidden"]
     if hidden is None:
         hidden = _cms_hidden(d_model, n_heads, len(periods), mixer_params)
-    else:
-        _pos_int(model, "cms_hidden", hidden)
     cms_kw = dict(hidden=hidden, periods=periods, mode=opts["cms_mode"], variant=opts["cms_variant"],
                   lr=lr, lr_mode=opts["cms_lr_mode"], objective=opts["cms_objective"])
-    if opts["cms_objective"] == "teach" and mixer != "smt":
-        raise _err(model, "cms_objective", "'next_input' for hope-attention (the teach signal runs the model "
-                   "segment by segment, and its attention keeps no cache across segments)", opts["cms_objective"])
     hope = Hope(vocab_size, d_model, n_layers, n_heads, mixer, smt_kw, cms_kw)
     hope.options = {**opts, "cms_periods": periods, "cms_levels": len(periods), "cms_lr": lr, "cms_hidden": hidden,
                     **({"mem_hidden": hope.blocks[0].mixer.mem_hidden} if mixer == "smt" else {})}
     return hope
 
 
-def _cms_lr(model, lr, K):
-    """A positive number for every level, or a list of K positive numbers (one per level)."""
-    def ok(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-
-    if ok(lr):
-        return [float(lr)] * K
-    if isinstance(lr, (list, tuple)) and len(lr) == K and all(ok(x) for x in lr):
-        return [float(x) for x in lr]
-    raise _err(model, "cms_lr", f"a positive number, or a list of {K} positive numbers (one per CMS level)", lr)
-
-
+@with_options(HopeOptions)
 def build_hope(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Hope:
     """Hope: self-modifying Titans + CMS per block (options: module docstring)."""
-    return _build("hope", "smt", vocab_size, d_model, n_layers, n_heads, overrides,
-                  {**CMS_DEFAULTS, **SMT_DEFAULTS})
+    return _build("hope", "smt", vocab_size, d_model, n_layers, n_heads, overrides, HopeOptions)
 
 
+@with_options(HopeAttentionOptions)
 def build_hope_attention(vocab_size: int, d_model: int, n_layers: int, n_heads: int, **overrides) -> Hope:
     """Hope-Attention: causal softmax attention + CMS per block (cms_* options only)."""
     return _build("hope-attention", "attention", vocab_size, d_model, n_layers, n_heads, overrides,
-                  dict(CMS_DEFAULTS))
+                  HopeAttentionOptions)

@@ -20,7 +20,7 @@ Chunked training (Eq. 90–91) with two chunk sizes: `chunk_size` for the projec
 {k, v, η, α} — inside one such chunk k, v, η, α and their targets come from the chunk-start
 memories — and `mem_chunk_size` for M_mem, whose reads use the per-token state inside its
 chunks. η ∈ (0, 1) and α ∈ (0, 1) are squashed by a sigmoid whose bias sets their value at
-init (`eta_init` = 0.3, `alpha_init` = 0.999: the memory keeps 99.9% per token; 0.5 would halve
+init (`eta_init` = 0.2, `alpha_init` = 0.999: the memory keeps 99.9% per token; 0.5 would halve
 it every token, spec §7). The mean over the head's channels is the scalar read-out of the η/α
 memories.
 
@@ -49,11 +49,12 @@ ablation (it diverges within the first 128-token sequence from init).
   of the way to v̂, vs 17% now at η = 0.7.) W1 ~ N(0, 0.1²/(hidden·d_h)) (‖W1‖_F ≈ 0.1): each
   memory starts near the identity map, and W2 still receives gradients. Linear memories start
   at the identity.
-* `eta_init` 0.3, `alpha_init` 0.999 (hyper-parameters, chosen by measurement,
+* `eta_init` 0.2, `alpha_init` 0.999 (hyper-parameters, chosen by measurement,
   docs/decisions.md): with the MLP's own DGD decay W2(I − η k kᵀ) the read-back of a single
-  write peaks around η ≈ 0.5–0.7, which finds the copy circuit fastest, but with α = 0.99 the
-  memory forgets a passkey within a few hundred tokens and Hope did not learn passkey under
-  configs/standard.yaml; 0.3 / 0.999 learns both (copy and passkey).
+  write peaks around η ≈ 0.5–0.7, which finds the copy circuit fastest, but every write also
+  erases along its key, and a passkey must survive ~120 tokens of filler writes: under
+  configs/standard.yaml's passkey stream (Muon on every matrix) Hope's mean diagonal accuracy
+  was 0.242 at 0.3 / 0.999 and 0.359 at 0.2 / 0.999 (3 seeds; the Transformer 0.314).
 * chunk_size 16 (was 64): with 64 chunk-start gradients summed, the projection memories'
   W2 diverged within ~1500 tokens of a carried stream, even untrained (without the guard
   below), and with the guard a model trained 300 copy steps still diverged (W2 of M_k → inf
@@ -98,6 +99,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nlbench.kernels.compiling import compile_kernel, compile_mode
 from nlbench.kernels.dgd import (
@@ -114,6 +116,9 @@ MEMORY_KERNELS = ("chunked", "triton")
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 W2_STD = 1.0    # init std of W2: O(1) pre-activations for unit-norm inputs (module docstring)
 W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gradients to W2
+# recompute_chunks: chunk steps per checkpoint; the backward pass keeps one chunk-start state
+# ([5, B, H, out, in] per matrix) per group and recomputes at most one group's intermediates at a time
+RECOMPUTE_GROUP = 4
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 # The stabilisers (module docstring, "Choices ... and deviations"): their defaults, and the
 # paper's form that the model option `paper_exact: true` selects (Eq. 84–91 as written).
@@ -244,10 +249,11 @@ def _logit(p: float) -> float:
 
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, memory: str = "mlp", mem_hidden: int | None = None,
-                 chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.3,
+                 chunk_size: int = 16, mem_chunk_size: int = 16, eta_init: float = 0.2,
                  alpha_init: float = 0.999, conv_size: int = 4, memory_kernel: str = "chunked",
                  curvature_guard: bool = True, normalize_v: bool = True, normalized_step: bool = True,
-                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD):
+                 separate_convs: bool = True, normalize_inputs: bool = True, w2_init_std: float | None = W2_STD,
+                 recompute_chunks: bool = False):
         super().__init__()
         assert d_model % n_heads == 0
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
@@ -262,6 +268,9 @@ class SelfModifyingTitans(nn.Module):
         self.memory_kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
         self.stack = True  # stack the five memories when both chunk sizes agree (`_memories_stacked`)
         self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
+        # memory, not math: keep only each group's chunk-start state for the backward pass and
+        # recompute the rest there (`_memories_stacked`, `dgd_chunk_manual`); same outputs and gradients
+        self.recompute_chunks = recompute_chunks
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.conv_q = ShortConv(d_model, conv_size)
         # one depthwise causal conv per projection memory (input channel c -> outputs 4c..4c+3),
@@ -324,7 +333,8 @@ class SelfModifyingTitans(nn.Module):
         elif self.memory_kernel == "triton":
             y, new = dgd_chunk_triton(weights, q, k, v, eta, alpha, normalized_step=ns)
         else:
-            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns)
+            y, new = dgd_chunk(weights, q, k, v, eta, alpha, compiled=self.compile_kernels, normalized_step=ns,
+                               recompute=self.recompute_chunks)
         return y, new, u
 
     # --- forward -----------------------------------------------------------------------------
@@ -408,11 +418,38 @@ class SelfModifyingTitans(nn.Module):
             step = _compiled_stacked_chunk_step(z.device.type, compile_mode(self.compile_kernels))
         else:
             step = stacked_chunk_step
+        step = functools.partial(step, normalize_v=self.normalize_v, normalized_step=self.normalized_step)
+        chunks = list(zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)))
+        if self.recompute_chunks and self.memory_kernel == "chunked" and not self.compile_kernels:
+            return self._memories_recomputed(chunks, weights, u, names)
         ys = []
-        for zc, qc in zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)):
-            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha, normalize_v=self.normalize_v,
-                                 normalized_step=self.normalized_step)
+        for zc, qc in chunks:
+            y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
             ys.append(y)
+        mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
+        return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
+
+    def _memories_recomputed(self, chunks, weights, u, names):
+        """`_memories_stacked`'s eager loop with `recompute_chunks`: every RECOMPUTE_GROUP chunk
+        steps run under `torch.utils.checkpoint`, so the backward pass keeps only each group's
+        chunk-start weights and guard vectors and runs the group's forward again; inside, the DGD
+        chunk keeps only its inputs (`dgd_chunk_manual(recompute=True)`: the checkpoint cannot drop
+        the intermediates the hand-written backward holds). Same values: the recomputation runs
+        the same ops on the same inputs."""
+        step = functools.partial(stacked_chunk_step, chunk_fn=functools.partial(dgd_chunk, recompute=True),
+                                 normalize_v=self.normalize_v, normalized_step=self.normalized_step)
+
+        def run(weights, u, group):
+            ys = []
+            for zc, qc in group:
+                y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
+                ys.append(y)
+            return ys, weights, u
+
+        ys = []
+        for i in range(0, len(chunks), RECOMPUTE_GROUP):
+            group_ys, weights, u = checkpoint(run, weights, u, chunks[i:i + RECOMPUTE_GROUP], use_reentrant=False)
+            ys += group_ys
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
         return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
 

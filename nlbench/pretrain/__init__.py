@@ -1,4 +1,4 @@
-"""Pretraining (meta-training) of the outer weights before a continual stream (issue 16).
+"""Pretraining (meta-training) of the outer weights before a continual stream.
 
     from nlbench.pretrain import ensure_pretrained, load_pretrained, pretrain_key
     path, computed = ensure_pretrained(model_entry, block, root)   # once per content key

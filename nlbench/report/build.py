@@ -45,9 +45,7 @@ def _build(res, out: Path, formats, figures: bool) -> dict:
     from nlbench.report.figures import make_figures
 
     doc = lb.build_leaderboard(res)
-    from nlbench.report.cms_ablation import ablation_figures, build_ablation
-
-    doc["cms_ablation"] = lb._clean(build_ablation(res))
+    from nlbench.report.cms_ablation import ablation_figures
     rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
     if rep is not None:
         doc["throughput"] = lb._clean(rep)
@@ -57,9 +55,11 @@ def _build(res, out: Path, formats, figures: bool) -> dict:
         figs.update(ablation_figures(doc["cms_ablation"], out / "figures"))
         if rep is not None and rep["rows"]:
             figs["throughput"] = tp.bar_chart(rep, out / "figures" / "throughput")
+        if rep is not None and rep["stream"]:
+            figs["streaming: per-token cost vs T"] = tp.stream_chart(rep, out / "figures" / "stream")
     rel = {k: str(Path(v[0]).relative_to(out)) for k, v in figs.items()}
     written = []
-    tp_md = tp.render_markdown(rep) if rep is not None and rep["rows"] else None
+    tp_md = tp.render_markdown(rep) if rep is not None and (rep["rows"] or rep["stream"]) else None
     if "md" in formats:
         (out / "leaderboard.md").write_text(lb.render_markdown(doc, tp_md, rel))
         written.append(out / "leaderboard.md")

@@ -1,4 +1,4 @@
-"""The CMS ablation (issue 15 item 5): does multi-frequency CMS beat its two controls?
+"""The CMS ablation: does multi-frequency CMS beat its two controls?
 
 Arms, read from each Hope run's resolved model options (`runs.model_options`, else its config):
 

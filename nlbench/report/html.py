@@ -98,6 +98,8 @@ def _img(path: str, alt: str) -> str:
 def _section_html(s: dict) -> list[str]:
     direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
     p = [f"<h3>{escape(s.get('section') or s['stream'])} — {escape(s['score'])} ({direction}, T = {s['num_tasks']})</h3>"]
+    if s.get("kind_reason"):
+        p.append(f'<p class="note">{escape(s["kind_reason"])}</p>')
     head, rows = lb.section_rows(s)
     tid = f"stream-{slug(s.get('section') or s['stream'])}-{s['score']}"
     p.append(table_html(head, rows, tid, ["dnl" if e["did_not_learn"] else "" for e in s["entries"]]))
@@ -178,6 +180,10 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
         p.append("<h2>Throughput</h2>")
         p.append(f"<p>{escape(tp.legend(throughput))}</p>")
         p.append(table_html(*tp.table_rows(throughput), "throughput"))
+    if throughput and throughput.get("stream"):
+        p.append("<h3>Streaming</h3>")
+        p.append(f"<p>{escape(tp.STREAM_LEGEND)}</p>")
+        p.append(table_html(*tp.stream_table_rows(throughput), "stream"))
     rest = {k: v for k, v in figures.items() if k not in lb.HEADLINE_FIGURES and not k.startswith("CMS ablation")}
     if rest:
         p.append("<h2>Figures</h2>")

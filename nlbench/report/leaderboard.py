@@ -48,6 +48,9 @@ PAIRED_METRICS = ("acc_final", "plasticity", "forgetting", "forgetting_normalize
 CAPABILITY_STREAMS = capability_streams()
 # Shown as an extra column only in sections where some entry has a value (recurring streams).
 SECTION_EXTRA_METRICS = ("relearn_savings",)
+# a forgetting stream ranks only entries that learned it: plasticity >= chance + this fraction of
+# (ceiling - chance) for every ranked entry, else the stream is reported as a capability test
+LEARNABLE_FRACTION = 0.2
 HEADLINE_FIGURES = ("final score vs forgetting",)  # shown right after the verdict; the rest with the details
 RANKING_RULE = (
     "per stream section: entries that learned, by acc_final; rank = 1 + the number of entries whose paired "
@@ -293,6 +296,7 @@ def build_leaderboard(res: Results) -> dict:
         "notes": [],
         "warnings": list(res.warnings),
         "verdict": [],
+        "cms_ablation": [],
         "streams": [],
     }
     if res.runs.empty:
@@ -380,8 +384,45 @@ def build_leaderboard(res: Results) -> dict:
         })
         for e in entries:
             del e["_per_seed"]
+    _demote_unlearned(doc["streams"])
     doc["verdict"] = verdict_rows(doc["streams"])
+    from nlbench.report.cms_ablation import build_ablation
+
+    doc["cms_ablation"] = build_ablation(res)  # [] unless the runs hold such an ablation
     return _clean(doc)
+
+
+def learnability_failures(section: dict) -> list[str]:
+    """Ranked entries of an accuracy section whose plasticity is below chance + LEARNABLE_FRACTION ·
+    (ceiling − chance) (ceiling 1 where unknown): the stream does not measure their forgetting."""
+    out = []
+    for e in section["entries"]:
+        if e["rank"] is None:
+            continue
+        p, c = e["metrics"]["plasticity"]["mean"], e["chance"]["mean"]
+        if p is None or c is None or math.isnan(p) or math.isnan(c):
+            continue
+        ceiling = e["ceiling"] if e.get("ceiling") is not None else 1.0
+        need = c + LEARNABLE_FRACTION * (ceiling - c)
+        if p < need:
+            out.append(f"{e['entry']} plasticity {p:.3f} < chance {c:.3f} + {LEARNABLE_FRACTION:g}·(ceiling "
+                       f"{ceiling:.3f} − chance) = {need:.3f}")
+    return out
+
+
+def _demote_unlearned(sections: list[dict]) -> None:
+    """A forgetting stream where a ranked entry barely learns is reported as a capability test."""
+    reasons = {}
+    for s in sections:
+        if s["kind"] == "forgetting" and s["score"] == "accuracy":
+            failed = learnability_failures(s)
+            if failed:
+                reasons[s["section"]] = ("reported as a capability test: " + "; ".join(failed))
+    for s in sections:
+        if s["section"] in reasons:
+            s["kind"], s["kind_reason"] = "capability", reasons[s["section"]]
+        else:
+            s["kind_reason"] = None
 
 
 def _run_chance(runs) -> dict:
@@ -504,7 +545,8 @@ def selection_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]
             values = ", ".join(f"{k}={_fmt_value(v)}" for k, v in (sel.get("values") or {}).items())
             obj = sel.get("objective") or {}
             edge = ", ".join(f"{k} ({v['edge']})" for k, v in (sel.get("edge") or {}).items()) or "—"
-            rows.append([(s["stream"], s["stream"]), (e["entry"], e["entry"]), (values, values),
+            where = s.get("section") or s["stream"]
+            rows.append([(where, where), (e["entry"], e["entry"]), (values, values),
                          (str(sel.get("tuning_seeds")), str(sel.get("tuning_seeds"))),
                          (str(e["seeds"]), str(e["seeds"])),
                          (f"{obj.get('metric')} = {obj['value']:.4f}" if obj.get("value") is not None else "—",
@@ -538,6 +580,8 @@ def metric_notes(doc: dict) -> list[str]:
 def _md_section(s: dict) -> list[str]:
     direction = "higher is better" if s["higher_is_better"] else "lower is better; bwt/fwt/forgetting signs flipped"
     out = [f"### {s['section']} — {s['score']} ({direction}, T = {s['num_tasks']})", ""]
+    if s.get("kind_reason"):
+        out += [f"> {s['kind_reason']}", ""]
     out += [_md_table(*section_rows(s)), ""]
     if s["paired"]:
         out += [f"Paired differences against **{s['baseline']}** (entry − baseline, 95% CI over common seeds):", ""]

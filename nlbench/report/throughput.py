@@ -66,10 +66,12 @@ def throughput_report(df: pd.DataFrame) -> dict:
             "(written by `nlbench bench`)"
         )
     df = df.copy()
+    stream = df[df["phase"] == "stream"]
+    df = df[df["phase"] != "stream"]
     modes = df["compile_mode"] if "compile_mode" in df.columns else [None] * len(df)
     df["device_label"] = [series_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
     devices = sorted(df["device_label"].unique(), key=lambda d: (not d.lower().startswith("cpu"), d))
-    baseline = devices[0]
+    baseline = devices[0] if devices else None
     rows = []
     for key, g in df.groupby(list(CASE), sort=True, dropna=False):
         case = dict(zip(CASE, key))
@@ -85,7 +87,82 @@ def throughput_report(df: pd.DataFrame) -> dict:
             if dev != baseline
         }
         rows.append({**case, "by_device": by_device, "speedup": speedup})
-    return {"devices": devices, "short": short_names(devices), "baseline": baseline, "rows": rows}
+    return {"devices": devices, "short": short_names(devices), "baseline": baseline, "rows": rows,
+            "stream": stream_report(stream)}
+
+
+STREAM_VALUES = ("tokens_per_s", "token_ms_p50", "token_ms_p95", "step_ms_p50", "peak_mem_bytes")
+
+
+def stream_report(df: pd.DataFrame) -> list[dict]:
+    """Rows of the streaming phase (`nlbench.bench.stream`), one per (device, model, size, T):
+    medians over repeated measurements, sorted by device, model, size, T."""
+    if df.empty:
+        return []
+    df = df.copy()
+    modes = df["compile_mode"] if "compile_mode" in df.columns else [None] * len(df)
+    df["device_label"] = [series_label(str(d), str(t), m) for d, t, m in zip(df["device"], df["dtype"], modes)]
+    out = []
+    for (dev, model, size, T), g in df.groupby(["device_label", "model", "size", "seq_len"], sort=True):
+        cell = {v: float(pd.to_numeric(g[v], errors="coerce").median()) if v in g else math.nan
+                for v in STREAM_VALUES}
+        chunk = pd.to_numeric(g["stream_chunk"], errors="coerce").median() if "stream_chunk" in g else math.nan
+        out.append({"device": dev, "model": model, "size": size, "seq_len": int(T), "n": int(len(g)),
+                    "chunk": None if math.isnan(chunk) else int(chunk), **cell})
+    return out
+
+
+STREAM_LEGEND = ("Streaming: batch 1, one stream of T tokens read `chunk` tokens per call with the state carried "
+                 "(the Transformer with a KV cache of the whole stream); per-token latency = a call's time over "
+                 "its tokens.")
+
+
+def stream_table_rows(rep: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
+    """Header and (display, sort value) cells of the streaming table."""
+    head = ["model", "size", "device", "T", "chunk", "tokens/s", "ms/token p50", "ms/token p95", "peak MiB"]
+    rows = []
+    for r in rep["stream"]:
+        vals = [r["model"], r["size"], rep_short(rep, r["device"]), r["seq_len"], r["chunk"],
+                _num(r["tokens_per_s"], ",.0f"), _num(r["token_ms_p50"], ".3f"), _num(r["token_ms_p95"], ".3f"),
+                _num(r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] == r["peak_mem_bytes"] else math.nan, ",.0f")]
+        rows.append([(str(v), v) for v in vals])
+    return head, rows
+
+
+def stream_markdown(rep: dict) -> str:
+    """The streaming table: per-token latency and tokens/s against the stream's length."""
+    from nlbench.report.leaderboard import _md_table
+
+    return "\n".join(["### Streaming", "", STREAM_LEGEND, "", _md_table(*stream_table_rows(rep))])
+
+
+def rep_short(rep: dict, device: str) -> str:
+    return short_names([device])[device]
+
+
+def stream_chart(rep: dict, path_stem, formats=("png", "svg")) -> list[str]:
+    """Per-token latency (median) against the stream length, one line per model and device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key in sorted({(r["device"], r["model"], r["size"]) for r in rep["stream"]}):
+        rs = sorted((r for r in rep["stream"] if (r["device"], r["model"], r["size"]) == key), key=lambda r: r["seq_len"])
+        ax.plot([r["seq_len"] for r in rs], [r["token_ms_p50"] for r in rs], marker="o",
+                label=f"{key[1]} {key[2]} ({rep_short(rep, key[0])})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("stream length T (tokens)")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title("streaming: per-token cost vs stream length (batch 1, state carried)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    from nlbench.report.figures import save
+
+    paths = save(fig, path_stem, formats)
+    plt.close(fig)
+    return paths
 
 
 def _num(x, fmt):
@@ -134,7 +211,12 @@ def legend(rep: dict) -> str:
 def render_markdown(rep: dict) -> str:
     from nlbench.report.leaderboard import _md_table
 
-    return "\n".join(["## Throughput", "", legend(rep), "", _md_table(*table_rows(rep))])
+    parts = ["## Throughput", ""]
+    if rep["rows"]:
+        parts += [legend(rep), "", _md_table(*table_rows(rep))]
+    if rep["stream"]:
+        parts += (["", ""] if rep["rows"] else []) + [stream_markdown(rep)]
+    return "\n".join(parts)
 
 
 def bar_chart(rep: dict, path_stem, formats=("png", "svg")) -> list[str]:

@@ -1,5 +1,5 @@
 """Per-entry hyper-parameter selection on tuning seeds, then the leaderboard on reporting seeds
-(`nlbench leaderboard CONFIG --out OUT`, issue 15).
+(`nlbench leaderboard CONFIG --out OUT`).
 
     lc, experiment = load_leaderboard_config("configs/leaderboard.yaml")   # LeaderboardConfigError
     summary = run_leaderboard(lc, experiment, out_dir, address=None)

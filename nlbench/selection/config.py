@@ -36,7 +36,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from nlbench.tune import ObjectiveSpec, StudySettings, TuneConfigError, TuneResources
 from nlbench.tune.space import Param, _Strict
 
-MIN_REPORT_SEEDS = 5  # issue 15: every ranked entry has at least 5 paired seeds
+MIN_REPORT_SEEDS = 5  # every ranked entry has at least 5 paired seeds
 
 
 class LeaderboardConfigError(ValueError):
@@ -177,6 +177,11 @@ def validate_leaderboard_config(raw: Any, source: str | Path | None = None) -> t
     if not isinstance(raw, dict):
         raise LeaderboardConfigError(f"invalid leaderboard config {src}: it must be a mapping of fields, got "
                                      f"{type(raw).__name__}.")
+    if "models" in raw and "base" not in raw and "experiment" not in raw:
+        raise LeaderboardConfigError(
+            f"invalid leaderboard config {src}: it is an experiment config (it has 'models'); a leaderboard config "
+            f"names one with 'base: PATH' (or inline 'experiment:') and adds 'tuning_seeds', 'trials' and the search "
+            f"'space' (see configs/leaderboard.yaml).")
     try:
         lc = LeaderboardConfig.model_validate(raw)
     except ValidationError as e:
@@ -242,6 +247,11 @@ def _plan(lc, experiment, m, protocol, strategy, fam, members, space, seeds, src
     sub = copy.deepcopy(experiment)
     sub.update(models=[m], streams=[s for s in experiment["streams"] if s["name"] in members],
                protocol=[protocol], strategy=[strategy], variants=[])
+    # an entry's own outer optimizer (`model_optimizer`) becomes the study's train.optimizer, so the
+    # searched train.optimizer.* values act on the optimizer the entry really uses
+    own = (sub.pop("model_optimizer", None) or {}).get(m["label"])
+    if own is not None:
+        sub["train"]["optimizer"] = own
     tuning = dict(copy.deepcopy(sub), seeds=list(lc.tuning_seeds), name=f"{lc.name}-tuning")
     report = dict(copy.deepcopy(sub), seeds=seeds, name=lc.name)
     study_name = _slug(f"{m['label']}.{protocol}.{strategy}.{fam}")

@@ -137,7 +137,7 @@ def validate_tune_config(raw: Any, source: str | Path | None = None) -> tuple[Tu
     """Validate a tune config mapping; returns (TuneConfig, base experiment mapping).
 
     Every search path is applied at the corners of its range to the base experiment and the result
-    validated (model options by building a tiny model), so a bad path, an option the model rejects
+    validated (model options through their typed options class), so a bad path, an option the model rejects
     or a value out of the model's range fails here, before any trial runs.
     """
     src = f"'{source}'" if source else "(mapping)"

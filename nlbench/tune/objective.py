@@ -19,6 +19,7 @@ METRIC_DIRECTIONS = {
     "bwt": "maximize", "fwt": "maximize", "forgetting": "minimize", "train_tokens_per_s": "maximize",
 }
 LEVEL_METRICS = ("acc_final", "acc_avg_incremental", "plasticity")
+METRICS = tuple(METRIC_DIRECTIONS)
 
 
 class ObjectiveSpec(BaseModel):
@@ -26,8 +27,7 @@ class ObjectiveSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: Literal["acc_final", "acc_avg_incremental", "plasticity", "bwt", "fwt", "forgetting",
-                    "train_tokens_per_s"]
+    metric: Literal[METRICS]
     direction: Literal["maximize", "minimize"] | None = None
     score: Literal["accuracy", "loss"] = "accuracy"
 

@@ -69,16 +69,19 @@ def read_chunk(w, x, d, r, g_prev, gamma):
 
 
 def dgd_chunk(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
-              compiled: bool | str = False, normalized_step: bool = True):
+              compiled: bool | str = False, normalized_step: bool = True, recompute: bool = False):
     """One chunk of the DGD update with matmuls only. Returns (y or None, weights at chunk end).
 
     fp32 / fp64 run `chunk_grad.dgd_chunk_manual`, the same equations with a hand-written
     backward pass (faster on CPU, docs/decisions.md); half precision runs `dgd_chunk_autograd`.
     `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs that chunk's forward and
     backward functions through `torch.compile`. `normalized_step`: `naive.step_size`.
+    `recompute=True`: the manual kernel keeps only its inputs and recomputes its intermediates in
+    the backward pass (`chunk_grad.dgd_chunk_manual`); autograd's form keeps what autograd keeps.
     """
     if k.dtype in (torch.float32, torch.float64):
-        return dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target, read_index, compiled, normalized_step)
+        return dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target, read_index, compiled, normalized_step,
+                                recompute)
     return dgd_chunk_autograd(weights, q, k, v, eta, alpha, self_target, read_index, normalized_step)
 
 

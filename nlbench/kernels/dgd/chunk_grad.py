@@ -294,28 +294,38 @@ def _compiled(device_type: str, mode: str = "default"):
 
 class _DGDChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, self_target, read_index, compiled, normalized, q, k, v, eta, alpha, *weights):
+    def forward(ctx, self_target, read_index, compiled, normalized, recompute, q, k, v, eta, alpha, *weights):
         fwd = _compiled(k.device.type, compile_mode(compiled))[0] if compiled else _forward
         strict = strictly_lower(k.shape[-2], k.device)  # cached: outside the compiled function
         outs, saved = fwd(self_target, read_index, normalized, q, k, v, eta, alpha, list(weights), strict)
         ctx.save_for_backward(q, k, v, eta, alpha, *weights)
-        ctx.self_target, ctx.saved, ctx.compiled, ctx.normalized = self_target, saved, compiled, normalized
+        # recompute: keep only the inputs; the backward pass runs the forward again (same ops, same values)
+        ctx.saved = None if recompute else saved
+        ctx.self_target, ctx.read_index, ctx.compiled, ctx.normalized = self_target, read_index, compiled, normalized
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
         q, k, v, eta, alpha, *weights = ctx.saved_tensors
-        bwd = _compiled(k.device.type, compile_mode(ctx.compiled))[1] if ctx.compiled else _backward
-        return (None, None, None, None,
-                *bwd(ctx.self_target, ctx.normalized, ctx.saved, q, k, v, eta, alpha, weights, grads))
+        fwd, bwd = _compiled(k.device.type, compile_mode(ctx.compiled)) if ctx.compiled else (_forward, _backward)
+        saved = ctx.saved
+        if saved is None:
+            strict = strictly_lower(k.shape[-2], k.device)
+            _, saved = fwd(ctx.self_target, ctx.read_index, ctx.normalized, q, k, v, eta, alpha, list(weights), strict)
+        return (None, None, None, None, None,
+                *bwd(ctx.self_target, ctx.normalized, saved, q, k, v, eta, alpha, weights, grads))
 
 
 def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, read_index: int | None = None,
-                     compiled: bool = False, normalized_step: bool = True):
+                     compiled: bool = False, normalized_step: bool = True, recompute: bool = False):
     """`chunk.dgd_chunk` with the hand-written backward pass; same arguments and returns
     (y or None, weights at chunk end). `compiled=True` (or a mode of `compiling.COMPILE_MODES`):
-    both passes through `torch.compile`. `normalized_step=False`: the literal η (`naive.step_size`)."""
+    both passes through `torch.compile`. `normalized_step=False`: the literal η (`naive.step_size`).
+    `recompute=True`: keep only the chunk's inputs for the backward pass, which runs the forward
+    pass again for its intermediates (the same function and gradients with a fraction of the
+    memory: Hope's training peak, docs/decisions.md)."""
     if len(weights) not in (1, 2):
         raise ValueError(f"weights: expected 1 (linear) or 2 (MLP) matrices, got {len(weights)}.")
-    out = _DGDChunk.apply(self_target, read_index, compiled, normalized_step, q, k, v, eta, alpha, *weights)
+    out = _DGDChunk.apply(self_target, read_index, compiled, normalized_step, recompute, q, k, v, eta, alpha,
+                          *weights)
     return (out[0], list(out[1:])) if q is not None else (None, list(out))
