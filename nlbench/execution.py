@@ -190,12 +190,21 @@ def _check_address(address):
         )
 
 
+# longest temp base that leaves room for "/nlbench-ray-XXXXXXXX/session_<date>_<pid>/sockets/plasma_store"
+MAX_TEMP_BASE = 20
+
+
 def embedded_temp_dir() -> str:
     """A fresh temp dir for the embedded runtime's sessions, sockets and logs (under RAY_TMPDIR
-    when set): nothing shared with another Ray on the machine."""
+    when set and short enough for its socket paths, else /tmp): nothing shared with another Ray."""
     import tempfile
 
-    return tempfile.mkdtemp(prefix="nlbench-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    # Ray's sockets live at <dir>/session_<date>_<pid>/sockets/<name> and a Unix socket path is
+    # capped at 107 bytes: under a longer base Ray would fail to start, so use /tmp instead.
+    if len(os.path.abspath(base)) > MAX_TEMP_BASE:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="nlbench-ray-", dir=base)
 
 
 @contextlib.contextmanager

@@ -45,14 +45,15 @@ __all__ = [
     "ResultStore", "ResultsError", "RunRecord", "RunRow", "canonical_json", "run_id_for", "run_row", "schema_for",
 ]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # columns added after schema v1, with the version that added them: files written before it read
 # with the column null (a v1 throughput file has no compile_mode)
 ADDED_IN: dict[tuple[str, str], int] = {("throughput", "compile_mode"): 2, ("runs", "pretrain"): 3,
                                    ("runs", "model_options"): 4, ("runs", "optimizer_params"): 5,
                                    ("runs", "ceiling"): 6, ("runs", "node_id"): 7, ("throughput", "token_ms_p50"): 8,
                                    ("throughput", "token_ms_p95"): 8, ("throughput", "token_ms_mean"): 8,
-                                   ("throughput", "stream_chunk"): 8}
+                                   ("throughput", "stream_chunk"): 8,
+                                   ("throughput", "ray_version"): 9, ("throughput", "git_sha"): 9}
 SCHEMA_VERSION_KEY = "nlbench.schema_version"
 TABLE_KEY = "nlbench.table"
 RUN_STATUSES = ("completed", "failed", "diverged")
@@ -122,7 +123,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
         "step_ms_p95:float peak_mem_bytes:int mfu:float mfu_datasheet:float flops_per_token:float device:str "
         "dtype:str torch_version:str triton_version:str command:str compile_s:float timestamp:ts "
         "params:int steps:int nlbench_version:str python_version:str matmul_peak_flops:float config_name:str "
-        "compile_mode:str token_ms_p50:float token_ms_p95:float token_ms_mean:float stream_chunk:int",
+        "compile_mode:str token_ms_p50:float token_ms_p95:float token_ms_mean:float stream_chunk:int ray_version:str "
+        "git_sha:str",
         required={"run_id", "model", "size", "seq_len", "batch_size", "phase", "tokens_per_s", "device", "dtype"},
         allowed={"phase": ("train", "infer", "stream")},
     ),

@@ -76,6 +76,8 @@ MODULE_TIERS = {
     "test_faults": "ray",
     "test_report_html": "browser",
     "test_compiled_kernels": "compile",
+    # the Triton kernels under the CPU interpreter: one subprocess, ~20 s of CPU on 2 cores
+    "test_triton_kernels": "slow",
 }
 
 

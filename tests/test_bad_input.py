@@ -131,7 +131,8 @@ def test_unwritable_out_refused(tmp_path):
 ])
 def test_bad_address_refused(tmp_path, address, needle):
     address = address or f"127.0.0.1:{_dead_port()}"
-    for cmd, cfg in (("run", _cfg(tmp_path)), ("tune", _write(tmp_path / "t.yaml", TUNE))):
+    for cmd, cfg in (("run", _cfg(tmp_path)), ("tune", _write(tmp_path / "t.yaml", TUNE)),
+                     ("bench", _write(tmp_path / "b.yaml", BENCH))):
         text = _check_refused(tmp_path, [cmd, cfg, "--out", str(tmp_path / "out"), "--address", address], needle)
         assert repr(address) in text
 

@@ -36,6 +36,9 @@ def test_bench_cli_writes_throughput_rows(tmp_path):
     assert (df.tokens_per_s > 0).all() and (df.step_ms_p95 >= df.step_ms_p50).all()
     assert (df.mfu > 0).all() and (df.mfu < 1).all() and (df.peak_mem_bytes > 0).all()
     assert df.command.str.contains("bench").all() and (df.torch_version == torch.__version__).all()
+    from nlbench.environment import git_sha, versions
+
+    assert (df.ray_version == versions()["ray"]).all() and (df.git_sha == git_sha()).all()
     # the directory reads whole with pandas too
     assert len(pd.read_parquet(out / "throughput")) == 4
     assert "goal: Hope/Transformer train tokens/s" in proc.stdout and "median step times:" in proc.stdout

@@ -103,6 +103,7 @@ def test_deleted_or_corrupt_table_file_is_recomputed_and_said(tmp_path):
     assert store.check_runs() == ({first, second}, {}) and len(store.read("runs")) == 2
 
 
+@pytest.mark.slow  # several `nlbench run --sequential` processes (~15 s of CPU)
 def test_sequential_uses_the_runs_cpu_share_as_torch_threads(tmp_path):
     from nlbench.environment import available_cpus
 

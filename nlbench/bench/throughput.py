@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import nlbench
-from nlbench.environment import device_name
+from nlbench.environment import device_name, git_sha
 from nlbench.environment import versions as versions_of_environment
 from nlbench.models import build_model, flops_per_token
 
@@ -236,8 +236,10 @@ def bench_case(
     return rows
 
 
-def versions() -> dict[str, str]:
-    """The throughput table's version columns (nlbench.environment.versions)."""
+def versions() -> dict[str, str | None]:
+    """The throughput table's provenance columns (nlbench.environment): package versions and the
+    source commit of the code that measured (git_sha: None outside a git checkout)."""
     v = versions_of_environment()
     return dict(torch_version=torch.__version__, triton_version=v["triton"] or "absent",
-                nlbench_version=nlbench.__version__, python_version=v["python"])
+                nlbench_version=nlbench.__version__, python_version=v["python"], ray_version=v["ray"],
+                git_sha=git_sha())

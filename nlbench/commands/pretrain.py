@@ -28,7 +28,7 @@ CONFIG is an experiment config with a `pretrain:` block; every key, at its defau
     segment_sequences: 2    # sequences per segment; fast state carried across all of them
     tbptt: 2                # sequences per truncated-backprop window
     probe_weight: 0.0       # > 0: meta-continual loss on probes of earlier segments
-    optimizer: {name: adamw, lr: 3e-3}
+    optimizer: {name: adamw, lr: 1e-3}
     grad_clip: 1.0
     seed: 0                 # or "run": one pretraining per run seed
     checkpoint_every: 50    # progress saved every N steps (not part of the key)
@@ -39,11 +39,11 @@ The whole path (configs/in-context-cpu.yaml; README "In-context learning" for ti
   nlbench run CONFIG --out OUT          # stream the tasks from the checkpoints
   nlbench report OUT                    # leaderboard with in-context sections, retention figures
 \b
-Measured limits (docs/decisions.md): with `tbptt` shorter than segments x segment_sequences,
-Hope and Titans-LMM went to NaN near step 102 on associative-recall (the shipped configs
-backprop through the whole meta-sequence); Hope's in-context CMS overflows at the default
-`cms_lr` 0.5 (the configs set 0.1). A diverged pretraining is recorded and fails at once on
-the next call until its failed.txt is deleted.
+Measured limits (docs/decisions.md): Titans-LMM pretraining on associative-recall with AdamW
+at 3e-3 went to NaN at step 111 (whole-meta-sequence `tbptt`) and at step 136 (`tbptt` 2),
+hence the 1e-3 default; Hope's in-context CMS overflows at the default `cms_lr` 0.5 (the
+configs set 0.1). A diverged pretraining is recorded and fails at once on the next call until
+its failed.txt is deleted.
 \b
 Each distinct (model, size, options, block) is computed once and reused by every run that
 names it: `nlbench run CONFIG --out OUT` then starts both protocols from it (in_context:
