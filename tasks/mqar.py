@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Stream, Task, check_int, rng_for, shift_targets
+from .recall import query_count
 
 
 def build_mqar(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
@@ -31,17 +32,7 @@ def build_mqar(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
                         why=f"(distinct keys with distinct values: at most min(n_keys, n_values)="
                             f"{min(K, V)})")
     length = seq_len + 1
-    room = (length - 2 * n_pairs - 1) // 2
-    if n_queries is None:
-        n_q = room
-        if n_q < 1:
-            raise ValueError(f"{where}: `seq_len` must be at least {2 * n_pairs + 2} to hold "
-                             f"{n_pairs} pairs, SEP and one query; got {seq_len}.")
-    else:
-        n_q = check_int("n_queries", n_queries, 1, None, where=where)
-        if n_q > room:
-            raise ValueError(f"{where}: `seq_len` must be at least {2 * n_pairs + 2 * n_q} to hold "
-                             f"{n_pairs} pairs, SEP and {n_q} queries; got {seq_len}.")
+    n_q = query_count(seq_len, n_pairs, n_queries, where)
     block = K + V
     SEP, PAD = num_tasks * block, num_tasks * block + 1
     q0 = 2 * n_pairs + 1            # index of the first query key in the sequence

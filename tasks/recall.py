@@ -18,6 +18,21 @@ import numpy as np
 from .base import Stream, Task, check_int, rng_for, shift_targets
 
 
+def query_count(seq_len: int, n_pairs: int, n_queries: int | None, where: str) -> int:
+    """Queries per sequence after n_pairs key-value pairs and SEP: all that fit when None."""
+    room = (seq_len + 1 - 2 * n_pairs - 1) // 2
+    if n_queries is None:
+        if room < 1:
+            raise ValueError(f"{where}: `seq_len` must be at least {2 * n_pairs + 2} to hold "
+                             f"{n_pairs} pairs, SEP and one query; got {seq_len}.")
+        return room
+    n_q = check_int("n_queries", n_queries, 1, None, where=where)
+    if n_q > room:
+        raise ValueError(f"{where}: `seq_len` must be at least {2 * n_pairs + 2 * n_q} to hold "
+                         f"{n_pairs} pairs, SEP and {n_q} queries; got {seq_len}.")
+    return n_q
+
+
 def build_associative_recall(*, num_tasks: int, seq_len: int, seed: int, eval_size: int,
                              n_keys: int = 32, n_values: int = 32, n_pairs: int = 16,
                              n_queries: int | None = None) -> Stream:
@@ -28,17 +43,7 @@ def build_associative_recall(*, num_tasks: int, seq_len: int, seed: int, eval_si
     n_pairs = check_int("n_pairs", n_pairs, 1, K, where=where, why=f"(distinct keys shown, at "
                         f"most n_keys={K})")
     length = seq_len + 1
-    room = (length - 2 * n_pairs - 1) // 2
-    if n_queries is None:
-        n_q = room
-        if n_q < 1:
-            raise ValueError(f"{where}: `seq_len` must be at least {2 * n_pairs + 2} to hold "
-                             f"{n_pairs} pairs, SEP and one query; got {seq_len}.")
-    else:
-        n_q = check_int("n_queries", n_queries, 1, None, where=where)
-        if n_q > room:
-            raise ValueError(f"{where}: `seq_len` must be at least {2 * n_pairs + 2 * n_q} to hold "
-                             f"{n_pairs} pairs, SEP and {n_q} queries; got {seq_len}.")
+    n_q = query_count(seq_len, n_pairs, n_queries, where)
     SEP, PAD = K + V, K + V + 1
     q0 = 2 * n_pairs + 1            # index of the first query key in the sequence
 

@@ -25,28 +25,9 @@ import yaml
 from nlbench.results import ResultStore
 
 from conftest import tiny_config
+from ray_nodes import free_port, processes_with_env
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_with_env(marker: bytes) -> list[int]:
-    """Pids of this user's processes whose environment holds ``marker``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if marker in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
 
 
 def cluster_env(token: str, address: str | None = None) -> dict:
