@@ -41,7 +41,9 @@ GOALS_MFU = {"transformer": 0.40, "hope": 0.25}
 
 def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torch.dtype,
               kernel_seq_len: int, steps: int, quick: bool = False, compile_too: bool = False,
-              warmup_steps: int = 3) -> dict:
+              warmup_steps: int = 3, on_rows=None) -> dict:
+    """`on_rows(partial_result)` is called after each measured case, so a run cut by a time limit
+    keeps what it measured."""
     dev = torch.device(device)
     t0 = time.perf_counter()
     lines = bench_memory_kernels(dev, seq_len=kernel_seq_len, compiled=compile_too,
@@ -79,6 +81,10 @@ def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torc
                       + tag + (f", compile {r['compile_s']:.1f} s" if compiled else ""),
                       flush=True)
                 rows.append(r)
+            if on_rows is not None:
+                on_rows(dict(device=device_name(dev), dtype=str(dtype).replace("torch.", ""), matmul_peak=peak,
+                             datasheet_peak=sheet, kernel_lines=lines, rows=rows, partial=True,
+                             versions=versions(), wall_s=time.perf_counter() - t0))
         train = {(r["model"], r["memory_kernel"]): r["tokens_per_s"] for r in rows
                  if r["phase"] == "train" and r["compiled"] == compiled}
         ratios[compiled] = train["hope", None] / train["transformer", None]
@@ -112,11 +118,15 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     if a.quick:
         a.size, a.seq_len, a.batch_size, a.kernel_seq_len, a.steps = "tiny", 32, 2, 16, 2
-    result = run_check(a.device, a.size, a.seq_len, a.batch_size, dtype, a.kernel_seq_len, a.steps, quick=a.quick,
-                       compile_too=a.compile, warmup_steps=a.warmup)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "device_check.json", json.dumps(result, indent=1, default=str))  # no half file
+
+    def write(result):  # atomic: never a half file, and a cut run leaves its finished cases
+        atomic_write_text(out / "device_check.json", json.dumps(result, indent=1, default=str))
+
+    result = run_check(a.device, a.size, a.seq_len, a.batch_size, dtype, a.kernel_seq_len, a.steps, quick=a.quick,
+                       compile_too=a.compile, warmup_steps=a.warmup, on_rows=write)
+    write(dict(result, partial=False))
     print(f"wrote {out / 'device_check.json'}")
 
 
