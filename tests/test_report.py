@@ -36,12 +36,14 @@ TITANS = [[0.21] * 3] * 3
 SHIFT = {0: 0.0, 1: 0.02, 2: -0.02}  # per-seed offset: acc_final 0.80/0.82/0.78, bwt unchanged
 
 
-def _run_row(model, stream, seed, status="completed", chance=(0.2, 0.2, 0.2), tps=1000.0, lr=1e-3, **extra):
+def _run_row(model, stream, seed, status="completed", chance=(0.2, 0.2, 0.2), tps=1000.0, lr=1e-3, strategy="naive",
+             **extra):
     config = {"model": {"name": model, "size": "tiny", "label": model}, "stream": {"name": stream}, "seed": seed,
-              "protocol": "finetune", "strategy": "naive", "train": {"optimizer": {"name": "adamw", "lr": lr}, "device": "cpu"}}
+              "protocol": "finetune", "strategy": strategy,
+              "train": {"optimizer": {"name": "adamw", "lr": lr}, "device": "cpu"}}
     from nlbench.results import run_id_for
 
-    return dict(run_id=run_id_for(config), model=model, stream=stream, seed=seed, protocol="finetune", strategy="naive",
+    return dict(run_id=run_id_for(config), model=model, stream=stream, seed=seed, protocol="finetune", strategy=strategy,
                 status=status, error=None if status == "completed" else "loss went NaN at step 3", config=config,
                 device="cpu", host="testhost", versions={"nlbench": "0.1.0", "torch": "2.x"}, git_sha="abc123",
                 size="tiny", chance=list(chance), train_tokens_per_s=tps, **extra)
@@ -184,6 +186,28 @@ def test_verdict_puts_hope_against_the_baseline_per_stream(doc):
     assert v["split-digits"]["forgetting"]["diff_mean"] == pytest.approx(-0.45)
     # markov-lm has one seed: no interval, so no claim either way
     assert v["markov-lm"]["outcome"] == "no interval" and v["markov-lm"]["score"] == "accuracy"
+
+
+def test_verdict_matches_strategies_and_never_uses_a_reference_point_as_baseline(tmp_path):
+    """joint (the upper bound) is the best non-Hope entry by acc_final, yet Hope/naive is measured
+    against the best naive baseline and Hope/joint against the joint one; the section's paired rows
+    use the best continual learner, not joint."""
+    store = ResultStore(tmp_path / "o")
+    joint = [[0.9, 0.9, 0.9]] * 3
+    for seed, d in SHIFT.items():
+        write_run(store, "hope", "s", seed, (np.array(HOPE) + d).tolist())
+        write_run(store, "transformer", "s", seed, (np.array(TRANSFORMER) + d / 2).tolist())
+        write_run(store, "transformer", "s", seed, (np.array(joint) - 0.05 + d).tolist(), strategy="joint")
+        write_run(store, "hope", "s", seed, (np.array(joint) - 0.1 + d / 2).tolist(), strategy="joint")
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    s = doc["streams"][0]
+    assert s["baseline"] == "transformer/tiny/finetune/naive"
+    v = {r["entry"]: r for r in doc["verdict"]}
+    assert v["hope/tiny/finetune/naive"]["baseline"] == "transformer/tiny/finetune/naive"
+    assert v["hope/tiny/finetune/naive"]["outcome"] == "better"  # 0.8 vs 0.5 on every seed
+    assert v["hope/tiny/finetune/joint"]["baseline"] == "transformer/tiny/finetune/joint"
+    assert v["hope/tiny/finetune/joint"]["outcome"] == "worse"  # 0.8 vs 0.85 on every seed
+    assert v["hope/tiny/finetune/joint"]["acc_final"]["diff_mean"] == pytest.approx(-0.05, abs=0.02)
 
 
 def test_entries_whose_paired_interval_covers_zero_share_a_rank(tmp_path):

@@ -17,8 +17,10 @@ positive forgetting "got worse").
 Runs of different entries with the same seed share the task data, so entries are compared per
 seed (:func:`nlbench.metrics.paired_difference`). Rank: 1 + the number of entries whose paired
 acc_final interval lies wholly on the better side; entries whose paired interval covers 0 share
-a rank. Each section's ``paired`` rows compare every entry with the best non-Hope entry, and the
-``verdict`` puts Hope against that baseline per forgetting stream. Capability streams (passkey,
+a rank. Each section's ``paired`` rows compare every entry with the best non-Hope entry of a
+continual-learning strategy (the reference points ``joint`` and ``fresh`` are never that baseline),
+and the ``verdict`` puts each Hope entry against the best non-Hope entry of its own strategy per
+forgetting stream (naive against naive, replay against replay, …). Capability streams (passkey,
 modular-arithmetic, text-domains) are reported in their own section, outside the verdict.
 Entries flagged "did not learn" are listed but never ranked.
 """
@@ -56,9 +58,12 @@ RANKING_RULE = (
     "per stream section: entries that learned, by acc_final; rank = 1 + the number of entries whose paired "
     "acc_final difference (95% Student t interval over the common seeds) lies wholly on the better side, so "
     "entries whose paired interval covers 0 share a rank (with fewer than 2 common seeds there is no interval "
-    "and the two tie). No overall rank across streams: the verdict compares Hope with the best non-Hope entry "
-    "per forgetting stream"
+    "and the two tie). No overall rank across streams: the verdict compares each Hope entry with the best "
+    "non-Hope entry of the same strategy per forgetting stream"
 )
+# the reference points: an upper bound (all tasks' data interleaved) and plasticity without interference;
+# they are compared with each other, never used as the baseline a continual learner is measured against
+REFERENCE_STRATEGIES = ("joint", "fresh")
 LOSS_NOTE = (
     "Loss sections (language-modelling streams): lower is better for acc_final, "
     "acc_avg_incremental and plasticity (they are mean losses); bwt, fwt and forgetting are computed "
@@ -211,10 +216,16 @@ def _rank_section(entries: list[dict], score: str) -> None:
                                 if not math.isnan(e["metrics"][RANK_METRIC]["mean"]) else 0.0, e["entry"]))
 
 
-def _baseline(entries: list[dict], score: str) -> dict | None:
-    """The best ranked non-Hope entry by its acc_final seed mean (ties: entry name)."""
+def _baseline(entries: list[dict], score: str, strategy: str | None = None) -> dict | None:
+    """The best ranked non-Hope entry by its acc_final seed mean (ties: entry name): of `strategy`
+    when given, else of the continual-learning strategies (any strategy when the section has only
+    reference points)."""
     sign = _better_sign(score)
     cands = [e for e in entries if e["rank"] is not None and not is_hope(e)]
+    if strategy is not None:
+        cands = [e for e in cands if e.get("strategy", "") == strategy]
+    elif any(e.get("strategy", "") not in REFERENCE_STRATEGIES for e in cands):
+        cands = [e for e in cands if e.get("strategy", "") not in REFERENCE_STRATEGIES]
     cands.sort(key=lambda e: (-sign * e["metrics"][RANK_METRIC]["mean"], e["entry"]))
     return cands[0] if cands else None
 
@@ -237,20 +248,34 @@ def _outcome(d: dict, score: str) -> str:
     return "better" if better else "worse" if worse else "tie"
 
 
+def _strategy_pairs(entries: list[dict], score: str) -> dict[str, dict]:
+    """Per Hope entry: the best non-Hope entry of its strategy and the paired rows against it."""
+    out = {}
+    for e in entries:
+        if is_hope(e):
+            base = _baseline(entries, score, strategy=e.get("strategy", ""))
+            out[e["entry"]] = {"baseline": base["entry"] if base else None,
+                               "pairs": {m: _pair(e, base, m) for m in PAIRED_METRICS} if base else {}}
+    return out
+
+
 def verdict_rows(sections: list[dict]) -> list[dict]:
-    """Per forgetting stream setting (its primary section): each Hope entry against the section's baseline."""
+    """Per forgetting stream setting (its primary section): each Hope entry against the best non-Hope
+    entry of its own strategy."""
     rows = []
     for s in sections:
+        by_hope = s.pop("_verdict", {})
         if s["kind"] != "forgetting" or not s["primary"]:
             continue
-        pairs = {(p["entry"], p["metric"]): p for p in s["paired"]}
         for e in s["entries"]:
             if not is_hope(e):
                 continue
+            v = by_hope.get(e["entry"], {"baseline": None, "pairs": {}})
+            pairs = {(e["entry"], m): p for m, p in v["pairs"].items()}
             row = {"section": s["section"], "stream": s["stream"], "protocol": s["protocol"], "score": s["score"],
-                   "entry": e["entry"], "baseline": s["baseline"],
+                   "entry": e["entry"], "baseline": v["baseline"],
                    "did_not_learn": e["did_not_learn"]}
-            if s["baseline"] is None:
+            if v["baseline"] is None:
                 row["outcome"] = "no baseline"
             elif e["did_not_learn"]:
                 row["outcome"] = "did not learn"
@@ -381,6 +406,7 @@ def build_leaderboard(res: Results) -> dict:
             "baseline": baseline["entry"] if baseline else None,
             "paired": paired_rows(entries, baseline),
             "entries": entries,
+            "_verdict": _strategy_pairs(entries, score),  # consumed by verdict_rows
         })
         for e in entries:
             del e["_per_seed"]
@@ -497,8 +523,9 @@ def fmt_diff(d: dict | None, digits: int = 3) -> str:
 
 
 def verdict_table(doc: dict) -> tuple[list[str], list[list[tuple[str, object]]]]:
-    """Hope vs the best non-Hope entry per forgetting stream: paired differences (Hope − baseline)."""
-    head = ["stream", "Hope entry", "baseline", "outcome (acc_final)", *[f"Δ {m}" for m in PAIRED_METRICS]]
+    """Each Hope entry vs the best non-Hope entry of its strategy per forgetting stream: paired
+    differences (Hope − baseline)."""
+    head = ["stream", "Hope entry", "baseline (same strategy)", "outcome (acc_final)", *[f"Δ {m}" for m in PAIRED_METRICS]]
     rows = [
         [(r["section"], r["section"]), (r["entry"], r["entry"]), (r["baseline"] or "—", r["baseline"] or ""),
          (r["outcome"], r["outcome"]),
@@ -561,7 +588,8 @@ SELECTION_SENTENCE = ("Hyper-parameters chosen per entry and stream family by `n
 
 
 def verdict_sentence(doc: dict) -> str:
-    return ("Hope − best non-Hope entry (by acc_final) on each forgetting stream, paired over common seeds, "
+    return ("Hope − the best non-Hope entry of the same strategy (by acc_final) on each forgetting stream, "
+            "paired over common seeds, "
             "95% Student t interval; outcome on acc_final: better/worse when the interval excludes 0, else tie. "
             "Lower is better for Δ forgetting; read it with Δ plasticity.")
 
