@@ -152,10 +152,14 @@ def tracked_curvature(w1, u):
     growing W1 shrinks the step (module docstring). A 1e-4 share of the all-ones vector enters
     each step so that an estimate that reached zero (W1 = 0) recovers once W1 grows.
     Returns (λ, the new u)."""
+    # matrix-vector products as a row vector times a matrix (u W1ᵀ, then (W1 u)ᵀ W1): ATen's batched
+    # GEMM with one output column was ~4.5× slower at Hope's 160 × 32 × 32; λ as a broadcast
+    # product and sum, whose backward is elementwise (docs/decisions.md, "Curvature guard's power step")
     with torch.no_grad():
         start = u + 1e-4 * F.normalize(torch.ones_like(u), dim=-1)
-        u = F.normalize((w1.transpose(-1, -2) @ (w1 @ start.unsqueeze(-1))).squeeze(-1), dim=-1)
-    return (w1 @ u.unsqueeze(-1)).square().sum((-2, -1)), u
+        w1u = start.unsqueeze(-2) @ w1.transpose(-1, -2)
+        u = F.normalize((w1u @ w1).squeeze(-2), dim=-1)
+    return (w1 * u.unsqueeze(-2)).sum(-1).square().sum(-1), u
 
 
 def curvature(weights, u=None):
