@@ -85,6 +85,32 @@ def test_device_check_quick_runs_and_writes_its_json(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in got["rows"]) and got["hope_over_transformer"] > 0
     assert [r["goal_mfu"] for r in got["rows"] if r["phase"] == "train"] == [0.40, 0.25]
     assert not (tmp_path / "device_check.json.tmp").exists()
+    assert got["partial"] is False
+
+
+def test_device_check_keeps_finished_cases_when_cut(tmp_path):
+    """A check stopped by a time limit (here: the Hope case raises) leaves the cases it finished
+    in device_check.json, marked partial."""
+    import json
+
+    from nlbench.bench import device_check
+
+    real = device_check.bench_case
+
+    def cut(case, **kw):
+        if case.model == "hope":
+            raise KeyboardInterrupt  # what a timeout's signal looks like to the check
+        return real(case, **kw)
+
+    device_check.bench_case = cut
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            device_check.main(["--out", str(tmp_path), "--device", "cpu", "--quick"])
+    finally:
+        device_check.bench_case = real
+    got = json.loads((tmp_path / "device_check.json").read_text())
+    assert got["partial"] is True
+    assert {(r["model"], r["phase"]) for r in got["rows"]} == {("transformer", "train"), ("transformer", "infer")}
 
 
 @pytest.mark.compile

@@ -40,7 +40,10 @@ GOALS_MFU = {"transformer": 0.40, "hope": 0.25}
 
 
 def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torch.dtype,
-              kernel_seq_len: int, steps: int, quick: bool = False, compile_too: bool = False) -> dict:
+              kernel_seq_len: int, steps: int, quick: bool = False, compile_too: bool = False,
+              warmup_steps: int = 3, on_rows=None) -> dict:
+    """`on_rows(partial_result)` is called after each measured case, so a run cut by a time limit
+    keeps what it measured."""
     dev = torch.device(device)
     t0 = time.perf_counter()
     lines = bench_memory_kernels(dev, seq_len=kernel_seq_len, compiled=compile_too,
@@ -52,9 +55,10 @@ def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torc
     print(f"{device_name(dev)} {dtype}: measured matmul peak {peak / 1e12:.1f} TFLOP/s; datasheet "
           f"{'unknown' if sheet is None else f'{sheet / 1e12:.0f} TFLOP/s'}", flush=True)
     rows, ratios = [], {}
-    cases = [("transformer", {}), ("hope", {})]
-    if resolve_memory_kernel("auto", dev) == "triton":  # Hope's memories on the Triton kernel as well
-        cases.append(("hope", {"memory_kernel": "triton"}))
+    cases = [("transformer", {})]
+    if resolve_memory_kernel("auto", dev) == "triton":  # Hope's memories on the Triton kernel as well,
+        cases.append(("hope", {"memory_kernel": "triton"}))  # first: the chunked path is the slow one there
+    cases.append(("hope", {}))
     for compiled in (False, True) if compile_too else (False,):
         tag = " (compiled)" if compiled else ""
         for model, options in cases:
@@ -62,7 +66,7 @@ def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torc
                 continue
             got = bench_case(BenchCase(model, size, seq_len, batch_size, dict(options)), device=dev, dtype=dtype,
                              vocab_size=256 if quick else 32000, optimizer="adamw", lr=1e-4,
-                             warmup_steps=1 if quick else 3, steps=steps, phases=["train", "infer"],
+                             warmup_steps=1 if quick else warmup_steps, steps=steps, phases=["train", "infer"],
                              compile=compiled, peak_flops=peak)
             for r in got:
                 goal = GOALS_MFU.get(model) if r["phase"] == "train" else None
@@ -77,6 +81,10 @@ def run_check(device: str, size: str, seq_len: int, batch_size: int, dtype: torc
                       + tag + (f", compile {r['compile_s']:.1f} s" if compiled else ""),
                       flush=True)
                 rows.append(r)
+            if on_rows is not None:
+                on_rows(dict(device=device_name(dev), dtype=str(dtype).replace("torch.", ""), matmul_peak=peak,
+                             datasheet_peak=sheet, kernel_lines=lines, rows=rows, partial=True,
+                             versions=versions(), wall_s=time.perf_counter() - t0))
         train = {(r["model"], r["memory_kernel"]): r["tokens_per_s"] for r in rows
                  if r["phase"] == "train" and r["compiled"] == compiled}
         ratios[compiled] = train["hope", None] / train["transformer", None]
@@ -102,6 +110,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--kernel-seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of this path on a CPU")
     p.add_argument("--compile", action="store_true",
                    help="also measure with torch.compile (model.compiled(): Hope's chunk steps, the Transformer whole)")
@@ -109,11 +118,15 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     if a.quick:
         a.size, a.seq_len, a.batch_size, a.kernel_seq_len, a.steps = "tiny", 32, 2, 16, 2
-    result = run_check(a.device, a.size, a.seq_len, a.batch_size, dtype, a.kernel_seq_len, a.steps, quick=a.quick,
-                       compile_too=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "device_check.json", json.dumps(result, indent=1, default=str))  # no half file
+
+    def write(result):  # atomic: never a half file, and a cut run leaves its finished cases
+        atomic_write_text(out / "device_check.json", json.dumps(result, indent=1, default=str))
+
+    result = run_check(a.device, a.size, a.seq_len, a.batch_size, dtype, a.kernel_seq_len, a.steps, quick=a.quick,
+                       compile_too=a.compile, warmup_steps=a.warmup, on_rows=write)
+    write(dict(result, partial=False))
     print(f"wrote {out / 'device_check.json'}")
 
 

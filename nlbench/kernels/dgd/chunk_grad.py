@@ -327,6 +327,17 @@ def dgd_chunk_manual(weights, q, k, v, eta, alpha, self_target: bool = True, rea
     memory: Hope's training peak, docs/decisions.md)."""
     if len(weights) not in (1, 2):
         raise ValueError(f"weights: expected 1 (linear) or 2 (MLP) matrices, got {len(weights)}.")
-    out = _DGDChunk.apply(self_target, read_index, compiled, normalized_step, recompute, q, k, v, eta, alpha,
-                          *weights)
+    device_type = k.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast (bf16 training) the hand-written backward would see bf16 inputs next to
+        # float32 states and gradients; the memory's recurrence runs in float32 instead, outside
+        # autocast, and the casts carry the gradients back to the bf16 inputs.
+        q, k, v, eta, alpha = (None if t is None else t.float() for t in (q, k, v, eta, alpha))
+        weights = [w.float() for w in weights]
+        with torch.autocast(device_type, enabled=False):
+            out = _DGDChunk.apply(self_target, read_index, compiled, normalized_step, recompute, q, k, v, eta,
+                                  alpha, *weights)
+    else:
+        out = _DGDChunk.apply(self_target, read_index, compiled, normalized_step, recompute, q, k, v, eta,
+                              alpha, *weights)
     return (out[0], list(out[1:])) if q is not None else (None, list(out))
