@@ -264,8 +264,9 @@ def test_long_carried_stream_stays_finite_with_a_large_meta_learned_w1():
 
     def run():
         torch.manual_seed(0)
-        # η 0.3: at the default 0.2 this stream happens to stay finite without the guard too
-        m = build_model("hope", size="tiny", vocab_size=V, eta_init=0.3).eval()
+        # η 0.4: at 0.2 / 0.3 this stream can stay finite without the guard too (at 0.3 rounding
+        # decided it: the autograd chunk step diverged, the fused one, smt_step.py, did not)
+        m = build_model("hope", size="tiny", vocab_size=V, eta_init=0.4).eval()
         with torch.no_grad():
             for b in m.blocks:
                 for name, p in b.mixer.mem0.items():
