@@ -20,9 +20,10 @@ def silu_grad(a):
 
 
 def silu_and_grad(a):
-    """(σ(a), σ′(a)) from one sigmoid."""
+    """(σ(a), σ′(a)) from one sigmoid: σ′ = s + σ(a)(1 − s)."""
     s = torch.sigmoid(a)
-    return a * s, s * (1 + a * (1 - s))
+    sa = a * s
+    return sa, torch.addcmul(s, sa, 1 - s)
 
 
 def silu_grad2(a):

@@ -108,6 +108,7 @@ from nlbench.kernels.dgd import (
 )
 from nlbench.models.inputs import collecting, report_chain_inputs, report_conv_input, report_input
 from nlbench.models.layers import ShortConv, causal_conv
+from nlbench.models.smt_step import fused_chunk_step, power_step
 
 __all__ = ["SelfModifyingTitans", "MEMORY_KERNELS", "MEMORY_KINDS", "PAPER_FORM", "PROJECTION_MEMORIES", "STABILISERS"]
 
@@ -152,10 +153,9 @@ def tracked_curvature(w1, u):
     growing W1 shrinks the step (module docstring). A 1e-4 share of the all-ones vector enters
     each step so that an estimate that reached zero (W1 = 0) recovers once W1 grows.
     Returns (λ, the new u)."""
-    with torch.no_grad():
-        start = u + 1e-4 * F.normalize(torch.ones_like(u), dim=-1)
-        u = F.normalize((w1.transpose(-1, -2) @ (w1 @ start.unsqueeze(-1))).squeeze(-1), dim=-1)
-    return (w1 @ u.unsqueeze(-1)).square().sum((-2, -1)), u
+    u = power_step(w1, u)
+    # λ as a broadcast product and sum, whose backward is elementwise
+    return (w1 * u.unsqueeze(-2)).sum(-1).square().sum(-1), u
 
 
 def curvature(weights, u=None):
@@ -267,6 +267,9 @@ class SelfModifyingTitans(nn.Module):
         self.mem_hidden = (mem_hidden or self.head_dim) if memory == "mlp" else None
         self.memory_kernel = memory_kernel  # "chunked" | "triton" (CUDA) | "reference": per-token loops (tests)
         self.stack = True  # stack the five memories when both chunk sizes agree (`_memories_stacked`)
+        # eager fp32/fp64 MLP memories: each stacked chunk step as one Function with a hand-written
+        # backward (`smt_step.fused_chunk_step`); False: `stacked_chunk_step` in autograd ops (the reference)
+        self.fused_step = True
         self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
         # memory, not math: keep only each group's chunk-start state for the backward pass and
         # recompute the rest there (`_memories_stacked`, `dgd_chunk_manual`); same outputs and gradients
@@ -416,6 +419,9 @@ class SelfModifyingTitans(nn.Module):
             step = functools.partial(stacked_chunk_step, chunk_fn=dgd_chunk_triton)
         elif self.compile_kernels:
             step = _compiled_stacked_chunk_step(z.device.type, compile_mode(self.compile_kernels))
+        elif self.fused_step and self.memory == "mlp" and z.dtype in (torch.float32, torch.float64) \
+                and not torch.is_autocast_enabled(z.device.type):
+            step = functools.partial(fused_chunk_step, guard=GUARD)  # the same step, hand-written backward
         else:
             step = stacked_chunk_step
         step = functools.partial(step, normalize_v=self.normalize_v, normalized_step=self.normalized_step)

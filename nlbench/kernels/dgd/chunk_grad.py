@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from nlbench.kernels.activations import silu_and_grad, silu_grad, silu_grad2
 from nlbench.kernels.compiling import compile_kernel, compile_mode
@@ -76,7 +77,7 @@ def _forward(self_target, read_index, normalized, q, k, v, eta, alpha, weights, 
         v_hat = v
         if self_target:
             av = v @ _t(w2)
-            sv, _ = silu_and_grad(av)
+            sv = F.silu(av)
             v_hat = v + sv @ _t(w1)
         a = k @ _t(w2)
         s, d1a = silu_and_grad(a)
@@ -100,7 +101,7 @@ def _forward(self_target, read_index, normalized, q, k, v, eta, alpha, weights, 
         eta_s = eta / n.clamp_min(1.0) if normalized else eta
         kx = x @ _t(x)
         gk_ = gam * kx
-        inner = g + gp_u * xw
+        inner = torch.addcmul(g, gp_u, xw)
         inv = unit_lower_inverse(eta_s.unsqueeze(-1) * gk_)
         d = inv @ (-eta_s.unsqueeze(-1) * inner)
         dd = d * tail.unsqueeze(-1)
@@ -129,7 +130,7 @@ def _forward(self_target, read_index, normalized, q, k, v, eta, alpha, weights, 
             sw = sr @ _t(w1r)
             ss_raw = sr @ _t(xsr)
             ss = gamr * ss_raw
-            y = q + gpr_u * sw + ss @ d1r
+            y = torch.addcmul(q, gpr_u, sw) + ss @ d1r
             rd = dict(gpr=gpr, gamr=gamr, w2r=w2r, w1r=w1r, xkr=xkr, xsr=xsr, d2r=d2r, d1r=d1r, qw=qw,
                       qk_raw=qk_raw, qk=qk, d1hr=d1hr, sr=sr, sw=sw, ss_raw=ss_raw, ss=ss,
                       idx=dict(gp=i_gp, gam=i_gam, w2=i_w2, w1=i_w1, xk=i_xk, xs=i_xs, d2=i_d2, d1=i_d1))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from nlbench.kernels.activations import silu_grad
 from nlbench.kernels.compiling import compile_kernel, compile_mode
+from nlbench.kernels.titans.chunk_grad import titans_chunk_manual
 from nlbench.kernels.titans.naive import check_inputs
 
 __all__ = ["memory_flops_per_token", "titans_memory_chunked"]
@@ -117,11 +118,17 @@ def titans_memory_chunked(q, k, v, eta, theta, alpha, weights, momentum, chunk_s
     Returns (y [B, H, T, out], weights, momentum) -- the state after the last token. A trailing
     partial chunk is processed as a shorter chunk, so the next call starts a fresh chunk.
     `compiled=True` (or a mode of `compiling.COMPILE_MODES`) runs each chunk through
-    `torch.compile` (`NLModel.compiled`).
+    `torch.compile` (`NLModel.compiled`); eager fp32 / fp64 take `chunk_grad.titans_chunk_manual`
+    (the same chunk, hand-written backward), half precision and autocast the autograd form.
     """
     check_inputs(q, k, v, eta, theta, alpha, weights, momentum, chunk_size)
     weights, momentum, ys = list(weights), list(momentum), []
-    chunk = _compiled_chunk(k.device.type, compile_mode(compiled)) if compiled else _chunk
+    if compiled:
+        chunk = _compiled_chunk(k.device.type, compile_mode(compiled))
+    elif k.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(k.device.type):
+        chunk = titans_chunk_manual  # the same chunk with a hand-written backward (`chunk_grad`)
+    else:
+        chunk = _chunk
     # split once (not a slice per chunk, whose backward zero-fills a full-length tensor each time)
     for qc, kc, vc, ec, tc, ac in zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, eta, theta, alpha))):
         y, weights, momentum = chunk(weights, momentum, qc, kc, vc, ec, tc, ac)
