@@ -88,7 +88,7 @@ def test_device_check_quick_runs_and_writes_its_json(tmp_path, capsys):
     assert got["partial"] is False
 
 
-def test_device_check_keeps_finished_cases_when_cut(tmp_path):
+def test_device_check_keeps_finished_cases_when_cut(tmp_path, monkeypatch):
     """A check stopped by a time limit (here: the Hope case raises) leaves the cases it finished
     in device_check.json, marked partial."""
     import json
@@ -102,12 +102,9 @@ def test_device_check_keeps_finished_cases_when_cut(tmp_path):
             raise KeyboardInterrupt  # what a timeout's signal looks like to the check
         return real(case, **kw)
 
-    device_check.bench_case = cut
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            device_check.main(["--out", str(tmp_path), "--device", "cpu", "--quick"])
-    finally:
-        device_check.bench_case = real
+    monkeypatch.setattr(device_check, "bench_case", cut)
+    with pytest.raises(KeyboardInterrupt):
+        device_check.main(["--out", str(tmp_path), "--device", "cpu", "--quick"])
     got = json.loads((tmp_path / "device_check.json").read_text())
     assert got["partial"] is True
     assert {(r["model"], r["phase"]) for r in got["rows"]} == {("transformer", "train"), ("transformer", "infer")}

@@ -210,6 +210,16 @@ def test_verdict_matches_strategies_and_never_uses_a_reference_point_as_baseline
     assert v["hope/tiny/finetune/joint"]["acc_final"]["diff_mean"] == pytest.approx(-0.05, abs=0.02)
 
 
+def test_a_section_of_reference_points_only_still_has_a_baseline(tmp_path):
+    store = ResultStore(tmp_path / "o")
+    for seed, d in SHIFT.items():
+        write_run(store, "hope", "s", seed, (np.array(HOPE) + d).tolist(), strategy="joint")
+        write_run(store, "transformer", "s", seed, (np.array(TRANSFORMER) + d).tolist(), strategy="joint")
+    doc = build_leaderboard(load_results([tmp_path / "o"]))
+    assert doc["streams"][0]["baseline"] == "transformer/tiny/finetune/joint"
+    assert doc["verdict"][0]["outcome"] == "better"
+
+
 def test_entries_whose_paired_interval_covers_zero_share_a_rank(tmp_path):
     store = ResultStore(tmp_path / "o")
     for seed, (d_hope, d_tr) in {0: (0.0, 0.05), 1: (0.0, -0.05), 2: (0.01, 0.0)}.items():
