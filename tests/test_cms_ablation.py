@@ -126,3 +126,22 @@ def test_tiny_real_ablation_writes_the_figure_and_the_verdict(tmp_path):
     assert md.index("## CMS ablation") < md.index("## Details")  # with the answer, before the details
     json.loads((tmp_path / "report" / "leaderboard.json").read_text())["cms_ablation"][0]["verdict"]
     assert "CMS ablation" in (tmp_path / "report" / "leaderboard.html").read_text()
+
+
+def test_ablation_results_feed_only_the_ablation_section():
+    # `nlbench report DIRS --ablation DIR`: the ablation's Hope arms are not ranked entries of the
+    # leaderboard (they would crowd a stream's verdict), only the CMS ablation section
+    from nlbench.report.leaderboard import build_leaderboard
+
+    full = _results(_scores(lambda lr: 0.1))
+    main = _results({k: v for k, v in _scores(lambda lr: 0.1, lrs=(0.02,)).items() if k[0] == "fast"})
+    doc = build_leaderboard(main, ablation=full)
+    ranked = {e["entry"] for s in doc["streams"] for e in s["entries"]}
+    assert ranked and all(e.startswith("fast") for e in ranked)
+    (ab,) = doc["cms_ablation"]
+    assert len(ab["arms"]) == 3 and ab["multi_dominates_controls"]
+    assert doc["ablation_sources"] == ["hand-made"]
+    # without the option the same runs are ranked (and their ablation is read from them)
+    doc = build_leaderboard(full)
+    assert {e["entry"].split("/")[0] for s in doc["streams"] for e in s["entries"]} == {"fast", "multi", "scaled"}
+    assert len(doc["cms_ablation"]) == 1 and doc["ablation_sources"] == []

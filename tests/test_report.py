@@ -416,6 +416,12 @@ def test_missing_tables(tmp_path):
     assert r.exit_code != 0 and "holds none of the tables" in r.output
     r = _cli(tmp_path / "nope", "--no-figures")
     assert r.exit_code != 0 and "does not exist" in r.output
+    # a missing --ablation directory: the same clear error, nothing written
+    ok = tmp_path / "ok"
+    write_run(ResultStore(ok), "hope", "s", 0, HOPE)
+    r = _cli(ok, "--no-figures", "--ablation", str(tmp_path / "nope-ablation"))
+    assert r.exit_code != 0 and "nope-ablation does not exist" in r.output and "Traceback" not in r.output
+    assert not (ok / "report").exists()
     # runs without curves: a warning, the leaderboard still comes out
     out = tmp_path / "nocurves"
     write_run(ResultStore(out), "hope", "s", 0, HOPE)

@@ -13,7 +13,10 @@ import click
               help="Leaderboard format(s) to write.")
 @click.option("--out-dir", default=None, type=click.Path(file_okay=False), help="Where to write (default: first OUT/report).")
 @click.option("--no-figures", is_flag=True, help="Skip the matplotlib figures.")
-def report(dirs, fmt, out_dir, no_figures):
+@click.option("--ablation", "ablation_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Results directory of a CMS ablation (e.g. configs/cms-ablation.yaml's OUT), repeatable: its runs "
+                   "feed only the report's CMS ablation section, never the ranked sections or the verdict.")
+def report(dirs, fmt, out_dir, no_figures, ablation_dirs):
     """Rank models per stream (95% CI over seeds), draw figures, line up throughput per device."""
     from pathlib import Path
 
@@ -25,7 +28,8 @@ def report(dirs, fmt, out_dir, no_figures):
 
     formats = ("md", "html", "json") if fmt == "all" else (fmt,)
     try:
-        got = build_report(list(dirs), out_dir=out_dir, formats=formats, figures=not no_figures)
+        got = build_report(list(dirs), out_dir=out_dir, formats=formats, figures=not no_figures,
+                           ablation_dirs=list(ablation_dirs))
     except ReportError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

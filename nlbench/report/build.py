@@ -8,8 +8,8 @@ from pathlib import Path
 FORMATS = ("md", "html", "json")
 
 
-def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True) -> dict:
-    """Read ``dirs``, write leaderboard.{md,json,html}, throughput.md and figures/ into ``out_dir``
+def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True, ablation_dirs=()) -> dict:
+    """Read ``dirs`` (and ``ablation_dirs``, whose runs feed only the CMS ablation section), write leaderboard.{md,json,html}, throughput.md and figures/ into ``out_dir``
     (default: ``dirs[0]/report``). Returns {"files": [...], "warnings": [...], "doc": leaderboard}.
 
     Raises :class:`ReportError` for inputs that cannot give correct numbers.
@@ -21,13 +21,14 @@ def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True) -> d
     if bad:
         raise ReportError(f"format(s) {bad} unknown; allowed values are {', '.join(FORMATS)} (or 'all')")
     res = load_results(list(dirs))
+    ablation = load_results(list(ablation_dirs)) if ablation_dirs else None
 
     target = location(out_dir) if out_dir else location(dirs[0]).child("report")
     if not target.local:  # render locally, then upload each file whole
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="nlbench-report-") as tmp:
-            got = _build(res, Path(tmp), formats, figures)
+            got = _build(res, Path(tmp), formats, figures, ablation)
             files = []
             for f in got["files"]:
                 rel = Path(f).relative_to(tmp).as_posix()
@@ -35,16 +36,16 @@ def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True) -> d
             return dict(got, files=files)
     out = Path(target.root)
     out.mkdir(parents=True, exist_ok=True)
-    return _build(res, out, formats, figures)
+    return _build(res, out, formats, figures, ablation)
 
 
-def _build(res, out: Path, formats, figures: bool) -> dict:
+def _build(res, out: Path, formats, figures: bool, ablation=None) -> dict:
     from nlbench.report import html as H
     from nlbench.report import leaderboard as lb
     from nlbench.report import throughput as tp
     from nlbench.report.figures import make_figures
 
-    doc = lb.build_leaderboard(res)
+    doc = lb.build_leaderboard(res, ablation)
     from nlbench.report.cms_ablation import ablation_figures
     rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
     if rep is not None:

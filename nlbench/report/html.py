@@ -147,7 +147,8 @@ def render_html(doc: dict, throughput: dict | None = None, figures: dict[str, li
     p += _ablation_html(doc.get("cms_ablation") or [], figures)
     p.append("<h2>Details</h2>")
     if doc.get("sources"):
-        p.append(f"<p>Generated {escape(doc['generated_at'])} from {escape(', '.join(doc['sources']))}. "
+        abl = f" (CMS ablation from {', '.join(doc['ablation_sources'])})" if doc.get("ablation_sources") else ""
+        p.append(f"<p>Generated {escape(doc['generated_at'])} from {escape(', '.join(doc['sources']) + abl)}. "
                  "Click a column header to sort.</p>")
         p.append(f"<p>Cells: seed mean [95% CI]. CI method: {escape(doc['ci_method'])}. "
                  f"{escape(doc['did_not_learn_rule'])}; such entries are greyed out and not ranked. "

@@ -299,8 +299,13 @@ def _mean_of_lists(values) -> float | None:
     return float(np.mean(per_run)) if per_run else None
 
 
-def build_leaderboard(res: Results) -> dict:
-    """The leaderboard document (the JSON of ``reports/README.md``, schema_version 1)."""
+def build_leaderboard(res: Results, ablation: Results | None = None) -> dict:
+    """The leaderboard document (the JSON of ``reports/README.md``, schema_version 1).
+
+    ``ablation``: results read only for the CMS ablation section (``nlbench report --ablation``), so
+    an ablation's Hope arms never enter the ranked sections or the verdict; without it the
+    ablation is looked for in ``res``.
+    """
     doc = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -322,8 +327,14 @@ def build_leaderboard(res: Results) -> dict:
         "warnings": list(res.warnings),
         "verdict": [],
         "cms_ablation": [],
+        "ablation_sources": list(ablation.sources) if ablation is not None else [],
         "streams": [],
     }
+    if ablation is not None:
+        from nlbench.report.cms_ablation import build_ablation
+
+        doc["cms_ablation"] = build_ablation(ablation)
+        doc["warnings"] += [f"ablation: {w}" for w in ablation.warnings]
     if res.runs.empty:
         return _clean(doc)
     runs = _entry_table(res.runs)
@@ -414,7 +425,8 @@ def build_leaderboard(res: Results) -> dict:
     doc["verdict"] = verdict_rows(doc["streams"])
     from nlbench.report.cms_ablation import build_ablation
 
-    doc["cms_ablation"] = build_ablation(res)  # [] unless the runs hold such an ablation
+    if ablation is None:
+        doc["cms_ablation"] = build_ablation(res)  # [] unless the runs hold such an ablation
     return _clean(doc)
 
 
@@ -619,7 +631,8 @@ def _md_section(s: dict) -> list[str]:
 
 def render_markdown(doc: dict, throughput_md: str | None = None, figures: dict | None = None) -> str:
     out = ["# nlbench leaderboard", ""]
-    out.append(f"Generated {doc['generated_at']} from {', '.join(doc['sources'])}.")
+    abl = f" (CMS ablation from {', '.join(doc['ablation_sources'])})" if doc.get("ablation_sources") else ""
+    out.append(f"Generated {doc['generated_at']} from {', '.join(doc['sources'])}{abl}.")
     out.append("")
     if doc["verdict"]:
         out += ["## Verdict: Hope vs the best baseline", "", verdict_sentence(doc), ""]
