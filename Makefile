@@ -41,7 +41,7 @@ leaderboard: install
 	$(BIN)/nlbench bench configs/throughput.yaml --out out/tp-cpu
 	$(BIN)/nlbench report out/standard out/capability out/tp-cpu $(PUBLISHED) --format all --out-dir reports
 
-# the tuned leaderboard: per-entry selection on tuning seeds 100-101, then reporting seeds 0-4
+# the tuned leaderboard: per-entry selection on tuning seeds 100-101, then reporting seeds 0-5
 # (configs/leaderboard.yaml; ~1.5-1.9 h on 2 cores, estimated; re-runs resume), published with `make report`
 tuned-leaderboard: install
 	nice -n 10 $(BIN)/nlbench leaderboard configs/leaderboard.yaml --out reports/data/leaderboard --until runs

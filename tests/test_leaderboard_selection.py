@@ -234,6 +234,28 @@ def test_selection_on_tuning_seeds_then_reporting_runs_with_the_selected_values(
     assert "skipped 10" in r.output
 
 
+def test_studies_tuned_at_once_overlap_and_select_what_one_at_a_time_selects(ray_session, tmp_path):
+    # two studies share the cluster (their trials interleave), and each study's choice is the one
+    # it makes when the studies run one after another
+    path = _write(tmp_path, lb_config(parallel=1, strategy_space={}))
+    sel, spans = {}, {}
+    for k in (1, 2):
+        out = tmp_path / f"k{k}"
+        r = _invoke(["leaderboard", str(path), "--out", str(out), "--until", "tune", "--studies-at-once", str(k)])
+        assert r.exit_code == 0, r.output
+        sel[k] = {s["study"]: (s["values"], s["trial"]) for s in json.loads((out / "selection.json").read_text())["studies"]}
+        spans[k] = sorted((min(t.datetime_start for t in st.get_trials(deepcopy=False)),
+                           max(t.datetime_complete for t in st.get_trials(deepcopy=False)))
+                          for st in _studies(out / "tuning" / "study.journal").values())
+    assert len(sel[1]) == 2 and sel[1] == sel[2]
+    (a1, b1), (a2, b2) = spans[1]
+    assert a2 > b1                        # one at a time: the second study starts after the first ends
+    (a1, b1), (a2, b2) = spans[2]
+    assert a2 < b1                        # at once: the second starts before the first ends
+    r = _invoke(["leaderboard", str(path), "--out", str(tmp_path / "k0"), "--studies-at-once", "0"])
+    assert r.exit_code == 2 and "--studies-at-once must be >= 1" in r.output and not (tmp_path / "k0").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_keeps_finished_trials(ray_session, tmp_path):
     from nlbench.selection.config import validate_leaderboard_config as validate

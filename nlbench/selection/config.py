@@ -51,6 +51,8 @@ class LeaderboardConfig(_Strict):
     tuning_seeds: list[int] = Field(..., min_length=1)
     trials: int = Field(6, ge=1)
     parallel: int | None = Field(None, ge=1)
+    # studies tuned at once (threads of the driver sharing the cluster); the selection does not depend on it
+    studies_at_once: int = Field(2, ge=1)
     families: dict[str, list[str]] | None = None
     space: dict[str, Param] = Field(default_factory=dict)
     model_space: dict[str, dict[str, Param]] = Field(default_factory=dict)

@@ -101,11 +101,10 @@ def report_specs(plan, sel: dict) -> list:
 
 
 def run_leaderboard(lc, plans, out_dir, *, address: str | None = None, parallel: int | None = None,
-                    until: str = "report", figures: bool = True, log=print) -> dict:
+                    until: str = "report", figures: bool = True, log=print, studies_at_once: int | None = None) -> dict:
     """Tune every planned study to its budget, run the reporting seeds with the selected values,
     write selection.json and the report. Returns {selections, missing, sweep, report, wall_s}."""
     from nlbench.execution import connect, run_sweep
-    from nlbench.tune import finished_count, open_study, run_tune
 
     if until not in UNTIL:
         raise LeaderboardConfigError(f"--until must be one of {', '.join(UNTIL)}; got {until!r}.")
@@ -117,25 +116,16 @@ def run_leaderboard(lc, plans, out_dir, *, address: str | None = None, parallel:
     journal = out / "tuning" / "study.journal"
     started = False
     summary = dict(selections=[], missing=[], sweep=None, report=None, stale_runs=0)
+
+    def connect_once() -> None:
+        nonlocal started
+        started = connect(address) or started
+
     with _out_lock(out):
         try:
-            for plan in plans:
-                tc = plan.tune_config
-                study = open_study(tc, str(journal))
-                tsum = None
-                if finished_count(study) < tc.trials or not (out / "tuning" / plan.name).is_dir():
-                    if finished_count(study) < tc.trials and not started:
-                        started = connect(address)
-                    log(f"study {plan.name}: {finished_count(study)}/{tc.trials} trial(s) finished")
-                    tsum = run_tune(tc, plan.tuning_experiment, out / "tuning" / plan.name, parallel=parallel,
-                                    storage=str(journal), address=address, log=lambda m, n=plan.name: log(f"  {n}: {m}"))
-                    study = open_study(tc, str(journal))
-                else:
-                    from nlbench.tune import objective_noise
-                    from optuna.trial import TrialState
-
-                    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    tsum = {"noise": objective_noise(complete, tc.objectives)}
+            tuned = _tune_studies(plans, journal, out, address=address, parallel=parallel,
+                                  at_once=studies_at_once or lc.studies_at_once, log=log, connect_once=connect_once)
+            for plan, (study, tsum) in zip(plans, tuned):
                 sel = _selection(plan, study, tsum, lc.tuning_seeds)
                 if sel is None:
                     summary["missing"].append(plan.name)
@@ -176,6 +166,56 @@ def run_leaderboard(lc, plans, out_dir, *, address: str | None = None, parallel:
 
         summary["report"] = build_report([str(out)], out_dir=str(out / "report"), figures=figures)
     return _done(summary, t0)
+
+
+def _tune_studies(plans, journal: Path, out: Path, *, address, parallel, at_once: int, log, connect_once) -> dict:
+    """Tune every study to its budget, ``at_once`` studies at a time, each in its own thread of this
+    driver (their trials share the cluster through Ray's queue, so a study's last trial does not
+    leave cores idle). Returns [(study, tuning summary)] in plan order; ``connect_once()`` joins Ray
+    when a trial has to run.
+
+    A study's samples do not depend on the others (each has its own seeded sampler and journal
+    entry), so the selection is the same at any ``at_once``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nlbench.tune import finished_count, open_study, run_tune
+
+    def pending(plan) -> bool:
+        study = open_study(plan.tune_config, str(journal))
+        return finished_count(study) < plan.tune_config.trials or not (out / "tuning" / plan.name).is_dir()
+
+    todo = [p for p in plans if pending(p)]
+    if any(finished_count(open_study(p.tune_config, str(journal))) < p.tune_config.trials for p in todo):
+        connect_once()
+
+    def tune(plan):
+        tc = plan.tune_config
+        log(f"study {plan.name}: {finished_count(open_study(tc, str(journal)))}/{tc.trials} trial(s) finished")
+        tsum = run_tune(tc, plan.tuning_experiment, out / "tuning" / plan.name, parallel=parallel,
+                        storage=str(journal), address=address, log=lambda m, n=plan.name: log(f"  {n}: {m}"))
+        return tsum
+
+    sums = {}
+    if todo:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(at_once, len(todo))), thread_name_prefix="study")
+        try:
+            futures = {p.name: pool.submit(tune, p) for p in todo}
+            sums = {name: f.result() for name, f in futures.items()}
+        finally:  # an error or ^C: queued studies are not started; running ones end with Ray's shutdown
+            pool.shutdown(wait=False, cancel_futures=True)
+    out_studies = []
+    for plan in plans:
+        study = open_study(plan.tune_config, str(journal))
+        tsum = sums.get(plan.name)
+        if tsum is None:
+            from optuna.trial import TrialState
+
+            from nlbench.tune import objective_noise
+
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            tsum = {"noise": objective_noise(complete, plan.tune_config.objectives)}
+        out_studies.append((study, tsum))
+    return out_studies
 
 
 def _stale_runs(out: Path, current: set[str]) -> int:
