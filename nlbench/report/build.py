@@ -39,17 +39,26 @@ def build_report(dirs, out_dir=None, formats=FORMATS, figures: bool = True, abla
     return _build(res, out, formats, figures, ablation)
 
 
+def report_document(res, ablation=None) -> tuple[dict, dict | None]:
+    """(leaderboard.json's document, the throughput report or None) of loaded results."""
+    from nlbench.report import leaderboard as lb
+    from nlbench.report import throughput as tp
+
+    doc = lb.build_leaderboard(res, ablation)
+    rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
+    if rep is not None:
+        doc["throughput"] = lb._clean(rep)
+    return doc, rep
+
+
 def _build(res, out: Path, formats, figures: bool, ablation=None) -> dict:
     from nlbench.report import html as H
     from nlbench.report import leaderboard as lb
     from nlbench.report import throughput as tp
     from nlbench.report.figures import make_figures
 
-    doc = lb.build_leaderboard(res, ablation)
+    doc, rep = report_document(res, ablation)
     from nlbench.report.cms_ablation import ablation_figures
-    rep = tp.throughput_report(res.throughput) if not res.throughput.empty else None
-    if rep is not None:
-        doc["throughput"] = lb._clean(rep)
     figs = {}
     if figures:
         figs = make_figures(doc, res, out / "figures")

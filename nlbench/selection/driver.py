@@ -180,17 +180,16 @@ def _tune_studies(plans, journal: Path, out: Path, *, address, parallel, at_once
 
     from nlbench.tune import finished_count, open_study, run_tune
 
-    def pending(plan) -> bool:
-        study = open_study(plan.tune_config, str(journal))
-        return finished_count(study) < plan.tune_config.trials or not (out / "tuning" / plan.name).is_dir()
-
-    todo = [p for p in plans if pending(p)]
-    if any(finished_count(open_study(p.tune_config, str(journal))) < p.tune_config.trials for p in todo):
+    # one open per study (each open appends a create-if-missing record to the journal)
+    studies = {p.name: open_study(p.tune_config, str(journal)) for p in plans}
+    short = {p.name for p in plans if finished_count(studies[p.name]) < p.tune_config.trials}
+    todo = [p for p in plans if p.name in short or not (out / "tuning" / p.name).is_dir()]
+    if short:
         connect_once()
 
     def tune(plan):
         tc = plan.tune_config
-        log(f"study {plan.name}: {finished_count(open_study(tc, str(journal)))}/{tc.trials} trial(s) finished")
+        log(f"study {plan.name}: {finished_count(studies[plan.name])}/{tc.trials} trial(s) finished")
         tsum = run_tune(tc, plan.tuning_experiment, out / "tuning" / plan.name, parallel=parallel,
                         storage=str(journal), address=address, log=lambda m, n=plan.name: log(f"  {n}: {m}"))
         return tsum
@@ -205,7 +204,7 @@ def _tune_studies(plans, journal: Path, out: Path, *, address, parallel, at_once
             pool.shutdown(wait=False, cancel_futures=True)
     out_studies = []
     for plan in plans:
-        study = open_study(plan.tune_config, str(journal))
+        study = open_study(plan.tune_config, str(journal)) if plan.name in sums else studies[plan.name]
         tsum = sums.get(plan.name)
         if tsum is None:
             from optuna.trial import TrialState
