@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from nlbench.commands.report import report
 from nlbench.report import ReportError, build_report, load_results
-from nlbench.report.leaderboard import build_leaderboard
+from nlbench.report.leaderboard import build_leaderboard, render_markdown
 from nlbench.report.throughput import throughput_report
 from nlbench.results import ResultStore, RunRecord
 
@@ -37,10 +37,12 @@ SHIFT = {0: 0.0, 1: 0.02, 2: -0.02}  # per-seed offset: acc_final 0.80/0.82/0.78
 
 
 def _run_row(model, stream, seed, status="completed", chance=(0.2, 0.2, 0.2), tps=1000.0, lr=1e-3, strategy="naive",
-             **extra):
+             selected=None, **extra):
     config = {"model": {"name": model, "size": "tiny", "label": model}, "stream": {"name": stream}, "seed": seed,
               "protocol": "finetune", "strategy": strategy,
               "train": {"optimizer": {"name": "adamw", "lr": lr}, "device": "cpu"}}
+    if selected is not None:  # as `nlbench leaderboard` writes it into a reporting run's config
+        config["selected"] = selected
     from nlbench.results import run_id_for
 
     return dict(run_id=run_id_for(config), model=model, stream=stream, seed=seed, protocol="finetune", strategy=strategy,
@@ -568,3 +570,24 @@ def test_recurring_stream_section_shows_relearn_savings(tmp_path):
     header_lines = [line for line in md.splitlines() if line.startswith("| rank |")]
     assert sum("relearn_savings" in line for line in header_lines) == 1   # only the recurring section
     assert "0.225" in md
+
+
+def test_untuned_entries_are_paired_but_not_ranked_beside_tuned_ones(results_dir, tmp_path):
+    # ranks claim an equal tuning budget: with a tuned entry in the report, untuned ones are listed
+    # (with their paired rows and verdict) but unranked; alone, the same runs are ranked
+    tuned = tmp_path / "tuned"
+    sel = {"values": {"train.optimizer.lr": 0.01}, "tuning_seeds": [100, 101], "study": "s", "trial": 0}
+    for seed in range(3):
+        write_run(ResultStore(tuned), "transformer", "other", seed, TRANSFORMER, selected=sel)
+    doc = build_leaderboard(load_results([results_dir, tuned]))
+    split = next(s for s in doc["streams"] if s["section"] == "split-digits" and s["score"] == "accuracy")
+    assert all(e["rank"] is None and e["untuned"] for e in split["entries"])
+    assert split["baseline"] and split["paired"]
+    assert any(v["section"] == "split-digits" and v["outcome"] in ("better", "worse", "tie") for v in doc["verdict"])
+    other = next(s for s in doc["streams"] if s["section"] == "other")
+    assert [(e["rank"], e["untuned"]) for e in other["entries"]] == [(1, False)]
+    assert "not tuned" in render_markdown(doc)
+    alone = build_leaderboard(load_results([results_dir]))
+    split = next(s for s in alone["streams"] if s["section"] == "split-digits" and s["score"] == "accuracy")
+    assert not any(e["untuned"] for e in split["entries"])
+    assert all((e["rank"] is not None) == (not e["did_not_learn"]) for e in split["entries"])

@@ -58,7 +58,8 @@ RANKING_RULE = (
     "per stream section: entries that learned, by acc_final; rank = 1 + the number of entries whose paired "
     "acc_final difference (95% Student t interval over the common seeds) lies wholly on the better side, so "
     "entries whose paired interval covers 0 share a rank (with fewer than 2 common seeds there is no interval "
-    "and the two tie). No overall rank across streams: the verdict compares each Hope entry with the best "
+    "and the two tie). In a report where some entries were selected on tuning seeds, entries without a selection "
+    "(`untuned`) are listed and paired but not ranked. No overall rank across streams: the verdict compares each Hope entry with the best "
     "non-Hope entry of the same strategy per forgetting stream"
 )
 # the reference points: an upper bound (all tasks' data interleaved) and plasticity without interference;
@@ -204,10 +205,15 @@ def _beats(a: dict, b: dict, score: str) -> bool:
     return d["ci_low"] > 0 if _better_sign(score) > 0 else d["ci_high"] < 0
 
 
+def _learned(e: dict) -> bool:
+    """Learned (the did-not-learn rule) with a defined acc_final."""
+    return not e["did_not_learn"] and not math.isnan(e["metrics"][RANK_METRIC]["mean"])
+
+
 def _rank_section(entries: list[dict], score: str) -> None:
-    """Set 'rank' on learned entries with a defined acc_final (RANKING_RULE); others None."""
+    """Set 'rank' on learned, comparably tuned entries with a defined acc_final (RANKING_RULE); others None."""
     sign = _better_sign(score)
-    rankable = [e for e in entries if not e["did_not_learn"] and not math.isnan(e["metrics"][RANK_METRIC]["mean"])]
+    rankable = [e for e in entries if _learned(e) and not e.get("untuned")]
     for e in entries:
         e["rank"] = None
     for e in rankable:
@@ -221,7 +227,9 @@ def _baseline(entries: list[dict], score: str, strategy: str | None = None) -> d
     when given, else of the continual-learning strategies (any strategy when the section has only
     reference points)."""
     sign = _better_sign(score)
-    cands = [e for e in entries if e["rank"] is not None and not is_hope(e)]
+    cands = [e for e in entries if _learned(e) and not is_hope(e)]
+    if any(not e.get("untuned") for e in cands):  # a tuned baseline when there is one
+        cands = [e for e in cands if not e.get("untuned")]
     if strategy is not None:
         cands = [e for e in cands if e.get("strategy", "") == strategy]
     elif any(e.get("strategy", "") not in REFERENCE_STRATEGIES for e in cands):
@@ -365,6 +373,9 @@ def build_leaderboard(res: Results, ablation: Results | None = None) -> dict:
 
     failed = runs[status != "completed"]
     chance_of = _run_chance(done)
+    # ranks claim an equal tuning budget: once any entry was selected on tuning seeds, entries
+    # without a selection are listed with their paired rows but not ranked (their own report ranks them)
+    tuned_report = any(bool(c.get("selected")) for c in done["config_dict"])
     order = {lab: (st, lab) for lab, st in zip(per_run["section"], per_run["stream"])}
     for (label, score), sec in sorted(per_run.groupby(["section", "score"], sort=True), key=lambda kv: order[kv[0][0]]):
         stream = sec["stream"].iloc[0]
@@ -392,6 +403,7 @@ def build_leaderboard(res: Results, ablation: Results | None = None) -> dict:
                 "ceiling": _mean_of_lists(g["ceiling"]) if "ceiling" in g else None,
                 # chosen hyper-parameters with the seeds they were tuned on; null until selection exists
                 "selected": first["config_dict"].get("selected"),
+                "untuned": tuned_report and not first["config_dict"].get("selected"),
                 "metrics": {m: _agg(g[m]) for m in M.METRIC_NAMES},
                 "_per_seed": {m: {int(sd): float(v) for sd, v in zip(g["seed"], pd.to_numeric(g[m], errors="coerce"))
                                   if not (isinstance(sd, float) and math.isnan(sd))} for m in M.METRIC_NAMES},
@@ -435,7 +447,7 @@ def learnability_failures(section: dict) -> list[str]:
     (ceiling − chance) (ceiling 1 where unknown): the stream does not measure their forgetting."""
     out = []
     for e in section["entries"]:
-        if e["rank"] is None:
+        if e["rank"] is None and not (e.get("untuned") and _learned(e)):
             continue
         p, c = e["metrics"]["plasticity"]["mean"], e["chance"]["mean"]
         if p is None or c is None or math.isnan(p) or math.isnan(c):
@@ -507,6 +519,8 @@ def section_rows(section: dict) -> tuple[list[str], list[list[tuple[str, object]
             flags.append(f"did not learn ({e['n_did_not_learn']}/{e['n_seeds']} seeds)")
         if e["n_failed"]:
             flags.append(f"{e['n_failed']} failed run(s)")
+        if e.get("untuned"):
+            flags.append("not tuned: listed, not ranked beside tuned entries")
         edge = (e.get("selected") or {}).get("edge") or {}
         if edge:
             flags.append("selected at range edge: " + ", ".join(f"{k} ({v['edge']})" for k, v in edge.items()))
