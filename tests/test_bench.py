@@ -88,6 +88,37 @@ def test_device_check_quick_runs_and_writes_its_json(tmp_path, capsys):
     assert got["partial"] is False
 
 
+def test_report_lines_up_device_check_json_as_a_device_column_group(tmp_path):
+    """`nlbench report CPU_BENCH_DIR CHECK_DIR`: device_check.json's cases become throughput rows
+    (Hope on the Triton kernel as `hope[triton]`), so a GPU run gets its column group and speed-up
+    next to the CPU bench; a malformed file is a clear error, never partly read."""
+    import json
+
+    from nlbench.bench.device_check import main
+    from nlbench.report import ReportError, build_report
+
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    main(["--out", str(cpu), "--device", "cpu", "--quick"])
+    got = json.loads((cpu / "device_check.json").read_text())
+    # the same cases as if measured on an H200 in bf16, plus Hope on the Triton kernel
+    rows = [dict(r, device="NVIDIA H200", dtype="bfloat16", tokens_per_s=r["tokens_per_s"] * 50) for r in got["rows"]]
+    rows += [dict(r, memory_kernel="triton", tokens_per_s=r["tokens_per_s"] * 2) for r in rows if r["model"] == "hope"]
+    gpu.mkdir()
+    (gpu / "device_check.json").write_text(json.dumps(dict(got, device="NVIDIA H200", dtype="bfloat16", rows=rows)))
+    rep = build_report([str(cpu), str(gpu)], out_dir=str(tmp_path / "rep"), formats=("md",), figures=False)
+    md = (tmp_path / "rep" / "throughput.md").read_text()
+    assert "H200 bf16 tok/s" in md and "cpu" in md and "speed-up H200 bf16" in md
+    assert "| hope[triton] | tiny | 32 | 2 | train |" in md
+    assert rep["doc"]["throughput"]["rows"]
+    # a planted or broken file: one clear error naming it, no report written
+    for text, says in (("{not json", "is not the JSON that device_check writes"),
+                       (json.dumps(dict(got, rows=[dict(rows[0], tokens_per_s="fast")])), "row 0 lacks a valid tokens_per_s")):
+        (gpu / "device_check.json").write_text(text)
+        with pytest.raises(ReportError, match=says) as e:
+            build_report([str(cpu), str(gpu)], out_dir=str(tmp_path / "rep2"), formats=("md",), figures=False)
+        assert "device_check.json" in str(e.value) and not (tmp_path / "rep2").exists()
+
+
 def test_device_check_keeps_finished_cases_when_cut(tmp_path, monkeypatch):
     """A check stopped by a time limit (here: the Hope case raises) leaves the cases it finished
     in device_check.json, marked partial."""

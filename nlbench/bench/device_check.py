@@ -4,6 +4,7 @@ what a bare GPU machine has (no Ray, Optuna or pydantic):
     pip install --no-deps --no-build-isolation -e .          # offline: nlbench itself only
     python -m pytest -q tests/test_triton_kernels.py        # Triton vs PyTorch on CUDA, bf16 too
     python -m nlbench.bench.device_check --out DIR          # prints and writes DIR/device_check.json
+    nlbench report CPU_BENCH_OUT DIR                        # its cases as a device column group
 
 It measures, in one run on one device:
 

@@ -39,6 +39,44 @@ class Results:
         return not getattr(self, table).empty
 
 
+DEVICE_CHECK = "device_check.json"
+_CHECK_ROW = {"model": str, "size": str, "seq_len": int, "batch_size": int, "phase": str, "tokens_per_s": float}
+
+
+def device_check_rows(loc) -> pd.DataFrame:
+    """The measured cases of ``python -m nlbench.bench.device_check``'s JSON as throughput rows: Hope
+    on the Triton memory kernel is its own model (`hope[triton]`), compiled cases carry
+    compile_mode `default`. The file is parsed as JSON data only; a malformed one is a ReportError."""
+    import json
+    import math
+
+    where = loc.display(DEVICE_CHECK)
+    try:
+        doc = json.loads(loc.read(DEVICE_CHECK).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ReportError(f"{where} is not the JSON that device_check writes: {e}") from e
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not isinstance(doc.get("device"), str):
+        raise ReportError(f"{where} is not the JSON that device_check writes: it needs 'device' and a list 'rows'")
+    out = []
+    for i, r in enumerate(rows):
+        bad = [k for k, t in _CHECK_ROW.items() if not isinstance(r, dict) or not isinstance(r.get(k), (t, int) if t is float else t)
+               or (t is float and not math.isfinite(r[k]))]
+        if bad:
+            raise ReportError(f"{where}: row {i} lacks a valid {', '.join(bad)}")
+        kernel = r.get("memory_kernel")
+        model = r["model"] + (f"[{kernel}]" if kernel else "")
+        mode = "default" if r.get("compiled") else None
+        keep = {k: r.get(k) for k in ("step_ms_p50", "step_ms_p95", "peak_mem_bytes", "mfu", "mfu_datasheet",
+                                      "flops_per_token", "params", "compile_s", "steps")}
+        out.append(dict(keep, **{k: r[k] for k in _CHECK_ROW if k != "model"}, model=model, compile_mode=mode,
+                        device=r.get("device") or doc["device"], dtype=r.get("dtype") or doc.get("dtype"),
+                        matmul_peak_flops=doc.get("matmul_peak"),
+                        # one measurement per file: two files of one device are two measurements (medians)
+                        run_id=f"{where}:{model}:{r['size']}:{r['seq_len']}:{r['batch_size']}:{r['phase']}:{mode}"))
+    return pd.DataFrame(out)
+
+
 def _read_table(out, table: str) -> pd.DataFrame | None:
     """``out``: a :class:`nlbench.storage.Location` (a directory or an object-store prefix)."""
     from nlbench.results import ResultStore
@@ -120,12 +158,15 @@ def load_results(dirs: list[str | Path]) -> Results:
             raise ReportError(f"results directory {out} does not exist (expected a directory written by `nlbench run` or `nlbench bench`)")
         try:
             found = {t: _read_table(loc, t) for t in TABLES}
+            checked = device_check_rows(loc) if loc.exists(DEVICE_CHECK) else None
         except (StorageError, OSError) as e:
             raise ReportError(f"results location {out} cannot be read: {e}") from e
+        if checked is not None:  # the accelerator check's cases are throughput rows like the bench's
+            found["throughput"] = checked if found["throughput"] is None else pd.concat([found["throughput"], checked])
         if all(v is None for v in found.values()):
             raise ReportError(
-                f"results directory {out} holds none of the tables {', '.join(TABLES)}; "
-                "is it the OUT of `nlbench run` or `nlbench bench`?"
+                f"results directory {out} holds none of the tables {', '.join(TABLES)} (nor {DEVICE_CHECK}); "
+                "is it the OUT of `nlbench run`, `nlbench bench` or `python -m nlbench.bench.device_check`?"
             )
         if found["runs"] is not None and found["matrix"] is None:
             raise ReportError(f"results directory {out} has a 'runs' table but no 'matrix' table; its runs cannot be scored")
