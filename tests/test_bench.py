@@ -112,7 +112,10 @@ def test_report_lines_up_device_check_json_as_a_device_column_group(tmp_path):
     assert rep["doc"]["throughput"]["rows"]
     # a planted or broken file: one clear error naming it, no report written
     for text, says in (("{not json", "is not the JSON that device_check writes"),
-                       (json.dumps(dict(got, rows=[dict(rows[0], tokens_per_s="fast")])), "row 0 lacks a valid tokens_per_s")):
+                       (json.dumps(dict(got, rows=[dict(rows[0], tokens_per_s="fast")])), "row 0 lacks a valid tokens_per_s"),
+                       (json.dumps(dict(got, rows=[rows[0], dict(rows[1], step_ms_p50="x", device={"a": 1})])),
+                        "row 1 lacks a valid step_ms_p50, device"),
+                       (json.dumps(dict(got, rows=[7])), "row 0 is not a mapping")):
         (gpu / "device_check.json").write_text(text)
         with pytest.raises(ReportError, match=says) as e:
             build_report([str(cpu), str(gpu)], out_dir=str(tmp_path / "rep2"), formats=("md",), figures=False)

@@ -41,6 +41,22 @@ class Results:
 
 DEVICE_CHECK = "device_check.json"
 _CHECK_ROW = {"model": str, "size": str, "seq_len": int, "batch_size": int, "phase": str, "tokens_per_s": float}
+# optional fields a row may carry (null or absent allowed); anything else in them is refused
+_CHECK_OPTIONAL = {**{k: float for k in ("step_ms_p50", "step_ms_p95", "peak_mem_bytes", "mfu", "mfu_datasheet",
+                                         "flops_per_token", "params", "compile_s", "steps")},
+                   "device": str, "dtype": str, "memory_kernel": str, "compiled": bool}
+
+
+def _check_value(v, t, required: bool) -> bool:
+    import math
+
+    if v is None:
+        return not required
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, t)
 
 
 def device_check_rows(loc) -> pd.DataFrame:
@@ -48,7 +64,6 @@ def device_check_rows(loc) -> pd.DataFrame:
     on the Triton memory kernel is its own model (`hope[triton]`), compiled cases carry
     compile_mode `default`. The file is parsed as JSON data only; a malformed one is a ReportError."""
     import json
-    import math
 
     where = loc.display(DEVICE_CHECK)
     try:
@@ -60,8 +75,10 @@ def device_check_rows(loc) -> pd.DataFrame:
         raise ReportError(f"{where} is not the JSON that device_check writes: it needs 'device' and a list 'rows'")
     out = []
     for i, r in enumerate(rows):
-        bad = [k for k, t in _CHECK_ROW.items() if not isinstance(r, dict) or not isinstance(r.get(k), (t, int) if t is float else t)
-               or (t is float and not math.isfinite(r[k]))]
+        if not isinstance(r, dict):
+            raise ReportError(f"{where}: row {i} is not a mapping")
+        bad = [k for k, t in _CHECK_ROW.items() if not _check_value(r.get(k), t, True)]
+        bad += [k for k, t in _CHECK_OPTIONAL.items() if not _check_value(r.get(k), t, False)]
         if bad:
             raise ReportError(f"{where}: row {i} lacks a valid {', '.join(bad)}")
         kernel = r.get("memory_kernel")

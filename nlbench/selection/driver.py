@@ -168,7 +168,7 @@ def run_leaderboard(lc, plans, out_dir, *, address: str | None = None, parallel:
     return _done(summary, t0)
 
 
-def _tune_studies(plans, journal: Path, out: Path, *, address, parallel, at_once: int, log, connect_once) -> dict:
+def _tune_studies(plans, journal: Path, out: Path, *, address, parallel, at_once: int, log, connect_once) -> list[tuple]:
     """Tune every study to its budget, ``at_once`` studies at a time, each in its own thread of this
     driver (their trials share the cluster through Ray's queue, so a study's last trial does not
     leave cores idle). Returns [(study, tuning summary)] in plan order; ``connect_once()`` joins Ray
@@ -190,9 +190,8 @@ def _tune_studies(plans, journal: Path, out: Path, *, address, parallel, at_once
     def tune(plan):
         tc = plan.tune_config
         log(f"study {plan.name}: {finished_count(studies[plan.name])}/{tc.trials} trial(s) finished")
-        tsum = run_tune(tc, plan.tuning_experiment, out / "tuning" / plan.name, parallel=parallel,
+        return run_tune(tc, plan.tuning_experiment, out / "tuning" / plan.name, parallel=parallel,
                         storage=str(journal), address=address, log=lambda m, n=plan.name: log(f"  {n}: {m}"))
-        return tsum
 
     sums = {}
     if todo:
