@@ -270,6 +270,9 @@ class SelfModifyingTitans(nn.Module):
         # eager fp32/fp64 MLP memories: each stacked chunk step as one Function with a hand-written
         # backward (`smt_step.fused_chunk_step`); False: `stacked_chunk_step` in autograd ops (the reference)
         self.fused_step = True
+        # ... and on CPU, that step fused per (batch, head) in C++ (`kernels/dgd/cpu_step`), when a
+        # compiler is there; False: `fused_chunk_step`'s PyTorch ops (its reference)
+        self.cpu_kernel = True
         self.compile_kernels = False  # or a compile mode: torch.compile each chunk step (`Hope.compiled`)
         # memory, not math: keep only each group's chunk-start state for the backward pass and
         # recompute the rest there (`_memories_stacked`, `dgd_chunk_manual`); same outputs and gradients
@@ -421,7 +424,8 @@ class SelfModifyingTitans(nn.Module):
             step = _compiled_stacked_chunk_step(z.device.type, compile_mode(self.compile_kernels))
         elif self.fused_step and self.memory == "mlp" and z.dtype in (torch.float32, torch.float64) \
                 and not torch.is_autocast_enabled(z.device.type):
-            step = functools.partial(fused_chunk_step, guard=GUARD)  # the same step, hand-written backward
+            # the same step, hand-written backward (in C++ on CPU)
+            step = functools.partial(fused_chunk_step, guard=GUARD, cpu_kernel=self.cpu_kernel)
         else:
             step = stacked_chunk_step
         step = functools.partial(step, normalize_v=self.normalize_v, normalized_step=self.normalized_step)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nlbench.kernels.activations import silu_and_grad
-from nlbench.kernels.dgd import chunk_grad
+from nlbench.kernels.dgd import chunk_grad, cpu_step
 from nlbench.kernels.dgd.solve import strictly_lower
 
 __all__ = ["fused_chunk_step", "power_step"]
@@ -123,13 +123,18 @@ def power_step(w1, u):
 
 
 def fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, guard: float, normalize_v: bool = True,
-                     normalized_step: bool = True):
+                     normalized_step: bool = True, cpu_kernel: bool = False):
     """`stacked_chunk_step(weights, u, zc, qc, b_eta, b_alpha, dgd_chunk, normalize_v, normalized_step)`
     for MLP memories, in one Function with a hand-written backward pass; same returns
     (y [B, H, L, dh], chunk-end weights, the new u). `u` is the guard's carried vector (None:
-    no guard); its power step runs here without autograd, as in `tracked_curvature`."""
+    no guard); its power step runs here without autograd, as in `tracked_curvature`.
+    `cpu_kernel=True`: CPU tensors run the step fused per (batch, head) in C++
+    (`kernels/dgd/cpu_step`) when it is available and the sizes fit, else `_FusedStep`."""
     w2, w1 = weights
     if u is not None:
         u = power_step(w1, u)
-    y, n2, n1 = _FusedStep.apply(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1)
+    if cpu_kernel and zc.device.type == "cpu" and cpu_step.fits(zc, w2):
+        y, n2, n1 = cpu_step.hope_step_cpu(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1)
+    else:
+        y, n2, n1 = _FusedStep.apply(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1)
     return y, [n2, n1], u

@@ -1,0 +1,171 @@
+"""Hope's stacked chunk step fused per (batch, head) in C++ for CPU (`hope_step.cpp`).
+
+`models/smt_step._FusedStep` writes the step (projection memories, gates, curvature guard, DGD
+chunk of the five stacked memories) as ~150 batched PyTorch ops per chunk, forward and backward,
+each over all 160 (memory, batch, head) problems of 16 × 32 × 32: at these sizes the step is
+bound by per-op cost and by memory traffic between ops, not by FLOPs. Here one C++ call runs the
+whole step for one (batch, head) at a time with every intermediate in cache, the problems
+spread over torch's threads by OpenMP, and the backward pass recomputes the forward for its
+(batch, head), so only the inputs are kept between the passes. `_FusedStep` is the reference
+(tests/test_cpu_step.py: outputs and every input's gradient, float64).
+
+The library is compiled on first use with the system C++ compiler (the one `torch.compile`
+uses on CPU) into a per-user cache (`NLBENCH_KERNEL_CACHE`, default ~/.cache/nlbench/kernels,
+mode 0700), named by the hash of the source, the compiler flags and the machine, written
+under a temporary name and renamed, so concurrent workers never load a partial file. No
+compiler, a failed build or `NLBENCH_CPU_KERNEL=0`: `available()` says why and Hope runs
+`_FusedStep`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "hope_step_cpu"]
+
+SOURCE = Path(__file__).with_name("hope_step.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NLBENCH_KERNEL_CACHE") or Path.home() / ".cache" / "nlbench" / "kernels")
+
+
+def _machine() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return platform.machine() + "|" + "|".join(lines)
+    except OSError:
+        return platform.machine() + "|" + platform.processor()
+
+
+@functools.cache
+def _library():
+    """(ctypes library, None) or (None, the reason it is not available)."""
+    if os.environ.get("NLBENCH_CPU_KERNEL", "1") == "0":
+        return None, "NLBENCH_CPU_KERNEL=0"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None, "no C++ compiler (g++ or c++) on PATH"
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cxx, *FLAGS, _machine(), torch.__version__]).encode()).hexdigest()[:20]
+    cache = _cache_dir()
+    target = cache / f"hope_step-{key}.so"
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        return None, f"cannot create the kernel cache {cache}: {e}"
+    unsafe = _unsafe(cache)
+    if unsafe:
+        return None, unsafe
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".build-", suffix=".so")
+        os.close(fd)
+        try:
+            done = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode != 0:
+                return None, f"{cxx} failed: {done.stderr.strip()[-400:]}"
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"building the C++ kernel with {cxx} failed: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"loading {target} failed: {e}"
+    p, i, dbl = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    for suffix in ("f32", "f64"):
+        fwd, bwd = getattr(lib, f"hope_step_forward_{suffix}"), getattr(lib, f"hope_step_backward_{suffix}")
+        fwd.argtypes = [p] * 10 + [i] * 6 + [dbl, i]
+        bwd.argtypes = [p] * 16 + [i] * 6 + [dbl, i]
+        fwd.restype = bwd.restype = None
+    return lib, None
+
+
+def _unsafe(cache: Path) -> str | None:
+    """A reason not to load libraries from `cache`: a library there runs as this process, so
+    the folder must be this user's and writable by nobody else."""
+    st = cache.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"the kernel cache {cache} belongs to another user"
+    if st.st_mode & 0o022:
+        return f"the kernel cache {cache} is writable by group or others (chmod 700 it)"
+    return None
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the C++ step can run, else (False, why)."""
+    lib, why = _library()
+    return lib is not None, why or ""
+
+
+MAX_DIM = 128  # hope_step.cpp's MAXDIM: chunk length, head dim and hidden width
+
+
+def fits(zc, w2) -> bool:
+    """Whether the C++ step runs these inputs: available, float32 / float64, five stacked
+    memories, sizes within MAX_DIM."""
+    return (zc.dtype in (torch.float32, torch.float64) and zc.dim() == 5 and zc.shape[0] == 4 and w2.shape[0] == 5
+            and max(zc.shape[-2], zc.shape[-1], w2.shape[-2]) <= MAX_DIM and available()[0])
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _suffix(dtype):
+    return {torch.float32: "f32", torch.float64: "f64"}[dtype]
+
+
+class _HopeStepCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, guard, normalize_v, normalized, u, zc, qc, b_eta, b_alpha, w2, w1):
+        lib, _ = _library()
+        zc, qc, w2, w1 = (t.contiguous() for t in (zc, qc, w2, w1))
+        b_eta, b_alpha = b_eta.contiguous(), b_alpha.contiguous()
+        u = None if u is None else u.contiguous()
+        n, B, H, L, d = zc.shape
+        hid = w2.shape[-2]
+        y, n2, n1 = torch.empty_like(qc), torch.empty_like(w2), torch.empty_like(w1)
+        flags = int(normalize_v) | int(normalized) << 1 | int(u is not None) << 2
+        getattr(lib, f"hope_step_forward_{_suffix(zc.dtype)}")(
+            _ptr(zc), _ptr(qc), _ptr(b_eta), _ptr(b_alpha), _ptr(w2), _ptr(w1), _ptr(u), _ptr(y), _ptr(n2), _ptr(n1),
+            B, H, L, d, hid, flags, float(guard), torch.get_num_threads())
+        ctx.save_for_backward(u, zc, qc, b_eta, b_alpha, w2, w1)
+        ctx.args = (B, H, L, d, hid, flags, float(guard))
+        return y, n2, n1
+
+    @staticmethod
+    def backward(ctx, gy, g_n2, g_n1):
+        lib, _ = _library()
+        u, zc, qc, b_eta, b_alpha, w2, w1 = ctx.saved_tensors
+        B, H, L, d, hid, flags, guard = ctx.args
+        gy, g_n2, g_n1 = (g.contiguous() for g in (gy, g_n2, g_n1))
+        g_z, g_q, g_w2, g_w1 = (torch.empty_like(t) for t in (zc, qc, w2, w1))
+        g_be, g_ba = zc.new_empty(B, H), zc.new_empty(B, H)
+        getattr(lib, f"hope_step_backward_{_suffix(zc.dtype)}")(
+            _ptr(zc), _ptr(qc), _ptr(b_eta), _ptr(b_alpha), _ptr(w2), _ptr(w1), _ptr(u), _ptr(gy), _ptr(g_n2),
+            _ptr(g_n1), _ptr(g_z), _ptr(g_q), _ptr(g_be), _ptr(g_ba), _ptr(g_w2), _ptr(g_w1),
+            B, H, L, d, hid, flags, guard, torch.get_num_threads())
+        return None, None, None, None, g_z, g_q, g_be.sum(0), g_ba.sum(0), g_w2, g_w1
+
+
+def hope_step_cpu(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1):
+    """`smt_step._FusedStep.apply` with the same arguments and returns (y, chunk-end W2, W1),
+    on the C++ kernel: CPU, float32 / float64, five stacked MLP memories, u already stepped."""
+    return _HopeStepCPU.apply(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1)

@@ -1,0 +1,134 @@
+"""Hope's chunk step fused per (batch, head) in C++ (`kernels/dgd/cpu_step`, `hope_step.cpp`)
+against its reference, `smt_step._FusedStep` (itself tested against autograd in
+tests/test_smt_step.py): outputs and every input's gradient in float64 with the guard off,
+inactive and capping, v normalized or not, both steps; at the sizes the kernel is specialised
+for and at odd ones; float32 at Hope's `medium` head shapes; a whole Hope model; and the build:
+the per-user cache, and the fallback when there is no compiler."""
+
+import itertools
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nlbench.kernels.dgd import cpu_step
+from nlbench.models import build_model
+from nlbench.models.self_modifying_titans import GUARD, top_direction
+from nlbench.models.smt_step import _FusedStep, power_step
+
+pytestmark = pytest.mark.skipif(not cpu_step.available()[0] and shutil.which("g++") is None,
+                                reason="no C++ compiler")
+
+
+def _leaves(B, H, L, d, h, dtype=torch.float64, w1_scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    w2, w1 = rnd(5, B, H, h, d), w1_scale * rnd(5, B, H, d, h)
+    zc, qc = F.normalize(rnd(4, B, H, L, d), dim=-1), F.normalize(rnd(B, H, L, d), dim=-1)
+    return [zc, qc, 0.5 * rnd(H) - 1.0, 0.5 * rnd(H) + 3.0, w2, w1]
+
+
+def _run(fn, leaves, guard_on, normalize_v, normalized):
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    zc, qc, b_eta, b_alpha, w2, w1 = leaves
+    u = power_step(w1.detach(), top_direction(w1.detach())) if guard_on else None
+    outs = fn(GUARD, normalize_v, normalized, u, zc, qc, b_eta, b_alpha, w2, w1)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    return [o.detach() for o in outs], torch.autograd.grad(loss, leaves)
+
+
+def _assert_matches(leaves, guard_on, normalize_v, normalized, rtol=1e-10, atol=1e-10):
+    out_r, g_r = _run(_FusedStep.apply, leaves, guard_on, normalize_v, normalized)
+    out_c, g_c = _run(cpu_step.hope_step_cpu, leaves, guard_on, normalize_v, normalized)
+    for name, a, b in zip(["y", "w2", "w1"], out_r, out_c):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda s, n=name: f"{n}: {s}")
+    for name, a, b in zip(["z", "q", "b_eta", "b_alpha", "w2", "w1"], g_r, g_c):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda s, n=name: f"grad {n}: {s}")
+
+
+def test_the_kernel_builds_here():
+    ok, why = cpu_step.available()
+    assert ok, why
+
+
+@pytest.mark.parametrize("guard_on,normalize_v,normalized", list(itertools.product([True, False], repeat=3)))
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (1, 2, 16, 32, 32)], ids=["odd", "specialised"])
+def test_cpp_step_matches_the_pytorch_step(shape, guard_on, normalize_v, normalized):
+    _assert_matches(_leaves(*shape), guard_on, normalize_v, normalized)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 8, 16), (1, 1, 16, 64, 64)], ids=["odd", "specialised-64"])
+def test_cpp_step_matches_with_the_guard_capping_eta(shape):
+    leaves = _leaves(*shape, w1_scale=3.0)
+    w1 = leaves[-1]
+    lam = (w1 * power_step(w1, top_direction(w1)).unsqueeze(-2)).sum(-1).square().sum(-1)
+    assert (GUARD / lam < 0.2).all()  # η ≈ sigmoid(−1) ≈ 0.27: every memory capped
+    _assert_matches(leaves, True, True, True)
+
+
+def test_cpp_step_float32_at_medium_head_shapes():
+    leaves = _leaves(2, 2, 16, 32, 32, dtype=torch.float32)
+    _assert_matches(leaves, True, True, True, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_hope_matches_the_autograd_step_on_the_whole_model(cpu_kernel):
+    """A Hope model's logits and every parameter's gradient with the fused step (in C++, or in
+    PyTorch) against the autograd step, 40 tokens: chunks of 16, 16 and 8."""
+    torch.manual_seed(0)
+    model = build_model("hope", size="tiny", vocab_size=32).double()
+    x = torch.randint(0, 32, (3, 40))
+
+    def grads(fused):
+        for b in model.blocks:
+            b.mixer.fused_step, b.mixer.cpu_kernel = fused, cpu_kernel
+        model.zero_grad()
+        logits = model(x).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (l_r, g_r), (l_f, g_f) = grads(False), grads(True)
+    torch.testing.assert_close(l_f, l_r, rtol=1e-12, atol=1e-12)
+    assert g_r.keys() == g_f.keys() and len(g_r) > 20
+    for n in g_r:
+        torch.testing.assert_close(g_f[n], g_r[n], rtol=1e-9, atol=1e-11, msg=lambda s, n=n: f"grad {n}: {s}")
+
+
+def test_build_goes_to_a_private_cache_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("NLBENCH_KERNEL_CACHE", str(cache))
+    cpu_step._library.cache_clear()
+    try:
+        assert cpu_step.available() == (True, "")
+        libs = list(cache.iterdir())
+        assert len(libs) == 1 and libs[0].name.startswith("hope_step-") and libs[0].suffix == ".so"
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+        # a cache others can write to is refused: its libraries would run as this process
+        cache.chmod(0o777)
+        cpu_step._library.cache_clear()
+        ok, why = cpu_step.available()
+        assert not ok and "writable by group or others" in why
+        cache.chmod(0o700)
+        # no compiler and nothing cached: unavailable with the reason, and Hope runs the PyTorch step
+        monkeypatch.setenv("NLBENCH_KERNEL_CACHE", str(tmp_path / "empty"))
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        cpu_step._library.cache_clear()
+        ok, why = cpu_step.available()
+        assert not ok and "no-such-compiler" in why
+        assert not [p for p in (tmp_path / "empty").iterdir()]  # no partial file left
+        torch.manual_seed(0)
+        model = build_model("hope", size="tiny", vocab_size=32)
+        model(torch.randint(0, 32, (2, 20))).logits.sum().backward()
+        monkeypatch.setenv("NLBENCH_CPU_KERNEL", "0")
+        cpu_step._library.cache_clear()
+        assert cpu_step.available() == (False, "NLBENCH_CPU_KERNEL=0")
+    finally:
+        monkeypatch.undo()
+        cpu_step._library.cache_clear()
