@@ -101,6 +101,26 @@ def test_hope_matches_the_autograd_step_on_the_whole_model(cpu_kernel):
         torch.testing.assert_close(g_f[n], g_r[n], rtol=1e-9, atol=1e-11, msg=lambda s, n=n: f"grad {n}: {s}")
 
 
+def test_cpp_step_keeps_only_its_inputs_for_the_backward_pass():
+    """The backward node holds the step's seven inputs and nothing else (the PyTorch step's
+    holds its intermediates too): the C++ backward pass recomputes the forward."""
+    zc, qc, b_eta, b_alpha, w2, w1 = (x.requires_grad_() for x in _leaves(2, 2, 16, 32, 32, dtype=torch.float32))
+    u = power_step(w1.detach(), top_direction(w1.detach()))
+    y, _, _ = cpu_step.hope_step_cpu(GUARD, True, True, u, zc, qc, b_eta, b_alpha, w2, w1)
+    saved = y.grad_fn.saved_tensors
+    assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in (u, zc, qc, b_eta, b_alpha, w2, w1)]
+    y_ref, _, _ = _FusedStep.apply(GUARD, True, True, u, zc, qc, b_eta, b_alpha, w2, w1)
+    def numel(x):  # tensors in saved_tensors and in the DGD chunk's dict of intermediates
+        if isinstance(x, torch.Tensor):
+            return x.numel()
+        if isinstance(x, dict):
+            x = x.values()
+        return sum(numel(v) for v in x) if isinstance(x, (list, tuple, type({}.values()))) else 0
+
+    held = numel(y_ref.grad_fn.saved_tensors) + numel(y_ref.grad_fn.saved)
+    assert sum(t.numel() for t in saved) < 0.5 * held
+
+
 def test_build_goes_to_a_private_cache_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
     cache = tmp_path / "kernels"
     monkeypatch.setenv("NLBENCH_KERNEL_CACHE", str(cache))

@@ -57,10 +57,14 @@ def test_hope_with_recompute_has_the_same_outputs_and_gradients(opts):
 
 def test_recompute_keeps_less_for_the_backward_pass():
     """What autograd saves outside the checkpointed chunk groups (everything, without the option):
-    with it, the memories' per-chunk states and intermediates are gone."""
+    with it, the memories' per-chunk states and intermediates are gone. Against the PyTorch
+    fused step, which keeps every intermediate (the C++ step keeps only each chunk's inputs:
+    tests/test_cpu_step.py)."""
     def saved_bytes(recompute):
         torch.manual_seed(0)
         model = build_model("hope", size="tiny", vocab_size=64, recompute_chunks=recompute)
+        for b in model.blocks:
+            b.mixer.cpu_kernel = False
         tokens = torch.randint(0, 64, (2, 128))
         seen = {}
 
