@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nlbench.kernels.compiling import compile_kernel, compile_mode
+from nlbench.kernels.dgd import cpu_step
 from nlbench.kernels.dgd import (
     dgd_chunk, dgd_chunk_stacked, dgd_chunk_triton, dgd_flops_per_token, dgd_memory_reference, memory_apply,
     resolve_memory_kernel,
@@ -120,6 +122,9 @@ W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gra
 # recompute_chunks: chunk steps per checkpoint; the backward pass keeps one chunk-start state
 # ([5, B, H, out, in] per matrix) per group and recomputes at most one group's intermediates at a time
 RECOMPUTE_GROUP = 4
+# compiled Hope on CPU: "cpp" runs the chunk steps on the C++ kernel (layer inputs and outputs
+# still compiled), "inductor" compiles them (`_compiled_stacked_chunk_step`)
+COMPILED_CPU_STEP = os.environ.get("NLB_COMPILED_CPU_STEP", "cpp")
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 # The stabilisers (module docstring, "Choices ... and deviations"): their defaults, and the
 # paper's form that the model option `paper_exact: true` selects (Eq. 84–91 as written).
@@ -418,12 +423,14 @@ class SelfModifyingTitans(nn.Module):
         u = state.get("guard")
         if u is None and self.curvature_guard:
             u = top_direction(weights[1])
+        fused = self.fused_step and self.memory == "mlp" and z.dtype in (torch.float32, torch.float64) \
+            and not torch.is_autocast_enabled(z.device.type)
+        cpp = fused and self.cpu_kernel and z.device.type == "cpu" and cpu_step.fits(z, weights[0])
         if self.memory_kernel == "triton":
             step = functools.partial(stacked_chunk_step, chunk_fn=dgd_chunk_triton)
-        elif self.compile_kernels:
+        elif self.compile_kernels and not (cpp and COMPILED_CPU_STEP == "cpp"):
             step = _compiled_stacked_chunk_step(z.device.type, compile_mode(self.compile_kernels))
-        elif self.fused_step and self.memory == "mlp" and z.dtype in (torch.float32, torch.float64) \
-                and not torch.is_autocast_enabled(z.device.type):
+        elif fused:
             # the same step, hand-written backward (in C++ on CPU)
             step = functools.partial(fused_chunk_step, guard=GUARD, cpu_kernel=self.cpu_kernel)
         else:

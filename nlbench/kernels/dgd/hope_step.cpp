@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -47,22 +48,48 @@ NLB_INLINE void mmt(T* C, const T* A, const T* B, int m, int k, int n, bool acc)
   mm(C, A, bt, m, k, n, acc);
 }
 
-// C[m x n] (+)= A[k x m]^T B[k x n]
+// C[m x n] (+)= A[k x m]^T B[k x n], through A^T so that C's rows stay in registers
 template <typename T>
 NLB_INLINE void tmm(T* C, const T* A, const T* B, int k, int m, int n, bool acc) {
-  if (!acc) std::fill(C, C + m * n, T(0));
-  for (int p = 0; p < k; ++p) {
-    const T* b = B + p * n;
-    for (int i = 0; i < m; ++i) {
-      const T a = A[p * m + i];
-      T* c = C + i * n;
-#pragma omp simd
-      for (int j = 0; j < n; ++j) c[j] += a * b[j];
-    }
-  }
+  T at[MAXDIM * MAXDIM];
+  for (int p = 0; p < k; ++p)
+    for (int i = 0; i < m; ++i) at[i * k + p] = A[p * m + i];
+  mm(C, at, B, m, k, n, acc);
 }
 
-template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+// out[c x r] = in[r x c]^T
+template <typename T>
+NLB_INLINE void transpose(T* out, const T* in, int r, int c) {
+  for (int i = 0; i < r; ++i)
+    for (int j = 0; j < c; ++j) out[j * r + i] = in[i * c + j];
+}
+
+// exp for float in branch-free arithmetic that the compiler vectorizes (std::exp stays a scalar
+// libm call without -ffast-math): Cody-Waite reduction x = n ln2 + r and a degree-6 polynomial
+// for e^r (the Cephes expf coefficients, ~1 ulp), 2^n from the exponent bits. NaN stays NaN.
+NLB_INLINE float exp_fast(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (std::floor blocks vectorizing)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+NLB_INLINE float exp_t(float x) { return exp_fast(x); }
+NLB_INLINE double exp_t(double x) { return std::exp(x); }  // float64: libm, for the tests' 1e-10
+
+template <typename T> NLB_INLINE T sigmoid(T x) { return T(1) / (T(1) + exp_t(-x)); }
 
 // silu(a) and silu'(a) = s + silu(a)(1 - s)   (kernels/activations.py)
 template <typename T>
@@ -139,7 +166,9 @@ struct Work {  // every intermediate of one (b, h)
   T gl = 0;
   Memory<T> mem[NMEM];
   std::vector<T> qw, qk_raw, qk, hr, sr, d1hr, sw, ss_raw, ss;  // the read of M_mem
+  std::vector<T> w2t, w1t;  // W2^T [5][d x hid], W1^T [5][hid x d]: every x W^T as x (W^T)
   void resize(int L, int d, int hid) {
+    w2t.resize(NMEM * d * hid); w1t.resize(NMEM * hid * d);
     pa.resize(NPROJ * L * hid); ps.resize(NPROJ * L * hid); pd1.resize(NPROJ * L * hid); P.resize(NPROJ * L * d);
     k.resize(L * d); v.resize(L * d); nk.resize(L); nv.resize(L); eta0.resize(L); alpha.resize(L);
     w1u.resize(NMEM * d); lam.resize(NMEM); cap.resize(NMEM); eta.resize(NMEM * L);
@@ -211,15 +240,19 @@ NLB_INLINE void solve_matrix(Mat<T>& M, const Work<T>& W, const T* x, const T* g
 template <typename T, int LL, int DD, int HH>  // nonzero: L, d, hidden known at compile time
 void forward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* w2n[NMEM], T* w1n[NMEM]) {
   const int L = LL ? LL : D.L, d = DD ? DD : D.d, hid = HH ? HH : D.hid;
+  for (int m = 0; m < NMEM; ++m) {
+    transpose(&W.w2t[m * d * hid], in.w2[m], hid, d);
+    transpose(&W.w1t[m * hid * d], in.w1[m], d, hid);
+  }
   // projection memories at the chunk start (Eq. 84-85)
   for (int j = 0; j < NPROJ; ++j) {
     T* a = &W.pa[j * L * hid];
     T* s = &W.ps[j * L * hid];
     T* P = &W.P[j * L * d];
-    mmt(a, in.z[j], in.w2[j], L, d, hid, false);
+    mm(a, in.z[j], &W.w2t[j * d * hid], L, d, hid, false);
     silu_and_grad(a, s, &W.pd1[j * L * hid], L * hid);
     std::copy(in.z[j], in.z[j] + L * d, P);
-    mmt(P, s, in.w1[j], L, hid, d, true);
+    mm(P, s, &W.w1t[j * hid * d], L, hid, d, true);
   }
   normalize_rows(&W.P[0], W.k.data(), W.nk.data(), L, d);
   if (D.normalize_v) normalize_rows(&W.P[L * d], W.v.data(), W.nv.data(), L, d);
@@ -263,14 +296,14 @@ void forward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* w2n[NM
   // one DGD chunk per memory
   for (int m = 0; m < NMEM; ++m) {
     Memory<T>& M = W.mem[m];
-    const T *w2 = in.w2[m], *w1 = in.w1[m];
-    mmt(M.av.data(), W.v.data(), w2, L, d, hid, false);
+    const T *w2 = in.w2[m], *w1 = in.w1[m], *w2t = &W.w2t[m * d * hid], *w1t = &W.w1t[m * hid * d];
+    mm(M.av.data(), W.v.data(), w2t, L, d, hid, false);
     for (int i = 0; i < L * hid; ++i) M.sv[i] = M.av[i] * sigmoid(M.av[i]);
     std::copy(W.v.begin(), W.v.end(), M.vh.begin());
-    mmt(M.vh.data(), M.sv.data(), w1, L, hid, d, true);
-    mmt(M.a.data(), W.k.data(), w2, L, d, hid, false);
+    mm(M.vh.data(), M.sv.data(), w1t, L, hid, d, true);
+    mm(M.a.data(), W.k.data(), w2t, L, d, hid, false);
     silu_and_grad(M.a.data(), M.s.data(), M.d1a.data(), L * hid);
-    mmt(M.p1.data(), M.s.data(), w1, L, hid, d, false);
+    mm(M.p1.data(), M.s.data(), w1t, L, hid, d, false);
     for (int i = 0; i < L * d; ++i) M.e[i] = W.k[i] + M.p1[i] - M.vh[i];
     mm(M.h.data(), M.e.data(), w1, L, d, hid, false);
     for (int i = 0; i < L * hid; ++i) M.g2[i] = M.h[i] * M.d1a[i];
@@ -286,15 +319,15 @@ void forward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* w2n[NM
   }
   // the read of M_mem at q: y = q + gp (sr W1^T) + (Gamma.(sr s^T)) D1, sr = silu(gp (q W2^T) + (Gamma.(q k^T)) D2)
   Memory<T>& R = W.mem[NMEM - 1];
-  const T *w2 = in.w2[NMEM - 1], *w1 = in.w1[NMEM - 1];
-  mmt(W.qw.data(), in.q, w2, L, d, hid, false);
+  const T *w2t = &W.w2t[(NMEM - 1) * d * hid], *w1t = &W.w1t[(NMEM - 1) * hid * d];
+  mm(W.qw.data(), in.q, w2t, L, d, hid, false);
   mmt(W.qk_raw.data(), in.q, W.k.data(), L, d, L, false);
   for (int i = 0; i < L * L; ++i) W.qk[i] = W.gam[i] * W.qk_raw[i];
   for (int t = 0; t < L; ++t)
     for (int c = 0; c < hid; ++c) W.hr[t * hid + c] = W.gp[t] * W.qw[t * hid + c];
   mm(W.hr.data(), W.qk.data(), R.m2.D.data(), L, L, hid, true);
   silu_and_grad(W.hr.data(), W.sr.data(), W.d1hr.data(), L * hid);
-  mmt(W.sw.data(), W.sr.data(), w1, L, hid, d, false);
+  mm(W.sw.data(), W.sr.data(), w1t, L, hid, d, false);
   mmt(W.ss_raw.data(), W.sr.data(), R.s.data(), L, hid, L, false);
   for (int i = 0; i < L * L; ++i) W.ss[i] = W.gam[i] * W.ss_raw[i];
   if (y) {
@@ -473,7 +506,7 @@ void backward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, c
       ga[i] = G.gxw0[i] + G.gg0[i] * M.h[i] * silu_grad2(M.a[i]);
     }
     std::copy(G.gg1.begin(), G.gg1.begin() + L * d, ge);
-    mmt(ge, gh, w1, L, hid, d, true);
+    mm(ge, gh, &W.w1t[m * hid * d], L, hid, d, true);
     tmm(g1w, M.e.data(), gh, L, d, hid, true);
     for (int i = 0; i < L * d; ++i) gp1[i] = G.gxw1[i] + ge[i];
     tmm(g1w, gp1, M.s.data(), L, d, hid, true);
