@@ -88,7 +88,7 @@ def test_hope_matches_the_autograd_step_on_the_whole_model(cpu_kernel):
 
     def grads(fused):
         for b in model.blocks:
-            b.mixer.fused_step, b.mixer.cpu_kernel = fused, cpu_kernel
+            b.mixer.fused_step, b.mixer.cpu_kernel = fused, cpu_kernel and fused
         model.zero_grad()
         logits = model(x).logits
         logits.square().mean().backward()
@@ -99,6 +99,29 @@ def test_hope_matches_the_autograd_step_on_the_whole_model(cpu_kernel):
     assert g_r.keys() == g_f.keys() and len(g_r) > 20
     for n in g_r:
         torch.testing.assert_close(g_f[n], g_r[n], rtol=1e-9, atol=1e-11, msg=lambda s, n=n: f"grad {n}: {s}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,T,D,H", [(2, 9, 12, 3), (4, 64, 256, 8)])
+def test_cpp_inputs_match_the_pytorch_convs_and_norms(B, T, D, H, dtype):
+    """`projection_inputs` (four depthwise causal convs from a carried tail, the stacked layout,
+    L2 norms) with and without the C++ pass: z, the new tail, and the gradients of x, the tail
+    and the conv weight."""
+    from nlbench.models.self_modifying_titans import projection_inputs
+
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(B, T, D, generator=g, dtype=dtype), torch.randn(B, 3, D, generator=g, dtype=dtype),
+              0.5 * torch.randn(4 * D, 1, 4, generator=g, dtype=dtype)]
+
+    def run(cpu_kernel):
+        x, tail, w = (t.detach().clone().requires_grad_() for t in leaves)
+        z, new_tail = projection_inputs(x, tail, w, H, True, cpu_kernel)
+        gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        return [z.detach(), new_tail.detach(), *torch.autograd.grad((z * gz).sum(), (x, tail, w))]
+
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(["z", "tail", "grad x", "grad tail", "grad w"], run(False), run(True)):
+        torch.testing.assert_close(b, a, **tol, msg=lambda s, n=name: f"{n}: {s}")
 
 
 def test_cpp_step_keeps_only_its_inputs_for_the_backward_pass():

@@ -171,13 +171,18 @@ def curvature(weights, u=None):
     return tracked_curvature(weights[1], top_direction(weights[1]) if u is None else u)
 
 
-def projection_inputs(x, tail, conv_weight, n_heads, normalize: bool = True):
+def projection_inputs(x, tail, conv_weight, n_heads, normalize: bool = True, cpu_kernel: bool = False):
     """z_□ = L2norm(conv_□(x)) per head for □ ∈ {k, v, η, α} (Eq. 84's inputs), stacked
     [4, B, H, T, dh], and the new conv tail. A conv weight with one output per channel
     (`separate_convs=False`) gives the four memories the same z; `normalize=False` leaves z
     unnormalized. One copy into the stacked layout first: normalizing the conv's interleaved
-    output in place of it (stride 4) was ~15% of Hope's step on CPU."""
+    output in place of it (stride 4) was ~15% of Hope's step on CPU. `cpu_kernel=True`: on CPU
+    the convs, the layout change and the norms run as one C++ pass (`cpu_step.hope_inputs_cpu`;
+    these ops are its reference)."""
     B, T, D = x.shape
+    if cpu_kernel and normalize and cpu_step.inputs_fit(x, conv_weight):
+        xx = torch.cat([tail, x], dim=1)
+        return cpu_step.hope_inputs_cpu(xx, conv_weight, n_heads, T), xx[:, xx.shape[1] - tail.shape[1]:]
     z, tail = causal_conv(x, tail, conv_weight)
     n = len(PROJECTION_MEMORIES)
     if conv_weight.shape[0] == D:  # one shared conv
@@ -188,11 +193,12 @@ def projection_inputs(x, tail, conv_weight, n_heads, normalize: bool = True):
     return (F.normalize(z, dim=-1) if normalize else z), tail
 
 
-def layer_inputs(x, conv_x_tail, conv_q_tail, conv_x_weight, w_q, conv_q_weight, n_heads, normalize_inputs=True):
+def layer_inputs(x, conv_x_tail, conv_q_tail, conv_x_weight, w_q, conv_q_weight, n_heads, normalize_inputs=True,
+                 cpu_kernel=False):
     """Everything before the memories: z (`projection_inputs`) and q_t = L2norm(conv_q(x W_q))
     per head [B, H, T, dh] (Eq. 83), with both convs' new tails."""
     B, T, D = x.shape
-    z, conv_x_tail = projection_inputs(x, conv_x_tail, conv_x_weight, n_heads, normalize_inputs)
+    z, conv_x_tail = projection_inputs(x, conv_x_tail, conv_x_weight, n_heads, normalize_inputs, cpu_kernel)
     q, conv_q_tail = causal_conv(F.linear(x, w_q), conv_q_tail, conv_q_weight)
     q = F.normalize(q.view(B, T, n_heads, D // n_heads), dim=-1).transpose(1, 2)
     return z, q, conv_x_tail, conv_q_tail
@@ -353,7 +359,7 @@ class SelfModifyingTitans(nn.Module):
         mode = compile_mode(self.compile_kernels)
         inputs, output = _compiled_layer_io(x.device.type, mode) if mode else (layer_inputs, layer_output)
         z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
-                                      self.conv_q.conv.weight, self.n_heads, self.normalize_inputs)
+                                      self.conv_q.conv.weight, self.n_heads, self.normalize_inputs, self.cpu_kernel)
         self._report_inputs(x, z, q, state)
         if self.memory_kernel == "triton":
             try:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "hope_step_cpu"]
+__all__ = ["available", "fits", "hope_inputs_cpu", "hope_step_cpu"]
 
 SOURCE = Path(__file__).with_name("hope_step.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -93,6 +93,10 @@ def _library():
         fwd, bwd = getattr(lib, f"hope_step_forward_{suffix}"), getattr(lib, f"hope_step_backward_{suffix}")
         fwd.argtypes = [p] * 10 + [i] * 6 + [dbl, i]
         bwd.argtypes = [p] * 16 + [i] * 6 + [dbl, i]
+        fwd.restype = bwd.restype = None
+        fwd, bwd = getattr(lib, f"hope_inputs_forward_{suffix}"), getattr(lib, f"hope_inputs_backward_{suffix}")
+        fwd.argtypes = [p] * 3 + [i] * 6
+        bwd.argtypes = [p] * 5 + [i] * 6
         fwd.restype = bwd.restype = None
     return lib, None
 
@@ -169,3 +173,42 @@ def hope_step_cpu(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha
     """`smt_step._FusedStep.apply` with the same arguments and returns (y, chunk-end W2, W1),
     on the C++ kernel: CPU, float32 / float64, five stacked MLP memories, u already stepped."""
     return _HopeStepCPU.apply(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1)
+
+
+class _HopeInputsCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xx, weight, n_heads, seq_len):
+        lib, _ = _library()
+        xx, weight = xx.contiguous(), weight.contiguous()
+        B, TK, D = xx.shape
+        K = TK - seq_len + 1
+        z = xx.new_empty(4, B, n_heads, seq_len, D // n_heads)
+        getattr(lib, f"hope_inputs_forward_{_suffix(xx.dtype)}")(
+            _ptr(xx), _ptr(weight), _ptr(z), B, seq_len, K, D, n_heads, torch.get_num_threads())
+        ctx.save_for_backward(xx, weight)
+        ctx.args = (B, seq_len, K, D, n_heads)
+        return z
+
+    @staticmethod
+    def backward(ctx, g_z):
+        lib, _ = _library()
+        xx, weight = ctx.saved_tensors
+        B, T, K, D, H = ctx.args
+        g_xx, g_w = torch.empty_like(xx), torch.empty_like(weight)
+        getattr(lib, f"hope_inputs_backward_{_suffix(xx.dtype)}")(
+            _ptr(xx), _ptr(weight), _ptr(g_z.contiguous()), _ptr(g_xx), _ptr(g_w), B, T, K, D, H,
+            torch.get_num_threads())
+        return g_xx, g_w, None, None
+
+
+def hope_inputs_cpu(xx, weight, n_heads: int, seq_len: int):
+    """z [4, B, H, T, dh] of `self_modifying_titans.projection_inputs` (four separate depthwise
+    causal convs, then L2norm per head) from xx = [tail; x] [B, T + K − 1, D] and the conv weight
+    [4·D, 1, K], on the C++ kernel; the backward pass recomputes the convs."""
+    return _HopeInputsCPU.apply(xx, weight, n_heads, seq_len)
+
+
+def inputs_fit(x, conv_weight) -> bool:
+    """Whether `hope_inputs_cpu` runs these: CPU, float32 / float64, four separate convs, available."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dtype == conv_weight.dtype
+            and conv_weight.shape[0] == 4 * x.shape[-1] and not torch.compiler.is_compiling() and available()[0])

@@ -669,3 +669,101 @@ void run_backward(const Dims& D, const T* z, const T* q, const T* beta, const T*
 
 NLB_ENTRY(float, f32)
 NLB_ENTRY(double, f64)
+
+// ---------------------------------------------------------------------------------------------
+// The projection memories' inputs (models/self_modifying_titans.projection_inputs, separate convs,
+// normalized): z[j, b, h, t, :] = L2norm_c( sum_k xx[b, t + k, h dh + c] w[h dh + c, j, k] ),
+// xx = [tail; x] [B, T + K - 1, D], w [D, 4, K] (input channel c feeds conv outputs 4c .. 4c + 3).
+// Parallel over heads (each owns its channels' weight gradient); the backward recomputes y.
+namespace {
+
+template <typename T>
+void inputs_forward(const T* xx, const T* w, T* z, int B, int T_, int K, int D, int H, int nthreads) {
+  const int dh = D / H, TK = T_ + K - 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int h = 0; h < H; ++h) {
+    std::vector<T> wt(NPROJ * K * dh), y(NPROJ * dh);
+    for (int c = 0; c < dh; ++c)
+      for (int j = 0; j < NPROJ; ++j)
+        for (int k = 0; k < K; ++k) wt[(j * K + k) * dh + c] = w[((h * dh + c) * NPROJ + j) * K + k];
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < T_; ++t) {
+        for (int j = 0; j < NPROJ; ++j) {
+          T* yj = &y[j * dh];
+          for (int c = 0; c < dh; ++c) yj[c] = 0;
+          for (int k = 0; k < K; ++k) {
+            const T* xr = xx + (size_t(b) * TK + t + k) * D + h * dh;
+            const T* wr = &wt[(j * K + k) * dh];
+#pragma omp simd
+            for (int c = 0; c < dh; ++c) yj[c] += xr[c] * wr[c];
+          }
+          T s = 0;
+          for (int c = 0; c < dh; ++c) s += yj[c] * yj[c];
+          const T nc = std::max(std::sqrt(s), T(NORM_EPS));
+          T* out = z + ((size_t(j) * B + b) * H + h) * size_t(T_) * dh + size_t(t) * dh;
+          for (int c = 0; c < dh; ++c) out[c] = yj[c] / nc;
+        }
+      }
+  }
+}
+
+template <typename T>
+void inputs_backward(const T* xx, const T* w, const T* gz, T* gxx, T* gw, int B, int T_, int K, int D, int H,
+                     int nthreads) {
+  const int dh = D / H, TK = T_ + K - 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int h = 0; h < H; ++h) {
+    std::vector<T> wt(NPROJ * K * dh), gwt(NPROJ * K * dh, T(0)), y(dh), gy(dh), nrm(1);
+    for (int c = 0; c < dh; ++c)
+      for (int j = 0; j < NPROJ; ++j)
+        for (int k = 0; k < K; ++k) wt[(j * K + k) * dh + c] = w[((h * dh + c) * NPROJ + j) * K + k];
+    for (int b = 0; b < B; ++b) {
+      for (int t = 0; t < TK; ++t)
+        std::fill(gxx + (size_t(b) * TK + t) * D + h * dh, gxx + (size_t(b) * TK + t) * D + (h + 1) * dh, T(0));
+      for (int t = 0; t < T_; ++t)
+        for (int j = 0; j < NPROJ; ++j) {
+          for (int c = 0; c < dh; ++c) y[c] = 0;
+          for (int k = 0; k < K; ++k) {
+            const T* xr = xx + (size_t(b) * TK + t + k) * D + h * dh;
+            const T* wr = &wt[(j * K + k) * dh];
+#pragma omp simd
+            for (int c = 0; c < dh; ++c) y[c] += xr[c] * wr[c];
+          }
+          T s = 0;
+          for (int c = 0; c < dh; ++c) s += y[c] * y[c];
+          nrm[0] = std::sqrt(s);
+          const T* g = gz + ((size_t(j) * B + b) * H + h) * size_t(T_) * dh + size_t(t) * dh;
+          normalize_grad(g, y.data(), nrm.data(), gy.data(), 1, dh);
+          for (int k = 0; k < K; ++k) {
+            const T* xr = xx + (size_t(b) * TK + t + k) * D + h * dh;
+            T* gxr = gxx + (size_t(b) * TK + t + k) * D + h * dh;
+            const T* wr = &wt[(j * K + k) * dh];
+            T* gwr = &gwt[(j * K + k) * dh];
+#pragma omp simd
+            for (int c = 0; c < dh; ++c) {
+              gxr[c] += gy[c] * wr[c];
+              gwr[c] += gy[c] * xr[c];
+            }
+          }
+        }
+    }
+    for (int c = 0; c < dh; ++c)
+      for (int j = 0; j < NPROJ; ++j)
+        for (int k = 0; k < K; ++k) gw[((h * dh + c) * NPROJ + j) * K + k] = gwt[(j * K + k) * dh + c];
+  }
+}
+
+}  // namespace
+
+#define NLB_INPUTS_ENTRY(T, SUFFIX)                                                                               \
+  extern "C" void hope_inputs_forward_##SUFFIX(const T* xx, const T* w, T* z, int B, int T_, int K, int D, int H,  \
+                                               int nthreads) {                                                    \
+    inputs_forward<T>(xx, w, z, B, T_, K, D, H, nthreads);                                                      \
+  }                                                                                                              \
+  extern "C" void hope_inputs_backward_##SUFFIX(const T* xx, const T* w, const T* gz, T* gxx, T* gw, int B, int T_, \
+                                                int K, int D, int H, int nthreads) {                              \
+    inputs_backward<T>(xx, w, gz, gxx, gw, B, T_, K, D, H, nthreads);                                           \
+  }
+
+NLB_INPUTS_ENTRY(float, f32)
+NLB_INPUTS_ENTRY(double, f64)
