@@ -24,10 +24,38 @@ constexpr int NPROJ = 4, NMEM = 5;
 constexpr int MAXDIM = 128;  // largest L, d or hidden width (hope_step_cpu checks)
 constexpr double NORM_EPS = 1e-12;  // F.normalize's
 
-// C[m x n] (+)= A[m x k] B[k x n]
+// C[m x n] (+)= A[m x k] B[k x n]; four rows of C at a time in registers, each row of B loaded
+// once for the four
 template <typename T>
-NLB_INLINE void mm(T* C, const T* A, const T* B, int m, int k, int n, bool acc) {
-  for (int i = 0; i < m; ++i) {
+NLB_INLINE void mm(T* __restrict C, const T* __restrict A, const T* __restrict B, int m, int k, int n, bool acc) {
+  int i = 0;
+  for (; i + 4 <= m; i += 4) {
+    T c0[MAXDIM], c1[MAXDIM], c2[MAXDIM], c3[MAXDIM];
+    for (int j = 0; j < n; ++j) {
+      c0[j] = acc ? C[i * n + j] : T(0);
+      c1[j] = acc ? C[(i + 1) * n + j] : T(0);
+      c2[j] = acc ? C[(i + 2) * n + j] : T(0);
+      c3[j] = acc ? C[(i + 3) * n + j] : T(0);
+    }
+    for (int p = 0; p < k; ++p) {
+      const T a0 = A[i * k + p], a1 = A[(i + 1) * k + p], a2 = A[(i + 2) * k + p], a3 = A[(i + 3) * k + p];
+      const T* b = B + p * n;
+#pragma omp simd
+      for (int j = 0; j < n; ++j) {
+        c0[j] += a0 * b[j];
+        c1[j] += a1 * b[j];
+        c2[j] += a2 * b[j];
+        c3[j] += a3 * b[j];
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      C[i * n + j] = c0[j];
+      C[(i + 1) * n + j] = c1[j];
+      C[(i + 2) * n + j] = c2[j];
+      C[(i + 3) * n + j] = c3[j];
+    }
+  }
+  for (; i < m; ++i) {
     T* c = C + i * n;
     if (!acc) for (int j = 0; j < n; ++j) c[j] = 0;
     for (int p = 0; p < k; ++p) {
