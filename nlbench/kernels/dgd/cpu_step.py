@@ -34,7 +34,7 @@ import torch
 __all__ = ["available", "fits", "hope_inputs_cpu", "hope_step_cpu"]
 
 SOURCE = Path(__file__).with_name("hope_step.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 
 
 def _cache_dir() -> Path:

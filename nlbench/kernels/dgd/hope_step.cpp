@@ -129,7 +129,7 @@ NLB_INLINE void silu_and_grad(const T* a, T* out, T* d1, int n) {
   }
 }
 
-template <typename T> inline T silu_grad2(T a) {
+template <typename T> NLB_INLINE T silu_grad2(T a) {
   const T s = sigmoid(a);
   return s * (T(1) - s) * (T(2) + a * (T(1) - T(2) * s));
 }
@@ -431,14 +431,8 @@ NLB_INLINE void solve_matrix_grad(const Mat<T>& M, const Work<T>& W, Grads<T>& G
   }
   // g_x += (g_kx + g_kx^T) x
   for (int i = 0; i < L; ++i)
-    for (int j = 0; j < L; ++j) {
-      const T c = G.gkx[i * L + j] + G.gkx[j * L + i];
-      if (c == T(0)) continue;
-      const T* xj = x + j * in;
-      T* gi = gx + i * in;
-#pragma omp simd
-      for (int k = 0; k < in; ++k) gi[k] += c * xj[k];
-    }
+    for (int j = 0; j < L; ++j) G.gA[i * L + j] = G.gkx[i * L + j] + G.gkx[j * L + i];
+  mm(gx, G.gA.data(), x, L, L, in, true);
 }
 
 template <typename T, int LL, int DD, int HH>
@@ -528,10 +522,12 @@ void backward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, c
     solve_matrix_grad(M.m1, W, G, M.s.data(), M.p1.data(), eta, gd1, gx1, G.gg1.data(), G.gxw1.data(), geta, L,
                       hid, d, D.normalized);
     // the gradients at M_b and the target vh
-    T *gh = G.t1.data(), *ga = G.t2.data(), *ge = G.t3.data(), *gp1 = G.gdd.data();
+    T *__restrict gh = G.t1.data(), *__restrict ga = G.t2.data(), *ge = G.t3.data(), *gp1 = G.gdd.data();
+    const T *__restrict gg0 = G.gg0.data(), *__restrict gxw0 = G.gxw0.data(), *__restrict d1a = M.d1a.data();
+    const T *__restrict hh = M.h.data(), *__restrict aa = M.a.data();
     for (int i = 0; i < L * hid; ++i) {
-      gh[i] = G.gg0[i] * M.d1a[i];
-      ga[i] = G.gxw0[i] + G.gg0[i] * M.h[i] * silu_grad2(M.a[i]);
+      gh[i] = gg0[i] * d1a[i];
+      ga[i] = gxw0[i] + gg0[i] * hh[i] * silu_grad2(aa[i]);
     }
     std::copy(G.gg1.begin(), G.gg1.begin() + L * d, ge);
     mm(ge, gh, &W.w1t[m * hid * d], L, hid, d, true);
