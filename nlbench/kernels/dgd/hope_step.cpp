@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -27,9 +28,9 @@ constexpr double NORM_EPS = 1e-12;  // F.normalize's
 // C[m x n] (+)= A[m x k] B[k x n]; four rows of C at a time in registers, each row of B loaded
 // once for the four
 template <typename T>
-NLB_INLINE void mm(T* __restrict C, const T* __restrict A, const T* __restrict B, int m, int k, int n, bool acc) {
-  int i = 0;
-  for (; i + 4 <= m; i += 4) {
+inline void mm(T* __restrict C, const T* __restrict A, const T* __restrict B, int m, int k, int n, bool acc) {
+  size_t i = 0;
+  for (; i + 4 <= size_t(m); i += 4) {
     T c0[MAXDIM], c1[MAXDIM], c2[MAXDIM], c3[MAXDIM];
     for (int j = 0; j < n; ++j) {
       c0[j] = acc ? C[i * n + j] : T(0);
@@ -55,7 +56,7 @@ NLB_INLINE void mm(T* __restrict C, const T* __restrict A, const T* __restrict B
       C[(i + 3) * n + j] = c3[j];
     }
   }
-  for (; i < m; ++i) {
+  for (; i < size_t(m); ++i) {
     T* c = C + i * n;
     if (!acc) for (int j = 0; j < n; ++j) c[j] = 0;
     for (int p = 0; p < k; ++p) {
@@ -69,7 +70,7 @@ NLB_INLINE void mm(T* __restrict C, const T* __restrict A, const T* __restrict B
 
 // C[m x n] (+)= A[m x k] B[n x k]^T, through B^T so that the inner loop runs along C's rows
 template <typename T>
-NLB_INLINE void mmt(T* C, const T* A, const T* B, int m, int k, int n, bool acc) {
+inline void mmt(T* C, const T* A, const T* B, int m, int k, int n, bool acc) {
   T bt[MAXDIM * MAXDIM];
   for (int j = 0; j < n; ++j)
     for (int p = 0; p < k; ++p) bt[p * n + j] = B[j * k + p];
@@ -78,7 +79,7 @@ NLB_INLINE void mmt(T* C, const T* A, const T* B, int m, int k, int n, bool acc)
 
 // C[m x n] (+)= A[k x m]^T B[k x n], through A^T so that C's rows stay in registers
 template <typename T>
-NLB_INLINE void tmm(T* C, const T* A, const T* B, int k, int m, int n, bool acc) {
+inline void tmm(T* C, const T* A, const T* B, int k, int m, int n, bool acc) {
   T at[MAXDIM * MAXDIM];
   for (int p = 0; p < k; ++p)
     for (int i = 0; i < m; ++i) at[i * k + p] = A[p * m + i];
@@ -87,7 +88,7 @@ NLB_INLINE void tmm(T* C, const T* A, const T* B, int k, int m, int n, bool acc)
 
 // out[c x r] = in[r x c]^T
 template <typename T>
-NLB_INLINE void transpose(T* out, const T* in, int r, int c) {
+inline void transpose(T* out, const T* in, int r, int c) {
   for (int i = 0; i < r; ++i)
     for (int j = 0; j < c; ++j) out[j * r + i] = in[i * c + j];
 }
@@ -233,7 +234,7 @@ Inputs<T> inputs_at(const Dims& D, int p, const T* z, const T* q, const T* beta,
 
 // per matrix of a memory: A = es Gamma.(x x^T), R = -es (g + gp xw), D = (I + A)^-1 R, dd = tail D
 template <typename T>
-NLB_INLINE void solve_matrix(Mat<T>& M, const Work<T>& W, const T* x, const T* g, const T* xw, const T* eta, int L, int in,
+inline void solve_matrix(Mat<T>& M, const Work<T>& W, const T* x, const T* g, const T* xw, const T* eta, int L, int in,
                   int out, bool normalized) {
   for (int t = 0; t < L; ++t) {
     T s = 0;
@@ -385,7 +386,7 @@ struct Grads {  // backward scratch of one (b, h)
 // adds into gx [L x in], ggp, ggam; writes dL/dg into gg and dL/dxw into gxw; returns nothing,
 // accumulates dL/deta_m into geta
 template <typename T>
-NLB_INLINE void solve_matrix_grad(const Mat<T>& M, const Work<T>& W, Grads<T>& G, const T* x, const T* xw, const T* eta,
+inline void solve_matrix_grad(const Mat<T>& M, const Work<T>& W, Grads<T>& G, const T* x, const T* xw, const T* eta,
                        const T* gd, T* gx, T* gg, T* gxw, T* geta, int L, int in, int out, bool normalized) {
   T* gr = G.gr.data();
   // g_r = (I + A)^-T g_d by back substitution
@@ -433,6 +434,13 @@ NLB_INLINE void solve_matrix_grad(const Mat<T>& M, const Work<T>& W, Grads<T>& G
   for (int i = 0; i < L; ++i)
     for (int j = 0; j < L; ++j) G.gA[i * L + j] = G.gkx[i * L + j] + G.gkx[j * L + i];
   mm(gx, G.gA.data(), x, L, L, in, true);
+}
+
+// Hope's sizes: everything inlined into one function, so every loop bound is a constant
+template <typename T, int LL, int DD, int HH>
+__attribute__((flatten)) void forward_flat(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* w2n[NMEM],
+                                           T* w1n[NMEM]) {
+  forward_one<T, LL, DD, HH>(D, in, W, y, w2n, w1n);
 }
 
 template <typename T, int LL, int DD, int HH>
@@ -623,6 +631,13 @@ void backward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, c
   std::copy(G.gq.begin(), G.gq.end(), gq);
 }
 
+template <typename T, int LL, int DD, int HH>
+__attribute__((flatten)) void backward_flat(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, const T* gy,
+                                            const T* gw2n[NMEM], const T* gw1n[NMEM], T* gz[NPROJ], T* gq, T* gbeta,
+                                            T* gbalpha, T* gw2[NMEM], T* gw1[NMEM]) {
+  backward_one<T, LL, DD, HH>(D, in, W, G, gy, gw2n, gw1n, gz, gq, gbeta, gbalpha, gw2, gw1);
+}
+
 template <typename T>
 void run_forward(const Dims& D, const T* z, const T* q, const T* beta, const T* balpha, const T* w2, const T* w1,
                  const T* u, T* y, T* w2n, T* w1n, int nthreads) {
@@ -637,9 +652,12 @@ void run_forward(const Dims& D, const T* z, const T* q, const T* beta, const T* 
       o2[m] = w2n + (size_t(m) * BH + p) * hid * d;
       o1[m] = w1n + (size_t(m) * BH + p) * d * hid;
     }
-    if (L == 16 && d == 32 && hid == 32) forward_one<T, 16, 32, 32>(D, in, W, y + size_t(p) * L * d, o2, o1);
-    else if (L == 16 && d == 64 && hid == 64) forward_one<T, 16, 64, 64>(D, in, W, y + size_t(p) * L * d, o2, o1);
-    else forward_one<T, 0, 0, 0>(D, in, W, y + size_t(p) * L * d, o2, o1);
+    T* yp = y + size_t(p) * L * d;
+    if constexpr (std::is_same_v<T, float>) {  // Hope's head sizes, compiled for float only (build time)
+      if (L == 16 && d == 32 && hid == 32) { forward_flat<T, 16, 32, 32>(D, in, W, yp, o2, o1); continue; }
+      if (L == 16 && d == 64 && hid == 64) { forward_flat<T, 16, 64, 64>(D, in, W, yp, o2, o1); continue; }
+    }
+    forward_one<T, 0, 0, 0>(D, in, W, yp, o2, o1);
   }
 }
 
@@ -665,12 +683,17 @@ void run_backward(const Dims& D, const T* z, const T* q, const T* beta, const T*
     }
     for (int j = 0; j < NPROJ; ++j) oz[j] = gz + (size_t(j) * BH + p) * L * d;
     T *gyp = const_cast<T*>(gy) + size_t(p) * L * d, *gqp = gq + size_t(p) * L * d;
-    if (L == 16 && d == 32 && hid == 32)
-      backward_one<T, 16, 32, 32>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
-    else if (L == 16 && d == 64 && hid == 64)
-      backward_one<T, 16, 64, 64>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
-    else
-      backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (L == 16 && d == 32 && hid == 32) {
+        backward_flat<T, 16, 32, 32>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
+        continue;
+      }
+      if (L == 16 && d == 64 && hid == 64) {
+        backward_flat<T, 16, 64, 64>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
+        continue;
+      }
+    }
+    backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
   }
 }
 
