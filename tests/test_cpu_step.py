@@ -73,8 +73,10 @@ def test_cpp_step_matches_with_the_guard_capping_eta(shape):
     _assert_matches(leaves, True, True, True)
 
 
-def test_cpp_step_float32_at_medium_head_shapes():
-    leaves = _leaves(2, 2, 16, 32, 32, dtype=torch.float32)
+@pytest.mark.parametrize("dh", [32, 64], ids=["medium", "large"])
+def test_cpp_step_float32_at_hope_head_shapes(dh):
+    """float32 takes the paths compiled for Hope's head sizes (chunks of 16, head dim 32 / 64)."""
+    leaves = _leaves(2, 2, 16, dh, dh, dtype=torch.float32)
     _assert_matches(leaves, True, True, True, rtol=1e-4, atol=1e-5)
 
 
@@ -142,6 +144,32 @@ def test_cpp_step_keeps_only_its_inputs_for_the_backward_pass():
 
     held = numel(y_ref.grad_fn.saved_tensors) + numel(y_ref.grad_fn.saved)
     assert sum(t.numel() for t in saved) < 0.5 * held
+
+
+def test_recompute_chunks_runs_the_cpp_step_with_the_same_results(monkeypatch):
+    """`recompute_chunks` checkpoints groups of C++ steps: same logits and gradients as without it,
+    and the C++ step is what runs (6 chunks of 8: two groups; forward, then the group replays)."""
+    calls = []
+    real = cpu_step.hope_step_cpu
+    monkeypatch.setattr(cpu_step, "hope_step_cpu", lambda *a: calls.append(1) or real(*a))
+
+    def run(recompute):
+        torch.manual_seed(0)
+        model = build_model("hope", size="tiny", vocab_size=64, recompute_chunks=recompute, chunk_size=8,
+                            mem_chunk_size=8).double()
+        tokens = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(1))
+        logits = model(tokens).logits
+        F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    logits, grads = run(False)
+    assert len(calls) == 2 * 6
+    calls.clear()
+    logits_r, grads_r = run(True)
+    assert len(calls) == 2 * 6 * 2  # each group's forward runs again in the backward pass
+    torch.testing.assert_close(logits_r, logits, rtol=0, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_r[name], g, rtol=1e-12, atol=1e-12, msg=lambda s, n=name: f"{n}: {s}")
 
 
 def test_build_goes_to_a_private_cache_and_falls_back_without_a_compiler(tmp_path, monkeypatch):

@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +121,6 @@ W1_GAIN = 0.1   # ‖W1‖_F at init: near-identity memories that still pass gra
 # recompute_chunks: chunk steps per checkpoint; the backward pass keeps one chunk-start state
 # ([5, B, H, out, in] per matrix) per group and recomputes at most one group's intermediates at a time
 RECOMPUTE_GROUP = 4
-# compiled Hope on CPU: "cpp" runs the chunk steps on the C++ kernel (layer inputs and outputs
-# still compiled), "inductor" compiles them (`_compiled_stacked_chunk_step`)
-COMPILED_CPU_STEP = os.environ.get("NLB_COMPILED_CPU_STEP", "cpp")
 GUARD = 1.0     # η·‖W1‖²_op ≤ GUARD per chunk: the W2 step never overshoots (module docstring)
 # The stabilisers (module docstring, "Choices ... and deviations"): their defaults, and the
 # paper's form that the model option `paper_exact: true` selects (Eq. 84–91 as written).
@@ -355,9 +351,22 @@ class SelfModifyingTitans(nn.Module):
         return y, new, u
 
     # --- forward -----------------------------------------------------------------------------
+    def _on_cpu_kernel(self, x) -> bool:
+        """Whether this call runs the C++ kernels (`kernels/dgd/cpu_step`): CPU, float32 / float64,
+        MLP memories with the fused step, not under autocast, the library built. Then
+        `compile_kernels` compiles nothing: the C++ step and inputs replace what it would compile
+        (a compiled Hope `medium` step took 1.15 s with inductor's chunk step, 0.80 s with the C++
+        one; docs/decisions.md)."""
+        return (self.cpu_kernel and self.fused_step and self.memory == "mlp" and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+                and self.memory_kernel == "chunked" and cpu_step.available()[0])
+
     def forward(self, x, state):
         mode = compile_mode(self.compile_kernels)
-        inputs, output = _compiled_layer_io(x.device.type, mode) if mode else (layer_inputs, layer_output)
+        if mode and not self._on_cpu_kernel(x):
+            inputs, output = _compiled_layer_io(x.device.type, mode)
+        else:
+            inputs, output = layer_inputs, layer_output
         z, q, conv_x, conv_q = inputs(x, state["conv_x"], state["conv_q"], self.conv_x.weight, self.w_q.weight,
                                       self.conv_q.conv.weight, self.n_heads, self.normalize_inputs, self.cpu_kernel)
         self._report_inputs(x, z, q, state)
@@ -431,10 +440,10 @@ class SelfModifyingTitans(nn.Module):
             u = top_direction(weights[1])
         fused = self.fused_step and self.memory == "mlp" and z.dtype in (torch.float32, torch.float64) \
             and not torch.is_autocast_enabled(z.device.type)
-        cpp = fused and self.cpu_kernel and z.device.type == "cpu" and cpu_step.fits(z, weights[0])
+        cpp = fused and self._on_cpu_kernel(z) and cpu_step.fits(z[..., :self.chunk_size, :], weights[0])
         if self.memory_kernel == "triton":
             step = functools.partial(stacked_chunk_step, chunk_fn=dgd_chunk_triton)
-        elif self.compile_kernels and not (cpp and COMPILED_CPU_STEP == "cpp"):
+        elif self.compile_kernels and not cpp:
             step = _compiled_stacked_chunk_step(z.device.type, compile_mode(self.compile_kernels))
         elif fused:
             # the same step, hand-written backward (in C++ on CPU)
@@ -443,8 +452,8 @@ class SelfModifyingTitans(nn.Module):
             step = stacked_chunk_step
         step = functools.partial(step, normalize_v=self.normalize_v, normalized_step=self.normalized_step)
         chunks = list(zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)))
-        if self.recompute_chunks and self.memory_kernel == "chunked" and not self.compile_kernels:
-            return self._memories_recomputed(chunks, weights, u, names)
+        if self.recompute_chunks and self.memory_kernel == "chunked" and (cpp or not self.compile_kernels):
+            return self._memories_recomputed(chunks, weights, u, names, step if cpp else None)
         ys = []
         for zc, qc in chunks:
             y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
@@ -452,15 +461,17 @@ class SelfModifyingTitans(nn.Module):
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
         return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
 
-    def _memories_recomputed(self, chunks, weights, u, names):
+    def _memories_recomputed(self, chunks, weights, u, names, step=None):
         """`_memories_stacked`'s eager loop with `recompute_chunks`: every RECOMPUTE_GROUP chunk
         steps run under `torch.utils.checkpoint`, so the backward pass keeps only each group's
         chunk-start weights and guard vectors and runs the group's forward again; inside, the DGD
         chunk keeps only its inputs (`dgd_chunk_manual(recompute=True)`: the checkpoint cannot drop
-        the intermediates the hand-written backward holds). Same values: the recomputation runs
-        the same ops on the same inputs."""
-        step = functools.partial(stacked_chunk_step, chunk_fn=functools.partial(dgd_chunk, recompute=True),
-                                 normalize_v=self.normalize_v, normalized_step=self.normalized_step)
+        the intermediates the hand-written backward holds), or `step` (the C++ step, which keeps
+        only its inputs anyway) runs. Same values: the recomputation runs the same ops on the same
+        inputs."""
+        if step is None:
+            step = functools.partial(stacked_chunk_step, chunk_fn=functools.partial(dgd_chunk, recompute=True),
+                                     normalize_v=self.normalize_v, normalized_step=self.normalized_step)
 
         def run(weights, u, group):
             ys = []
