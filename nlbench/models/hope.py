@@ -222,8 +222,10 @@ class Hope(NLModel):
         """Hope with each chunk step of its self-modifying layers compiled by `torch.compile`
         (projections, gates, curvature guard and DGD chunk in one graph with one fused backward;
         `self_modifying_titans._compiled_stacked_chunk_step`, or the DGD kernel alone when the two
-        chunk sizes differ); the chunk loop and everything else run eagerly. Hope-Attention has
-        no chunk loop and compiles whole."""
+        chunk sizes differ); the chunk loop and everything else run eagerly. On CPU with the C++
+        kernel (`kernels/dgd/cpu_step`) that kernel runs instead, compiled or not: it was faster
+        than the compiled step (docs/decisions.md). Hope-Attention has no chunk loop and compiles
+        whole."""
         if self.family != "hope":
             return super().compiled(mode)
         mode = compile_mode(mode)

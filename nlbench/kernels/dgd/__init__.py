@@ -10,6 +10,9 @@ flash-linear-attention:
     stacked.py     Hope's stacked chunk: five memories in one step (`dgd_chunk_stacked`, and
                    `dgd_chunk_triton` on the Triton kernel)
     triton.py      fused Triton forward and backward (imports triton: loaded only when used)
+    hope_step.cpp  Hope's whole stacked chunk step (projections, gates, guard, five DGD chunks)
+    cpu_step.py    and its inputs (convs, norms) fused per (batch, head) in C++ for CPU, built on
+                   first use; `models/smt_step._FusedStep` is the reference (`cpu_step` docstring)
 
 This module chooses the memory kernel of `dgd_memory` (the `memory_kernel` argument):
 
