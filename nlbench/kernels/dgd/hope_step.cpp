@@ -130,11 +130,6 @@ NLB_INLINE void silu_and_grad(const T* a, T* out, T* d1, int n) {
   }
 }
 
-template <typename T> NLB_INLINE T silu_grad2(T a) {
-  const T s = sigmoid(a);
-  return s * (T(1) - s) * (T(2) + a * (T(1) - T(2) * s));
-}
-
 // row-wise F.normalize: out = x / max(|x|, eps), nrm = |x|
 template <typename T>
 NLB_INLINE void normalize_rows(const T* x, T* out, T* nrm, int L, int d) {
@@ -177,10 +172,10 @@ struct Mat {
 
 template <typename T>
 struct Memory {  // one memory's chunk (chunk_grad._forward, MLP)
-  std::vector<T> av, sv, vh, a, s, d1a, p1, e, h, g2;
+  std::vector<T> av, sv, vh, a, s, d1a, p1, e, h, g2, sa, sav;  // sa, sav: sigmoid(a), sigmoid(av)
   Mat<T> m2, m1;
   void resize(int L, int d, int hid) {
-    for (auto* v : {&av, &sv, &a, &s, &d1a, &h, &g2}) v->resize(L * hid);
+    for (auto* v : {&av, &sv, &a, &s, &d1a, &h, &g2, &sa, &sav}) v->resize(L * hid);
     for (auto* v : {&vh, &p1, &e}) v->resize(L * d);
     m2.resize(L, hid); m1.resize(L, d);
   }
@@ -327,11 +322,19 @@ void forward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* w2n[NM
     Memory<T>& M = W.mem[m];
     const T *w2 = in.w2[m], *w1 = in.w1[m], *w2t = &W.w2t[m * d * hid], *w1t = &W.w1t[m * hid * d];
     mm(M.av.data(), W.v.data(), w2t, L, d, hid, false);
-    for (int i = 0; i < L * hid; ++i) M.sv[i] = M.av[i] * sigmoid(M.av[i]);
+    for (int i = 0; i < L * hid; ++i) {
+      M.sav[i] = sigmoid(M.av[i]);
+      M.sv[i] = M.av[i] * M.sav[i];
+    }
     std::copy(W.v.begin(), W.v.end(), M.vh.begin());
     mm(M.vh.data(), M.sv.data(), w1t, L, hid, d, true);
     mm(M.a.data(), W.k.data(), w2t, L, d, hid, false);
-    silu_and_grad(M.a.data(), M.s.data(), M.d1a.data(), L * hid);
+    for (int i = 0; i < L * hid; ++i) {  // silu_and_grad, keeping sigmoid(a) for silu'' in the backward pass
+      const T sg = sigmoid(M.a[i]), sa = M.a[i] * sg;
+      M.sa[i] = sg;
+      M.s[i] = sa;
+      M.d1a[i] = sg + sa * (T(1) - sg);
+    }
     mm(M.p1.data(), M.s.data(), w1t, L, hid, d, false);
     for (int i = 0; i < L * d; ++i) M.e[i] = W.k[i] + M.p1[i] - M.vh[i];
     mm(M.h.data(), M.e.data(), w1, L, d, hid, false);
@@ -532,10 +535,11 @@ void backward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, c
     // the gradients at M_b and the target vh
     T *__restrict gh = G.t1.data(), *__restrict ga = G.t2.data(), *ge = G.t3.data(), *gp1 = G.gdd.data();
     const T *__restrict gg0 = G.gg0.data(), *__restrict gxw0 = G.gxw0.data(), *__restrict d1a = M.d1a.data();
-    const T *__restrict hh = M.h.data(), *__restrict aa = M.a.data();
+    const T *__restrict hh = M.h.data(), *__restrict aa = M.a.data(), *__restrict sga = M.sa.data();
     for (int i = 0; i < L * hid; ++i) {
       gh[i] = gg0[i] * d1a[i];
-      ga[i] = gxw0[i] + gg0[i] * hh[i] * silu_grad2(aa[i]);
+      const T sg = sga[i];  // silu''(a) = s(1 - s)(2 + a(1 - 2s))
+      ga[i] = gxw0[i] + gg0[i] * hh[i] * (sg * (T(1) - sg) * (T(2) + aa[i] * (T(1) - T(2) * sg)));
     }
     std::copy(G.gg1.begin(), G.gg1.begin() + L * d, ge);
     mm(ge, gh, &W.w1t[m * hid * d], L, hid, d, true);
@@ -553,7 +557,7 @@ void backward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, c
     tmm(g1w, ge, M.sv.data(), L, d, hid, true);
     mm(gh, ge, w1, L, d, hid, false);  // g_vh W1 [L x hid]
     for (int i = 0; i < L * hid; ++i) {
-      const T s = sigmoid(M.av[i]);
+      const T s = M.sav[i];
       gh[i] *= s * (T(1) + M.av[i] * (T(1) - s));
     }
     tmm(g2w, gh, W.v.data(), L, hid, d, true);
