@@ -184,14 +184,16 @@ def test_build_goes_to_a_private_cache_and_falls_back_without_a_compiler(tmp_pat
         # a cache others can write to is refused: its libraries would run as this process
         cache.chmod(0o777)
         cpu_step._library.cache_clear()
-        ok, why = cpu_step.available()
+        with pytest.warns(RuntimeWarning, match="writable by group or others"):
+            ok, why = cpu_step.available()
         assert not ok and "writable by group or others" in why
         cache.chmod(0o700)
         # no compiler and nothing cached: unavailable with the reason, and Hope runs the PyTorch step
         monkeypatch.setenv("NLBENCH_KERNEL_CACHE", str(tmp_path / "empty"))
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
         cpu_step._library.cache_clear()
-        ok, why = cpu_step.available()
+        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+            ok, why = cpu_step.available()
         assert not ok and "no-such-compiler" in why
         assert not [p for p in (tmp_path / "empty").iterdir()]  # no partial file left
         torch.manual_seed(0)

@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -113,9 +114,18 @@ def _unsafe(cache: Path) -> str | None:
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") when the C++ step can run, else (False, why)."""
+    """(True, "") when the C++ step can run, else (False, why); the first time it cannot (and was
+    not switched off), one RuntimeWarning says why and that Hope runs the slower PyTorch step."""
     lib, why = _library()
+    if lib is None and why != "NLBENCH_CPU_KERNEL=0":
+        _warn_once(why)
     return lib is not None, why or ""
+
+
+@functools.cache
+def _warn_once(why: str) -> None:
+    warnings.warn(f"Hope's C++ CPU kernel is not available ({why}); Hope runs its chunk steps as PyTorch ops, "
+                  f"~1.5x slower per train step (NLBENCH_CPU_KERNEL=0 silences this).", RuntimeWarning, stacklevel=3)
 
 
 MAX_DIM = 128  # hope_step.cpp's MAXDIM: chunk length, head dim and hidden width
