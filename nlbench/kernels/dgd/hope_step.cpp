@@ -23,49 +23,36 @@ namespace {
 
 constexpr int NPROJ = 4, NMEM = 5;
 constexpr int MAXDIM = 128;  // largest L, d or hidden width (hope_step_cpu checks)
+// rows of C per register block in `mm`: 8 rows of 32 floats are 16 AVX-512 accumulators (4 and 16
+// were slower at Hope's sizes: docs/decisions.md)
+constexpr int MM_ROWS = 8;
 constexpr double NORM_EPS = 1e-12;  // F.normalize's
 
-// C[m x n] (+)= A[m x k] B[k x n]; four rows of C at a time in registers, each row of B loaded
-// once for the four
+// R rows of C[m x n] (+)= A[m x k] B[k x n] in registers, each row of B loaded once for the R
+template <int R, typename T>
+inline void mm_rows(T* __restrict C, const T* __restrict A, const T* __restrict B, int k, int n, bool acc) {
+  T c[R][MAXDIM];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < n; ++j) c[r][j] = acc ? C[r * n + j] : T(0);
+  for (int p = 0; p < k; ++p) {
+    const T* b = B + p * n;
+    T a[R];
+    for (int r = 0; r < R; ++r) a[r] = A[r * k + p];
+    for (int r = 0; r < R; ++r)
+#pragma omp simd
+      for (int j = 0; j < n; ++j) c[r][j] += a[r] * b[j];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < n; ++j) C[r * n + j] = c[r][j];
+}
+
+// C[m x n] (+)= A[m x k] B[k x n], MM_ROWS rows at a time
 template <typename T>
 inline void mm(T* __restrict C, const T* __restrict A, const T* __restrict B, int m, int k, int n, bool acc) {
   size_t i = 0;
-  for (; i + 4 <= size_t(m); i += 4) {
-    T c0[MAXDIM], c1[MAXDIM], c2[MAXDIM], c3[MAXDIM];
-    for (int j = 0; j < n; ++j) {
-      c0[j] = acc ? C[i * n + j] : T(0);
-      c1[j] = acc ? C[(i + 1) * n + j] : T(0);
-      c2[j] = acc ? C[(i + 2) * n + j] : T(0);
-      c3[j] = acc ? C[(i + 3) * n + j] : T(0);
-    }
-    for (int p = 0; p < k; ++p) {
-      const T a0 = A[i * k + p], a1 = A[(i + 1) * k + p], a2 = A[(i + 2) * k + p], a3 = A[(i + 3) * k + p];
-      const T* b = B + p * n;
-#pragma omp simd
-      for (int j = 0; j < n; ++j) {
-        c0[j] += a0 * b[j];
-        c1[j] += a1 * b[j];
-        c2[j] += a2 * b[j];
-        c3[j] += a3 * b[j];
-      }
-    }
-    for (int j = 0; j < n; ++j) {
-      C[i * n + j] = c0[j];
-      C[(i + 1) * n + j] = c1[j];
-      C[(i + 2) * n + j] = c2[j];
-      C[(i + 3) * n + j] = c3[j];
-    }
-  }
-  for (; i < size_t(m); ++i) {
-    T* c = C + i * n;
-    if (!acc) for (int j = 0; j < n; ++j) c[j] = 0;
-    for (int p = 0; p < k; ++p) {
-      const T a = A[i * k + p];
-      const T* b = B + p * n;
-#pragma omp simd
-      for (int j = 0; j < n; ++j) c[j] += a * b[j];
-    }
-  }
+  for (; i + MM_ROWS <= size_t(m); i += MM_ROWS) mm_rows<MM_ROWS>(C + i * n, A + i * k, B, k, n, acc);
+  for (; i + 4 <= size_t(m); i += 4) mm_rows<4>(C + i * n, A + i * k, B, k, n, acc);
+  for (; i < size_t(m); ++i) mm_rows<1>(C + i * n, A + i * k, B, k, n, acc);
 }
 
 // C[m x n] (+)= A[m x k] B[n x k]^T, through B^T so that the inner loop runs along C's rows
