@@ -1,5 +1,6 @@
 """`nlbench bench`: a real (tiny) measurement writes the throughput table; bad configs exit 2."""
 
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,17 @@ def test_bench_cli_writes_throughput_rows(tmp_path):
     assert len(pd.read_parquet(out / "throughput")) == 4
     assert "goal: Hope/Transformer train tokens/s" in proc.stdout and "median step times:" in proc.stdout
     assert df.compile_mode.isna().all()  # eager
+    assert "Hope's CPU kernel: C++" in proc.stdout
+
+
+def test_bench_says_when_hope_runs_without_its_cpu_kernel(tmp_path):
+    cfg = tmp_path / "tb.yaml"
+    cfg.write_text("name: tb\nmodels: [hope]\nsizes: [tiny]\nseq_lens: [16]\nbatch_size: 1\nphases: [train]\n"
+                   "warmup_steps: 1\nsteps: 1\nkernel_seq_len: null\nthreads: 1\n")
+    proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "NLBENCH_CPU_KERNEL": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Hope's CPU kernel: PyTorch ops (NLBENCH_CPU_KERNEL=0)" in proc.stdout
 
 
 def test_bench_compile_field_takes_a_mode(tmp_path):

@@ -44,6 +44,12 @@ def measure_suite(cfg, models, dev_str: str, log: Callable[[str], None], *, comm
     peak = measure_matmul_peak(dev, dtype)
     name = device_name(dev)
     log(f"device {name}  dtype {cfg.dtype}  measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    if dev.type == "cpu":  # Hope's speed on CPU depends on it (README, "Hope's CPU kernel")
+        from nlbench.kernels.dgd import cpu_step
+
+        ok, why = cpu_step.available()
+        log("Hope's CPU kernel: C++ (nlbench/kernels/dgd/hope_step.cpp)" if ok
+            else f"Hope's CPU kernel: PyTorch ops ({why})")
     command = command or " ".join(shlex.quote(a) for a in ["nlbench", *sys.argv[1:]])
     stamp = stamp or datetime.now(timezone.utc).isoformat()
     meta = dict(versions(), command=command, timestamp=stamp, matmul_peak_flops=peak, config_name=cfg.name)
