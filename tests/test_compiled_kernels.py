@@ -10,9 +10,14 @@ from nlbench.models import build_model
 
 def _compiled_matches_eager(name, mode="default"):
     """Compile `name` with `model.compiled(mode)` after one eager step; the compiled step gives
-    the same logits and parameter gradients. Returns the model."""
+    the same logits and parameter gradients. Returns the model. Hope runs without its C++ CPU
+    kernel here, so that inductor compiles its chunk steps (the path of CUDA and of machines
+    without a compiler; with the kernel, compiling leaves it in place: the test below)."""
     torch.manual_seed(0)
     model = build_model(name, size="tiny", vocab_size=64)
+    if name == "hope":
+        for b in model.blocks:
+            b.mixer.cpu_kernel = False
     tokens = torch.randint(0, 64, (2, 32))
 
     def run():
@@ -34,6 +39,27 @@ def _compiled_matches_eager(name, mode="default"):
 def test_hope_compiled_kernels_match_eager():
     model = _compiled_matches_eager("hope")
     assert all(b.mixer.compile_kernels for b in model.blocks)
+
+
+def test_compiled_hope_on_cpu_keeps_its_cpp_step(monkeypatch):
+    """With the C++ kernel, `Hope.compiled()` on CPU runs every chunk step on it (inductor's
+    chunk step is never built) and gives what the eager model gives."""
+    import nlbench.models.self_modifying_titans as smt
+    from nlbench.kernels.dgd import cpu_step
+
+    if not cpu_step.available()[0]:
+        pytest.skip(f"no C++ kernel: {cpu_step.available()[1]}")
+    calls = []
+    real = cpu_step.hope_step_cpu
+    monkeypatch.setattr(cpu_step, "hope_step_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(smt, "_compiled_stacked_chunk_step", lambda *a: pytest.fail("inductor's chunk step built"))
+    torch.manual_seed(0)
+    model = build_model("hope", size="tiny", vocab_size=64)
+    tokens = torch.randint(0, 64, (2, 32))
+    eager = model(tokens).logits.detach()
+    compiled = model.compiled()(tokens).logits.detach()
+    assert len(calls) == 2 * 2 * 2  # eager and compiled, 2 layers, 2 chunks of 16
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # ~2.5 min on 2 cores: inductor benchmarks every distinct matmul while compiling

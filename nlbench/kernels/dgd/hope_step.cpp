@@ -55,12 +55,18 @@ inline void mm(T* __restrict C, const T* __restrict A, const T* __restrict B, in
   for (; i < size_t(m); ++i) mm_rows<1>(C + i * n, A + i * k, B, k, n, acc);
 }
 
+// out[c x r] = in[r x c]^T
+template <typename T>
+inline void transpose(T* out, const T* in, int r, int c) {
+  for (int i = 0; i < r; ++i)
+    for (int j = 0; j < c; ++j) out[j * r + i] = in[i * c + j];
+}
+
 // C[m x n] (+)= A[m x k] B[n x k]^T, through B^T so that the inner loop runs along C's rows
 template <typename T>
 inline void mmt(T* C, const T* A, const T* B, int m, int k, int n, bool acc) {
   T bt[MAXDIM * MAXDIM];
-  for (int j = 0; j < n; ++j)
-    for (int p = 0; p < k; ++p) bt[p * n + j] = B[j * k + p];
+  transpose(bt, B, n, k);
   mm(C, A, bt, m, k, n, acc);
 }
 
@@ -68,16 +74,8 @@ inline void mmt(T* C, const T* A, const T* B, int m, int k, int n, bool acc) {
 template <typename T>
 inline void tmm(T* C, const T* A, const T* B, int k, int m, int n, bool acc) {
   T at[MAXDIM * MAXDIM];
-  for (int p = 0; p < k; ++p)
-    for (int i = 0; i < m; ++i) at[i * k + p] = A[p * m + i];
+  transpose(at, A, k, m);
   mm(C, at, B, m, k, n, acc);
-}
-
-// out[c x r] = in[r x c]^T
-template <typename T>
-inline void transpose(T* out, const T* in, int r, int c) {
-  for (int i = 0; i < r; ++i)
-    for (int j = 0; j < c; ++j) out[j * r + i] = in[i * c + j];
 }
 
 // exp for float in branch-free arithmetic that the compiler vectorizes (std::exp stays a scalar
