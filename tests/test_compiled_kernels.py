@@ -42,7 +42,7 @@ def test_hope_compiled_kernels_match_eager():
 
 
 def test_compiled_hope_on_cpu_keeps_its_cpp_step(monkeypatch):
-    """With the C++ kernel, `Hope.compiled()` on CPU runs every chunk step on it (inductor's
+    """With the C++ kernel, `Hope.compiled()` on CPU runs every layer's chunks on it (inductor's
     chunk step is never built) and gives what the eager model gives."""
     import nlbench.models.self_modifying_titans as smt
     from nlbench.kernels.dgd import cpu_step
@@ -50,15 +50,15 @@ def test_compiled_hope_on_cpu_keeps_its_cpp_step(monkeypatch):
     if not cpu_step.available()[0]:
         pytest.skip(f"no C++ kernel: {cpu_step.available()[1]}")
     calls = []
-    real = cpu_step.hope_step_cpu
-    monkeypatch.setattr(cpu_step, "hope_step_cpu", lambda *a: calls.append(1) or real(*a))
+    real = cpu_step.hope_layer_cpu
+    monkeypatch.setattr(cpu_step, "hope_layer_cpu", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(smt, "_compiled_stacked_chunk_step", lambda *a: pytest.fail("inductor's chunk step built"))
     torch.manual_seed(0)
     model = build_model("hope", size="tiny", vocab_size=64)
     tokens = torch.randint(0, 64, (2, 32))
     eager = model(tokens).logits.detach()
     compiled = model.compiled()(tokens).logits.detach()
-    assert len(calls) == 2 * 2 * 2  # eager and compiled, 2 layers, 2 chunks of 16
+    assert len(calls) == 2 * 2  # eager and compiled, 2 layers (2 chunks of 16 each: one C++ call per layer)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 

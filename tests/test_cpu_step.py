@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from nlbench.kernels.dgd import cpu_step
 from nlbench.models import build_model
 from nlbench.models.self_modifying_titans import GUARD, top_direction
-from nlbench.models.smt_step import _FusedStep, power_step
+from nlbench.models.smt_step import _FusedStep, fused_chunk_step, power_step
 
 pytestmark = pytest.mark.skipif(not cpu_step.available()[0] and shutil.which("g++") is None,
                                 reason="no C++ compiler")
@@ -81,12 +81,14 @@ def test_cpp_step_float32_at_hope_head_shapes(dh):
 
 
 @pytest.mark.parametrize("cpu_kernel", [True, False])
-def test_hope_matches_the_autograd_step_on_the_whole_model(cpu_kernel):
+@pytest.mark.parametrize("T", [40, 48])
+def test_hope_matches_the_autograd_step_on_the_whole_model(cpu_kernel, T):
     """A Hope model's logits and every parameter's gradient with the fused step (in C++, or in
-    PyTorch) against the autograd step, 40 tokens: chunks of 16, 16 and 8."""
+    PyTorch) against the autograd step: 40 tokens (chunks of 16, 16 and 8: C++ chunk steps) and
+    48 (whole chunks: one C++ call per layer)."""
     torch.manual_seed(0)
     model = build_model("hope", size="tiny", vocab_size=32).double()
-    x = torch.randint(0, 32, (3, 40))
+    x = torch.randint(0, 32, (3, T))
 
     def grads(fused):
         for b in model.blocks:
@@ -147,11 +149,13 @@ def test_cpp_step_keeps_only_its_inputs_for_the_backward_pass():
 
 
 def test_recompute_chunks_runs_the_cpp_step_with_the_same_results(monkeypatch):
-    """`recompute_chunks` checkpoints groups of C++ steps: same logits and gradients as without it,
-    and the C++ step is what runs (6 chunks of 8: two groups; forward, then the group replays)."""
-    calls = []
-    real = cpu_step.hope_step_cpu
+    """`recompute_chunks` checkpoints groups of C++ steps: same logits and gradients as without it
+    (where each layer is one C++ call), and the C++ step is what runs (6 chunks of 8: two groups;
+    forward, then the group replays)."""
+    calls, layers = [], []
+    real, real_layer = cpu_step.hope_step_cpu, cpu_step.hope_layer_cpu
     monkeypatch.setattr(cpu_step, "hope_step_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_step, "hope_layer_cpu", lambda *a: layers.append(1) or real_layer(*a))
 
     def run(recompute):
         torch.manual_seed(0)
@@ -163,11 +167,11 @@ def test_recompute_chunks_runs_the_cpp_step_with_the_same_results(monkeypatch):
         return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
     logits, grads = run(False)
-    assert len(calls) == 2 * 6
-    calls.clear()
+    assert (len(calls), len(layers)) == (0, 2)
+    layers.clear()
     logits_r, grads_r = run(True)
-    assert len(calls) == 2 * 6 * 2  # each group's forward runs again in the backward pass
-    torch.testing.assert_close(logits_r, logits, rtol=0, atol=0)
+    assert (len(calls), len(layers)) == (2 * 6 * 2, 0)  # each group's forward runs again in the backward pass
+    torch.testing.assert_close(logits_r, logits, rtol=1e-12, atol=1e-12)
     for name, g in grads.items():
         torch.testing.assert_close(grads_r[name], g, rtol=1e-12, atol=1e-12, msg=lambda s, n=name: f"{n}: {s}")
 
@@ -205,3 +209,80 @@ def test_build_goes_to_a_private_cache_and_falls_back_without_a_compiler(tmp_pat
     finally:
         monkeypatch.undo()
         cpu_step._library.cache_clear()
+
+
+def _layer_reference(guard_on, normalize_v, normalized, chunk, u, z, q, b_eta, b_alpha, w2, w1):
+    """The chunk loop of `SelfModifyingTitans._memories_stacked` on the PyTorch fused step."""
+    weights, ys = [w2, w1], []
+    for zc, qc in zip(z.split(chunk, dim=-2), q.split(chunk, dim=-2)):
+        y, weights, u = fused_chunk_step(weights, u, zc, qc, b_eta, b_alpha, guard=GUARD, normalize_v=normalize_v,
+                                         normalized_step=normalized, cpu_kernel=False)
+        ys.append(y)
+    return torch.cat(ys, dim=-2), *weights, u
+
+
+def _run_layer(fn, leaves, guard_on, normalize_v, normalized, chunk):
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    z, q, b_eta, b_alpha, w2, w1 = leaves
+    u = top_direction(w1.detach()) if guard_on else None
+    y, n2, n1, u_end = fn(GUARD, normalize_v, normalized, chunk, u, z, q, b_eta, b_alpha, w2, w1)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (y, n2, n1))
+    return [o.detach() for o in (y, n2, n1)], u_end, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("guard_on,normalize_v,normalized",
+                         [(True, True, True), (False, True, True), (True, False, True), (True, True, False)])
+@pytest.mark.parametrize("shape", [(2, 3, 40, 8, 12, 8), (2, 2, 64, 32, 32, 16)], ids=["odd", "hope"])
+def test_layer_kernel_matches_the_chunk_loop(guard_on, normalize_v, normalized, shape):
+    """One C++ call for every chunk of a layer (`hope_layer_cpu`: the chunk loop, the guard's
+    power step and the carried weights in C++) against the chunk loop on `_FusedStep` (float64):
+    y, the last weights and guard vectors, and every input's gradient."""
+    B, H, T, d, h, chunk = shape
+    leaves = _leaves(B, H, T, d, h)
+    args = (guard_on, normalize_v, normalized, chunk)
+    out_r, u_r, g_r = _run_layer(_layer_reference, leaves, *args)
+    out_c, u_c, g_c = _run_layer(cpu_step.hope_layer_cpu, leaves, *args)
+    for name, a, b in zip(["y", "w2", "w1"], out_r, out_c):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=lambda s, n=name: f"{n}: {s}")
+    assert (u_c is None) == (not guard_on)
+    if guard_on:
+        torch.testing.assert_close(u_c, u_r, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(["z", "q", "b_eta", "b_alpha", "w2", "w1"], g_r, g_c):
+        # unnormalized v lets gradients grow to ~1e5 over four chunks: tolerance relative to the largest
+        atol = 1e-10 * max(1.0, a.abs().max().item())
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=atol, msg=lambda s, n=name: f"grad {n}: {s}")
+
+
+@pytest.mark.parametrize("dh", [32, 64], ids=["medium", "large"])
+def test_layer_kernel_float32_at_hope_head_shapes(dh):
+    leaves = _leaves(2, 2, 48, dh, dh, dtype=torch.float32)
+    out_r, u_r, g_r = _run_layer(_layer_reference, leaves, True, True, True, 16)
+    out_c, u_c, g_c = _run_layer(cpu_step.hope_layer_cpu, leaves, True, True, True, 16)
+    for a, b in zip([*out_r, u_r, *g_r], [*out_c, u_c, *g_c]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_kernel_keeps_its_inputs_and_each_chunks_start_weights():
+    """The backward node holds the inputs, the start weights of chunks 1 .. n − 1 and each
+    chunk's guard vector: what the chunk loop's nodes hold, without their per-chunk copies."""
+    B, H, T, d, h, chunk = 2, 2, 64, 8, 8, 16
+    z, q, b_eta, b_alpha, w2, w1 = (x.requires_grad_() for x in _leaves(B, H, T, d, h))
+    u = top_direction(w1.detach())
+    y, *_ = cpu_step.hope_layer_cpu(GUARD, True, True, chunk, u, z, q, b_eta, b_alpha, w2, w1)
+    saved = y.grad_fn.saved_tensors
+    n = T // chunk
+    expected = z.numel() + q.numel() + 2 * H + n * (w2.numel() + w1.numel()) + n * u.numel()
+    assert sum(t.numel() for t in saved if t is not None) == expected
+
+
+def test_hope_runs_one_layer_call_on_whole_chunks_and_chunk_steps_otherwise(monkeypatch):
+    calls, layers = [], []
+    real, real_layer = cpu_step.hope_step_cpu, cpu_step.hope_layer_cpu
+    monkeypatch.setattr(cpu_step, "hope_step_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_step, "hope_layer_cpu", lambda *a: layers.append(1) or real_layer(*a))
+    model = build_model("hope", size="tiny", vocab_size=32)
+    model(torch.randint(0, 32, (2, 48)))
+    assert (len(calls), len(layers)) == (0, 2)
+    model(torch.randint(0, 32, (2, 40)))
+    assert (len(calls), len(layers)) == (2 * 3, 2)

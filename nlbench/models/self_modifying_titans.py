@@ -454,12 +454,22 @@ class SelfModifyingTitans(nn.Module):
         chunks = list(zip(z.split(self.chunk_size, dim=-2), q.split(self.chunk_size, dim=-2)))
         if self.recompute_chunks and self.memory_kernel == "chunked" and (cpp or not self.compile_kernels):
             return self._memories_recomputed(chunks, weights, u, names, step if cpp else None)
+        if cpp and cpu_step.layer_fits(z, weights[0], self.chunk_size):
+            # the same steps chunk after chunk in one C++ call (kernels/dgd/cpu_step.hope_layer_cpu)
+            y, w2, w1, u = cpu_step.hope_layer_cpu(GUARD, self.normalize_v, self.normalized_step, self.chunk_size, u,
+                                                   z, q, self.b_eta, self.b_alpha, *weights)
+            return y, self._stacked_state(names, [w2, w1], u)
         ys = []
         for zc, qc in chunks:
             y, weights, u = step(weights, u, zc, qc, self.b_eta, self.b_alpha)
             ys.append(y)
+        return torch.cat(ys, dim=-2), self._stacked_state(names, weights, u)
+
+    @staticmethod
+    def _stacked_state(names, weights, u):
+        """The state dict from the stacked weights [5, B, H, out, in] and the guard vectors."""
         mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
-        return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
+        return {**mems, **({"guard": u} if u is not None else {})}
 
     def _memories_recomputed(self, chunks, weights, u, names, step=None):
         """`_memories_stacked`'s eager loop with `recompute_chunks`: every RECOMPUTE_GROUP chunk
@@ -484,8 +494,7 @@ class SelfModifyingTitans(nn.Module):
         for i in range(0, len(chunks), RECOMPUTE_GROUP):
             group_ys, weights, u = checkpoint(run, weights, u, chunks[i:i + RECOMPUTE_GROUP], use_reentrant=False)
             ys += group_ys
-        mems = {n: list(ws) for n, ws in zip(names, zip(*(w.unbind(0) for w in weights)))}
-        return torch.cat(ys, dim=-2), {**mems, **({"guard": u} if u is not None else {})}
+        return torch.cat(ys, dim=-2), self._stacked_state(names, weights, u)
 
     def flops_per_token(self) -> float:
         d, H, dh, h = self.d_model, self.n_heads, self.head_dim, self.mem_hidden

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "fits", "hope_inputs_cpu", "hope_step_cpu"]
+__all__ = ["available", "fits", "hope_inputs_cpu", "hope_layer_cpu", "hope_step_cpu", "layer_fits"]
 
 SOURCE = Path(__file__).with_name("hope_step.cpp")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -94,6 +94,10 @@ def _library():
         fwd, bwd = getattr(lib, f"hope_step_forward_{suffix}"), getattr(lib, f"hope_step_backward_{suffix}")
         fwd.argtypes = [p] * 10 + [i] * 6 + [dbl, i]
         bwd.argtypes = [p] * 16 + [i] * 6 + [dbl, i]
+        fwd.restype = bwd.restype = None
+        fwd, bwd = getattr(lib, f"hope_layer_forward_{suffix}"), getattr(lib, f"hope_layer_backward_{suffix}")
+        fwd.argtypes = [p] * 14 + [i] * 7 + [dbl, i]
+        bwd.argtypes = [p] * 18 + [i] * 7 + [dbl, i]
         fwd.restype = bwd.restype = None
         fwd, bwd = getattr(lib, f"hope_inputs_forward_{suffix}"), getattr(lib, f"hope_inputs_backward_{suffix}")
         fwd.argtypes = [p] * 3 + [i] * 6
@@ -183,6 +187,63 @@ def hope_step_cpu(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha
     """`smt_step._FusedStep.apply` with the same arguments and returns (y, chunk-end W2, W1),
     on the C++ kernel: CPU, float32 / float64, five stacked MLP memories, u already stepped."""
     return _HopeStepCPU.apply(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha, w2, w1)
+
+
+class _HopeLayerCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, guard, normalize_v, normalized, chunk, u, z, q, b_eta, b_alpha, w2, w1):
+        lib, _ = _library()
+        z, q, w2, w1 = (t.contiguous() for t in (z, q, w2, w1))
+        b_eta, b_alpha = b_eta.contiguous(), b_alpha.contiguous()
+        u = None if u is None else u.contiguous()
+        _, B, H, T, d = z.shape
+        hid, n_chunks = w2.shape[-2], T // chunk
+        y, w2_end, w1_end = torch.empty_like(q), torch.empty_like(w2), torch.empty_like(w1)
+        # the start weights of chunks 1 .. n - 1, and the guard vector each chunk used
+        w2s, w1s = w2.new_empty(n_chunks - 1, *w2.shape), w1.new_empty(n_chunks - 1, *w1.shape)
+        us = None if u is None else u.new_empty(n_chunks, *u.shape)
+        u_end = None if u is None else torch.empty_like(u)
+        flags = int(normalize_v) | int(normalized) << 1 | int(u is not None) << 2
+        getattr(lib, f"hope_layer_forward_{_suffix(z.dtype)}")(
+            _ptr(z), _ptr(q), _ptr(b_eta), _ptr(b_alpha), _ptr(w2), _ptr(w1), _ptr(u), _ptr(y), _ptr(w2s), _ptr(w1s),
+            _ptr(us), _ptr(w2_end), _ptr(w1_end), _ptr(u_end), B, H, T, chunk, d, hid, flags, float(guard),
+            torch.get_num_threads())
+        ctx.save_for_backward(z, q, b_eta, b_alpha, w2, w1, w2s, w1s, us)
+        ctx.args = (B, H, T, chunk, d, hid, flags, float(guard))
+        if u_end is None:
+            return y, w2_end, w1_end
+        ctx.mark_non_differentiable(u_end)
+        return y, w2_end, w1_end, u_end
+
+    @staticmethod
+    def backward(ctx, gy, g_w2, g_w1, g_u=None):
+        lib, _ = _library()
+        z, q, b_eta, b_alpha, w2, w1, w2s, w1s, us = ctx.saved_tensors
+        B, H, T, chunk, d, hid, flags, guard = ctx.args
+        gy, g_w2, g_w1 = (g.contiguous() for g in (gy, g_w2, g_w1))
+        g_z, g_q, g_w2_0, g_w1_0 = (torch.empty_like(t) for t in (z, q, w2, w1))
+        g_be, g_ba = z.new_empty(B, H), z.new_empty(B, H)
+        getattr(lib, f"hope_layer_backward_{_suffix(z.dtype)}")(
+            _ptr(z), _ptr(q), _ptr(b_eta), _ptr(b_alpha), _ptr(w2), _ptr(w1), _ptr(w2s), _ptr(w1s), _ptr(us),
+            _ptr(gy), _ptr(g_w2), _ptr(g_w1), _ptr(g_z), _ptr(g_q), _ptr(g_be), _ptr(g_ba), _ptr(g_w2_0),
+            _ptr(g_w1_0), B, H, T, chunk, d, hid, flags, guard, torch.get_num_threads())
+        return None, None, None, None, None, g_z, g_q, g_be.sum(0), g_ba.sum(0), g_w2_0, g_w1_0
+
+
+def layer_fits(z, w2, chunk: int) -> bool:
+    """Whether `hope_layer_cpu` runs these: `fits`, and the sequence is whole chunks (two or more)."""
+    T = z.shape[-2]
+    return fits(z[..., :chunk, :], w2) and T % chunk == 0 and T // chunk >= 2
+
+
+def hope_layer_cpu(guard, normalize_v, normalized_step, chunk, u, z, q, b_eta, b_alpha, w2, w1):
+    """Every chunk of a layer in one C++ call: the same as `smt_step.fused_chunk_step(cpu_kernel=True)`
+    chunk after chunk (power step of the guard vector `u` first, when given) over z [4, B, H, T, dh]
+    and q [B, H, T, dh] split in chunks of `chunk` tokens. Returns (y [B, H, T, dh], the last
+    chunk-end W2 and W1, the last guard vector or None). Autograd keeps the inputs and every
+    chunk's start weights, as the chunk-by-chunk loop does; `layer_fits` says when it runs."""
+    out = _HopeLayerCPU.apply(guard, normalize_v, normalized_step, chunk, u, z, q, b_eta, b_alpha, w2, w1)
+    return out if u is not None else (*out, None)
 
 
 class _HopeInputsCPU(torch.autograd.Function):

@@ -725,6 +725,160 @@ void run_backward(const Dims& D, const T* z, const T* q, const T* beta, const T*
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// A whole layer: every chunk of one (b, h) in turn, its weights in cache from chunk to chunk.
+// Same arithmetic as one call per chunk; the chunk loop, the guard's power step and the copies
+// around each call leave Python. z [4][BH][T][d], q and y [BH][T][d] (chunk c: rows cL .. cL + L);
+// chunk c > 0 starts from w2s/w1s[c - 1] [NC - 1][5][BH][..] (kept for the backward pass), the
+// guard vector it uses (already stepped) is us[c] [NC][5][BH][hid].
+
+// smt_step.power_step for one memory: u <- normalize((u + 1e-4 normalize(1)) W1^T W1), W1 [d x hid]
+template <typename T>
+void power_step(T* u, const T* w1, int d, int hid) {
+  T start[MAXDIM], w1u[MAXDIM], v[MAXDIM];
+  const T shift = T(1e-4) * (T(1) / std::max(std::sqrt(T(hid)), T(NORM_EPS)));
+  for (int c = 0; c < hid; ++c) start[c] = u[c] + shift;
+  for (int o = 0; o < d; ++o) {
+    T s = 0;
+    for (int c = 0; c < hid; ++c) s += w1[o * hid + c] * start[c];
+    w1u[o] = s;
+  }
+  for (int c = 0; c < hid; ++c) v[c] = 0;
+  for (int o = 0; o < d; ++o)
+    for (int c = 0; c < hid; ++c) v[c] += w1u[o] * w1[o * hid + c];
+  T n = 0;
+  for (int c = 0; c < hid; ++c) n += v[c] * v[c];
+  const T nc = std::max(std::sqrt(n), T(NORM_EPS));
+  for (int c = 0; c < hid; ++c) u[c] = v[c] / nc;
+}
+
+struct LayerPtrs {  // offsets of one (b, h)'s chunk c in the layer's tensors
+  int BH, T, NC;
+  size_t zrow(int j, int p, int c, int L, int d) const { return ((size_t(j) * BH + p) * T + size_t(c) * L) * d; }
+  size_t row(int p, int c, int L, int d) const { return (size_t(p) * T + size_t(c) * L) * d; }
+  size_t w(int c, int m, int p, int n) const { return ((size_t(c) * NMEM + m) * BH + p) * n; }
+};
+
+template <typename T>
+Inputs<T> layer_inputs_at(const Dims& D, const LayerPtrs& lp, int p, int c, const T* z, const T* q, const T* beta,
+                          const T* balpha, const T* w2_0, const T* w1_0, const T* w2s, const T* w1s, const T* us) {
+  const int L = D.L, d = D.d, hid = D.hid, BH = lp.BH;
+  Inputs<T> in;
+  for (int j = 0; j < NPROJ; ++j) in.z[j] = z + lp.zrow(j, p, c, L, d);
+  in.q = q + lp.row(p, c, L, d);
+  for (int m = 0; m < NMEM; ++m) {
+    in.w2[m] = c == 0 ? w2_0 + (size_t(m) * BH + p) * hid * d : w2s + lp.w(c - 1, m, p, hid * d);
+    in.w1[m] = c == 0 ? w1_0 + (size_t(m) * BH + p) * d * hid : w1s + lp.w(c - 1, m, p, d * hid);
+    in.u[m] = D.guard_on ? us + lp.w(c, m, p, hid) : nullptr;
+  }
+  in.b_eta = beta[p % D.H];
+  in.b_alpha = balpha[p % D.H];
+  return in;
+}
+
+template <typename T>
+void layer_forward_chunk(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* o2[NMEM], T* o1[NMEM]) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D.L == 16 && D.d == 32 && D.hid == 32) return forward_flat<T, 16, 32, 32>(D, in, W, y, o2, o1);
+    if (D.L == 16 && D.d == 64 && D.hid == 64) return forward_flat<T, 16, 64, 64>(D, in, W, y, o2, o1);
+  }
+  forward_one<T, 0, 0, 0>(D, in, W, y, o2, o1);
+}
+
+template <typename T>
+void run_layer_forward(const Dims& D, int T_, const T* z, const T* q, const T* beta, const T* balpha, const T* w2_0,
+                       const T* w1_0, const T* u0, T* y, T* w2s, T* w1s, T* us, T* w2_end, T* w1_end, T* u_end,
+                       int nthreads) {
+  const int BH = D.B * D.H, L = D.L, d = D.d, hid = D.hid;
+  const LayerPtrs lp{BH, T_, T_ / L};
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int p = 0; p < BH; ++p) {
+    static thread_local Work<T> W;
+    W.resize(L, d, hid);
+    for (int c = 0; c < lp.NC; ++c) {
+      const bool last = c == lp.NC - 1;
+      if (D.guard_on)
+        for (int m = 0; m < NMEM; ++m) {
+          T* u = us + lp.w(c, m, p, hid);
+          const T* prev = c == 0 ? u0 + (size_t(m) * BH + p) * hid : us + lp.w(c - 1, m, p, hid);
+          std::copy(prev, prev + hid, u);
+          power_step(u, c == 0 ? w1_0 + (size_t(m) * BH + p) * d * hid : w1s + lp.w(c - 1, m, p, d * hid), d, hid);
+        }
+      const Inputs<T> in = layer_inputs_at(D, lp, p, c, z, q, beta, balpha, w2_0, w1_0, w2s, w1s, us);
+      T *o2[NMEM], *o1[NMEM];
+      for (int m = 0; m < NMEM; ++m) {
+        o2[m] = last ? w2_end + (size_t(m) * BH + p) * hid * d : w2s + lp.w(c, m, p, hid * d);
+        o1[m] = last ? w1_end + (size_t(m) * BH + p) * d * hid : w1s + lp.w(c, m, p, d * hid);
+      }
+      layer_forward_chunk(D, in, W, y + lp.row(p, c, L, d), o2, o1);
+    }
+    if (D.guard_on)
+      for (int m = 0; m < NMEM; ++m) {
+        const T* u = us + lp.w(lp.NC - 1, m, p, hid);
+        std::copy(u, u + hid, u_end + (size_t(m) * BH + p) * hid);
+      }
+  }
+}
+
+// the chunks in reverse; each chunk's weight gradient is the previous chunk's chunk-end one
+template <typename T>
+void run_layer_backward(const Dims& D, int T_, const T* z, const T* q, const T* beta, const T* balpha,
+                        const T* w2_0, const T* w1_0, const T* w2s, const T* w1s, const T* us, const T* gy,
+                        const T* gw2_end, const T* gw1_end, T* gz, T* gq, T* gbeta, T* gbalpha, T* gw2_0, T* gw1_0,
+                        int nthreads) {
+  const int BH = D.B * D.H, L = D.L, d = D.d, hid = D.hid, nw = hid * d;
+  const LayerPtrs lp{BH, T_, T_ / L};
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int p = 0; p < BH; ++p) {
+    static thread_local Work<T> W;
+    static thread_local Grads<T> G;
+    static thread_local std::vector<T> gnext, gcur;  // [2][5][hid x d]: W2's then W1's
+    W.resize(L, d, hid);
+    G.resize(L, d, hid);
+    gnext.resize(2 * NMEM * nw);
+    gcur.resize(2 * NMEM * nw);
+    for (int m = 0; m < NMEM; ++m) {
+      std::copy_n(gw2_end + (size_t(m) * BH + p) * nw, nw, &gnext[m * nw]);
+      std::copy_n(gw1_end + (size_t(m) * BH + p) * nw, nw, &gnext[(NMEM + m) * nw]);
+    }
+    T sbe = 0, sba = 0;
+    for (int c = lp.NC - 1; c >= 0; --c) {
+      const Inputs<T> in = layer_inputs_at(D, lp, p, c, z, q, beta, balpha, w2_0, w1_0, w2s, w1s, us);
+      const T *i2[NMEM], *i1[NMEM];
+      T *o2[NMEM], *o1[NMEM], *oz[NPROJ];
+      for (int m = 0; m < NMEM; ++m) {
+        i2[m] = &gnext[m * nw];
+        i1[m] = &gnext[(NMEM + m) * nw];
+        o2[m] = &gcur[m * nw];
+        o1[m] = &gcur[(NMEM + m) * nw];
+      }
+      for (int j = 0; j < NPROJ; ++j) oz[j] = gz + lp.zrow(j, p, c, L, d);
+      const T* gyp = gy + lp.row(p, c, L, d);
+      T* gqp = gq + lp.row(p, c, L, d);
+      T be = 0, ba = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (L == 16 && d == 32 && hid == 32)
+          backward_flat<T, 16, 32, 32>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
+        else if (L == 16 && d == 64 && hid == 64)
+          backward_flat<T, 16, 64, 64>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
+        else
+          backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
+      } else {
+        backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
+      }
+      sbe += be;
+      sba += ba;
+      gnext.swap(gcur);
+    }
+    for (int m = 0; m < NMEM; ++m) {
+      std::copy_n(&gnext[m * nw], nw, gw2_0 + (size_t(m) * BH + p) * nw);
+      std::copy_n(&gnext[(NMEM + m) * nw], nw, gw1_0 + (size_t(m) * BH + p) * nw);
+    }
+    gbeta[p] = sbe;
+    gbalpha[p] = sba;
+  }
+}
+
 }  // namespace
 
 #define NLB_ENTRY(T, SUFFIX)                                                                                     \
@@ -744,6 +898,29 @@ void run_backward(const Dims& D, const T* z, const T* q, const T* beta, const T*
 
 NLB_ENTRY(float, f32)
 NLB_ENTRY(double, f64)
+
+#define NLB_LAYER_ENTRY(T, SUFFIX)                                                                                \
+  extern "C" void hope_layer_forward_##SUFFIX(const T* z, const T* q, const T* beta, const T* balpha,             \
+                                              const T* w2_0, const T* w1_0, const T* u0, T* y, T* w2s, T* w1s,      \
+                                              T* us, T* w2_end, T* w1_end, T* u_end, int B, int H, int T_, int L,   \
+                                              int d, int hid, int flags, double guard, int nthreads) {              \
+    const Dims D{B, H, L, d, hid, bool(flags & 1), bool(flags & 2), bool(flags & 4), guard};                      \
+    run_layer_forward<T>(D, T_, z, q, beta, balpha, w2_0, w1_0, u0, y, w2s, w1s, us, w2_end, w1_end, u_end,       \
+                         nthreads);                                                                              \
+  }                                                                                                              \
+  extern "C" void hope_layer_backward_##SUFFIX(const T* z, const T* q, const T* beta, const T* balpha,            \
+                                               const T* w2_0, const T* w1_0, const T* w2s, const T* w1s,           \
+                                               const T* us, const T* gy, const T* gw2_end, const T* gw1_end,       \
+                                               T* gz, T* gq, T* gbeta, T* gbalpha, T* gw2_0, T* gw1_0, int B,      \
+                                               int H, int T_, int L, int d, int hid, int flags, double guard,      \
+                                               int nthreads) {                                                     \
+    const Dims D{B, H, L, d, hid, bool(flags & 1), bool(flags & 2), bool(flags & 4), guard};                      \
+    run_layer_backward<T>(D, T_, z, q, beta, balpha, w2_0, w1_0, w2s, w1s, us, gy, gw2_end, gw1_end, gz, gq,      \
+                          gbeta, gbalpha, gw2_0, gw1_0, nthreads);                                               \
+  }
+
+NLB_LAYER_ENTRY(float, f32)
+NLB_LAYER_ENTRY(double, f64)
 
 // ---------------------------------------------------------------------------------------------
 // The projection memories' inputs (models/self_modifying_titans.projection_inputs, separate convs,
