@@ -154,13 +154,27 @@ NLB_INLINE void silu_and_grad(const T* a, T* out, T* d1, int n) {
   }
 }
 
+// sum_i a[i] b[i] over a long vector in 16 independent partial sums: one running sum would be a
+// chain of n dependent adds (without -ffast-math the compiler may not reorder it)
+template <typename T>
+NLB_INLINE T dot(const T* a, const T* b, int n) {
+  constexpr int W = 16;
+  T acc[W] = {};
+  int i = 0;
+  for (; i + W <= n; i += W)
+    for (int l = 0; l < W; ++l) acc[l] += a[i + l] * b[i + l];
+  for (int w = W / 2; w > 0; w /= 2)  // pairwise: log2(16) vector adds instead of a chain of 16
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  T s = acc[0];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // row-wise F.normalize: out = x / max(|x|, eps), nrm = |x|
 template <typename T>
 NLB_INLINE void normalize_rows(const T* x, T* out, T* nrm, int L, int d) {
   for (int t = 0; t < L; ++t) {
-    T s = 0;
-    for (int c = 0; c < d; ++c) s += x[t * d + c] * x[t * d + c];
-    const T n = std::sqrt(s), nc = std::max(n, T(NORM_EPS));
+    const T n = std::sqrt(dot(x + t * d, x + t * d, d)), nc = std::max(n, T(NORM_EPS));
     nrm[t] = n;
     for (int c = 0; c < d; ++c) out[t * d + c] = x[t * d + c] / nc;
   }
@@ -256,8 +270,7 @@ template <typename T>
 inline void solve_matrix(Mat<T>& M, const Work<T>& W, const T* x, const T* g, const T* xw, const T* eta, int L, int in,
                   int out, bool normalized) {
   for (int t = 0; t < L; ++t) {
-    T s = 0;
-    for (int c = 0; c < in; ++c) s += x[t * in + c] * x[t * in + c];
+    const T s = dot(x + t * in, x + t * in, in);
     M.n[t] = s;
     M.es[t] = normalized ? eta[t] / std::max(s, T(1)) : eta[t];
   }
@@ -316,8 +329,7 @@ void forward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* w2n[NM
     T lam = 0;
     if (D.guard_on) {
       for (int o = 0; o < d; ++o) {
-        T s = 0;
-        for (int c = 0; c < hid; ++c) s += in.w1[m][o * hid + c] * in.u[m][c];
+        const T s = dot(in.w1[m] + o * hid, in.u[m], hid);
         W.w1u[m * d + o] = s;
         lam += s * s;
       }
@@ -432,17 +444,13 @@ inline void solve_matrix_grad(const Mat<T>& M, const Work<T>& W, Grads<T>& G, co
   for (int i = 0; i < L; ++i)
     for (int j = 0; j < L; ++j) G.gA[i * L + j] = j < i ? -G.gA[i * L + j] : T(0);
   for (int t = 0; t < L; ++t) {
-    T ges = 0;
-    for (int o = 0; o < out; ++o) ges -= gr[t * out + o] * M.inner[t * out + o];
-    for (int j = 0; j < L; ++j) ges += G.gA[t * L + j] * M.gk[t * L + j];
-    T gp_acc = 0;
+    const T ges = dot(&G.gA[t * L], &M.gk[t * L], L) - dot(gr + t * out, &M.inner[t * out], out);
     for (int o = 0; o < out; ++o) {
       const T v = -M.es[t] * gr[t * out + o];
       gg[t * out + o] = v;
       gxw[t * out + o] = v * W.gp[t];
-      gp_acc += v * xw[t * out + o];
     }
-    G.ggp[t] += gp_acc;
+    G.ggp[t] += dot(gg + t * out, xw + t * out, out);
     for (int j = 0; j < L; ++j) {
       const T gae = G.gA[t * L + j] * M.es[t];
       G.ggam[t * L + j] += gae * M.kx[t * L + j];
@@ -487,28 +495,21 @@ void backward_one(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, c
     const T *w2 = in.w2[m], *w1 = in.w1[m];
     T *g2w = gw2[m], *g1w = gw1[m];
     // chunk-end state: W_end = gl W + dd^T x
-    for (int i = 0; i < hid * d; ++i) { g2w[i] = W.gl * gw2n[m][i]; ggl += gw2n[m][i] * w2[i]; }
-    for (int i = 0; i < d * hid; ++i) { g1w[i] = W.gl * gw1n[m][i]; ggl += gw1n[m][i] * w1[i]; }
+    for (int i = 0; i < hid * d; ++i) g2w[i] = W.gl * gw2n[m][i];
+    for (int i = 0; i < d * hid; ++i) g1w[i] = W.gl * gw1n[m][i];
+    ggl += dot(gw2n[m], w2, hid * d) + dot(gw1n[m], w1, d * hid);
     T *gx0 = G.gx0.data(), *gx1 = G.gx1.data(), *gd0 = G.gd0.data(), *gd1 = G.gd1.data();
     mm(gx0, M.m2.dd.data(), gw2n[m], L, hid, d, false);      // [L x d]
     mm(gx1, M.m1.dd.data(), gw1n[m], L, d, hid, false);      // [L x hid]
     mmt(G.gdd.data(), W.k.data(), gw2n[m], L, d, hid, false);  // [L x hid]
     for (int t = 0; t < L; ++t) {
-      T s = 0;
-      for (int o = 0; o < hid; ++o) {
-        gd0[t * hid + o] = G.gdd[t * hid + o] * W.tail[t];
-        s += G.gdd[t * hid + o] * M.m2.D[t * hid + o];
-      }
-      G.gtail[t] += s;
+      for (int o = 0; o < hid; ++o) gd0[t * hid + o] = G.gdd[t * hid + o] * W.tail[t];
+      G.gtail[t] += dot(&G.gdd[t * hid], &M.m2.D[t * hid], hid);
     }
     mmt(G.gdd.data(), M.s.data(), gw1n[m], L, hid, d, false);  // [L x d]
     for (int t = 0; t < L; ++t) {
-      T s = 0;
-      for (int o = 0; o < d; ++o) {
-        gd1[t * d + o] = G.gdd[t * d + o] * W.tail[t];
-        s += G.gdd[t * d + o] * M.m1.D[t * d + o];
-      }
-      G.gtail[t] += s;
+      for (int o = 0; o < d; ++o) gd1[t * d + o] = G.gdd[t * d + o] * W.tail[t];
+      G.gtail[t] += dot(&G.gdd[t * d], &M.m1.D[t * d], d);
     }
     if (m == NMEM - 1) {  // the read
       T *gsr = G.t1.data(), *gss = G.t2.data(), *ghr = G.t3.data();
@@ -738,11 +739,7 @@ void power_step(T* u, const T* w1, int d, int hid) {
   T start[MAXDIM], w1u[MAXDIM], v[MAXDIM];
   const T shift = T(1e-4) * (T(1) / std::max(std::sqrt(T(hid)), T(NORM_EPS)));
   for (int c = 0; c < hid; ++c) start[c] = u[c] + shift;
-  for (int o = 0; o < d; ++o) {
-    T s = 0;
-    for (int c = 0; c < hid; ++c) s += w1[o * hid + c] * start[c];
-    w1u[o] = s;
-  }
+  for (int o = 0; o < d; ++o) w1u[o] = dot(w1 + o * hid, start, hid);
   for (int c = 0; c < hid; ++c) v[c] = 0;
   for (int o = 0; o < d; ++o)
     for (int c = 0; c < hid; ++c) v[c] += w1u[o] * w1[o * hid + c];
