@@ -185,8 +185,7 @@ template <typename T>
 NLB_INLINE void normalize_grad(const T* g, const T* x, const T* nrm, T* out, int L, int d) {
   for (int t = 0; t < L; ++t) {
     const T n = nrm[t], nc = std::max(n, T(NORM_EPS));
-    T gx = 0;
-    for (int c = 0; c < d; ++c) gx += g[t * d + c] * x[t * d + c];
+    const T gx = dot(g + t * d, x + t * d, d);
     const T f = (n >= T(NORM_EPS) ? gx / (nc * nc) / std::max(n, T(NORM_EPS)) : T(0));
     for (int c = 0; c < d; ++c) out[t * d + c] = g[t * d + c] / nc - x[t * d + c] * f;
   }
@@ -946,9 +945,7 @@ void inputs_forward(const T* xx, const T* w, T* z, int B, int T_, int K, int D, 
 #pragma omp simd
             for (int c = 0; c < dh; ++c) yj[c] += xr[c] * wr[c];
           }
-          T s = 0;
-          for (int c = 0; c < dh; ++c) s += yj[c] * yj[c];
-          const T nc = std::max(std::sqrt(s), T(NORM_EPS));
+          const T nc = std::max(std::sqrt(dot(yj, yj, dh)), T(NORM_EPS));
           T* out = z + ((size_t(j) * B + b) * H + h) * size_t(T_) * dh + size_t(t) * dh;
           for (int c = 0; c < dh; ++c) out[c] = yj[c] / nc;
         }
@@ -978,9 +975,7 @@ void inputs_backward(const T* xx, const T* w, const T* gz, T* gxx, T* gw, int B,
 #pragma omp simd
             for (int c = 0; c < dh; ++c) y[c] += xr[c] * wr[c];
           }
-          T s = 0;
-          for (int c = 0; c < dh; ++c) s += y[c] * y[c];
-          nrm[0] = std::sqrt(s);
+          nrm[0] = std::sqrt(dot(y.data(), y.data(), dh));
           const T* g = gz + ((size_t(j) * B + b) * H + h) * size_t(T_) * dh + size_t(t) * dh;
           normalize_grad(g, y.data(), nrm.data(), gy.data(), 1, dh);
           for (int k = 0; k < K; ++k) {
