@@ -57,6 +57,47 @@ def test_bench_says_when_hope_runs_without_its_cpu_kernel(tmp_path):
     assert "Hope's CPU kernel: PyTorch ops (NLBENCH_CPU_KERNEL=0)" in proc.stdout
 
 
+def _train_row(model, tok_s, p50, compile_mode=None):
+    return dict(model=model, size="medium", seq_len=512, phase="train", tokens_per_s=tok_s, step_ms_p50=p50,
+                peak_mem_bytes=2**20, compile_mode=compile_mode)
+
+
+def test_compiled_goal_takes_each_model_in_its_faster_mode():
+    """A compiled run says 0.65x, and compares Hope's faster mode with the Transformer's: here the
+    Transformer is faster eager, so the ratio is against its eager figure."""
+    from rich.console import Console
+
+    from nlbench.commands.bench import _print_goals
+
+    console = Console(record=True, width=400)
+    rows = [_train_row("hope", 3000, 680, "default"), _train_row("transformer", 4500, 455, "default")]
+    eager = {("hope", "medium", 512): _train_row("hope", 2900, 700),
+             ("transformer", "medium", 512): _train_row("transformer", 5000, 410)}
+    _print_goals(console, rows, eager)
+    text = console.export_text()
+    assert "T=512, compiled: 0.67x (goal >= 0.65x" in text
+    assert ("each model in its faster mode: 0.60x (goal >= 0.65x; Hope compiled 3,000 (eager 2,900), "
+            "Transformer eager 5,000 (compiled 4,500); median step times: 0.60x)") in text
+    console = Console(record=True, width=400)
+    _print_goals(console, [_train_row("hope", 3000, 680), _train_row("transformer", 4500, 455)])
+    text = console.export_text()
+    assert "T=512: 0.67x (goal >= 0.5x" in text and "faster mode" not in text
+
+
+@pytest.mark.compile
+def test_compiled_bench_measures_the_eager_references_in_the_same_run(tmp_path):
+    cfg = tmp_path / "tc.yaml"
+    cfg.write_text("name: tc\nmodels: [transformer, hope]\nsizes: [tiny]\nseq_lens: [32]\nbatch_size: 1\n"
+                   "phases: [train]\ncompile: true\nwarmup_steps: 1\nsteps: 1\nkernel_seq_len: null\nthreads: 1\n")
+    proc = subprocess.run([*NLBENCH, "bench", str(cfg), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reference for the faster-mode goal" in proc.stdout
+    assert "each model in its faster mode:" in proc.stdout and "(goal >= 0.65x" in proc.stdout
+    df = ResultStore(tmp_path / "out").read("throughput")
+    assert len(df) == 2 and (df.compile_mode == "default").all()  # the eager references are not rows
+
+
 def test_bench_compile_field_takes_a_mode(tmp_path):
     """`compile:` is false, true (the default mode) or a mode name; anything else names the field
     and the allowed values."""
