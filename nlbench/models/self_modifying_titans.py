@@ -432,7 +432,8 @@ class SelfModifyingTitans(nn.Module):
         stacked on a leading axis [k, v, η, α, mem]: one projection, one guard and one DGD chunk
         per chunk for all of them instead of five (on CPU these small matmuls cost mostly per-op
         overhead); only M_mem is read. Tests check it equals `_memories`. With `compile_kernels`
-        each chunk step runs through `torch.compile` (`_compiled_stacked_chunk_step`)."""
+        each chunk step runs through `torch.compile` (`_compiled_stacked_chunk_step`). On the C++
+        kernel a sequence of whole chunks is one call per layer (`cpu_step.hope_layer_cpu`)."""
         names = (*PROJECTION_MEMORIES, "mem")
         weights = [torch.stack(ws) for ws in zip(*(state[n] for n in names))]  # each [5, B, H, out, in]
         u = state.get("guard")

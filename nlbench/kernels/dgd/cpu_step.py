@@ -7,7 +7,9 @@ bound by per-op cost and by memory traffic between ops, not by FLOPs. Here one C
 whole step for one (batch, head) at a time with every intermediate in cache, the problems
 spread over torch's threads by OpenMP, and the backward pass recomputes the forward for its
 (batch, head), so only the inputs are kept between the passes. `_FusedStep` is the reference
-(tests/test_cpu_step.py: outputs and every input's gradient, float64).
+(tests/test_cpu_step.py: outputs and every input's gradient, float64). `hope_layer_cpu` runs
+every chunk of a layer in one call (the chunk loop, the guard's power step and the carried
+weights in C++; its reference is the chunk loop on `_FusedStep`); `hope_step_cpu` one chunk.
 
 The library is compiled on first use with the system C++ compiler (the one `torch.compile`
 uses on CPU) into a per-user cache (`NLBENCH_KERNEL_CACHE`, default ~/.cache/nlbench/kernels,
