@@ -286,3 +286,22 @@ def test_hope_runs_one_layer_call_on_whole_chunks_and_chunk_steps_otherwise(monk
     assert (len(calls), len(layers)) == (0, 2)
     model(torch.randint(0, 32, (2, 40)))
     assert (len(calls), len(layers)) == (2 * 3, 2)
+
+
+def test_layer_kernel_without_gradients_keeps_two_slots_and_gives_the_same_outputs(monkeypatch):
+    """Under no_grad (inference, streaming) the layer call carries the weights in two slots used in
+    turn instead of keeping every chunk's: the same y, last weights and guard vectors as with
+    gradients, bit for bit, and buffers that do not grow with the sequence."""
+    z, q, b_eta, b_alpha, w2, w1 = (x.requires_grad_() for x in _leaves(2, 2, 80, 8, 8))
+    u = top_direction(w1.detach())
+    sizes = []
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *s, **k: sizes.append(s[0]) or real(self, *s, **k))
+    with_grad = cpu_step.hope_layer_cpu(GUARD, True, True, 16, u, z, q, b_eta, b_alpha, w2, w1)
+    assert sizes[:3] == [4, 4, 5]  # every chunk's start weights (chunks 1-4) and guard vectors (0-4)
+    sizes.clear()
+    with torch.no_grad():
+        without = cpu_step.hope_layer_cpu(GUARD, True, True, 16, u, z, q, b_eta, b_alpha, w2, w1)
+    assert sizes[:3] == [2, 2, 2]
+    for a, b in zip(with_grad, without):
+        assert torch.equal(a.detach(), b)

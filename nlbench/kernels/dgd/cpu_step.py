@@ -193,7 +193,7 @@ def hope_step_cpu(guard, normalize_v, normalized_step, u, zc, qc, b_eta, b_alpha
 
 class _HopeLayerCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, guard, normalize_v, normalized, chunk, u, z, q, b_eta, b_alpha, w2, w1):
+    def forward(ctx, keep, guard, normalize_v, normalized, chunk, u, z, q, b_eta, b_alpha, w2, w1):
         lib, _ = _library()
         z, q, w2, w1 = (t.contiguous() for t in (z, q, w2, w1))
         b_eta, b_alpha = b_eta.contiguous(), b_alpha.contiguous()
@@ -201,16 +201,19 @@ class _HopeLayerCPU(torch.autograd.Function):
         _, B, H, T, d = z.shape
         hid, n_chunks = w2.shape[-2], T // chunk
         y, w2_end, w1_end = torch.empty_like(q), torch.empty_like(w2), torch.empty_like(w1)
-        # the start weights of chunks 1 .. n - 1, and the guard vector each chunk used
-        w2s, w1s = w2.new_empty(n_chunks - 1, *w2.shape), w1.new_empty(n_chunks - 1, *w1.shape)
-        us = None if u is None else u.new_empty(n_chunks, *u.shape)
+        # the start weights of chunks 1 .. n - 1 and the guard vector each chunk used, for the
+        # backward pass; without one, two slots in turn
+        w_slots, u_slots = (max(n_chunks - 1, 1), n_chunks) if keep else (2, 2)
+        w2s, w1s = w2.new_empty(w_slots, *w2.shape), w1.new_empty(w_slots, *w1.shape)
+        us = None if u is None else u.new_empty(u_slots, *u.shape)
         u_end = None if u is None else torch.empty_like(u)
-        flags = int(normalize_v) | int(normalized) << 1 | int(u is not None) << 2
+        flags = int(normalize_v) | int(normalized) << 1 | int(u is not None) << 2 | int(keep) << 3
         getattr(lib, f"hope_layer_forward_{_suffix(z.dtype)}")(
             _ptr(z), _ptr(q), _ptr(b_eta), _ptr(b_alpha), _ptr(w2), _ptr(w1), _ptr(u), _ptr(y), _ptr(w2s), _ptr(w1s),
             _ptr(us), _ptr(w2_end), _ptr(w1_end), _ptr(u_end), B, H, T, chunk, d, hid, flags, float(guard),
             torch.get_num_threads())
-        ctx.save_for_backward(z, q, b_eta, b_alpha, w2, w1, w2s, w1s, us)
+        if keep:
+            ctx.save_for_backward(z, q, b_eta, b_alpha, w2, w1, w2s, w1s, us)
         ctx.args = (B, H, T, chunk, d, hid, flags, float(guard))
         if u_end is None:
             return y, w2_end, w1_end
@@ -229,7 +232,7 @@ class _HopeLayerCPU(torch.autograd.Function):
             _ptr(z), _ptr(q), _ptr(b_eta), _ptr(b_alpha), _ptr(w2), _ptr(w1), _ptr(w2s), _ptr(w1s), _ptr(us),
             _ptr(gy), _ptr(g_w2), _ptr(g_w1), _ptr(g_z), _ptr(g_q), _ptr(g_be), _ptr(g_ba), _ptr(g_w2_0),
             _ptr(g_w1_0), B, H, T, chunk, d, hid, flags, guard, torch.get_num_threads())
-        return None, None, None, None, None, g_z, g_q, g_be.sum(0), g_ba.sum(0), g_w2_0, g_w1_0
+        return None, None, None, None, None, None, g_z, g_q, g_be.sum(0), g_ba.sum(0), g_w2_0, g_w1_0
 
 
 def layer_fits(z, w2, chunk: int) -> bool:
@@ -243,8 +246,10 @@ def hope_layer_cpu(guard, normalize_v, normalized_step, chunk, u, z, q, b_eta, b
     chunk after chunk (power step of the guard vector `u` first, when given) over z [4, B, H, T, dh]
     and q [B, H, T, dh] split in chunks of `chunk` tokens. Returns (y [B, H, T, dh], the last
     chunk-end W2 and W1, the last guard vector or None). Autograd keeps the inputs and every
-    chunk's start weights, as the chunk-by-chunk loop does; `layer_fits` says when it runs."""
-    out = _HopeLayerCPU.apply(guard, normalize_v, normalized_step, chunk, u, z, q, b_eta, b_alpha, w2, w1)
+    chunk's start weights, as the chunk-by-chunk loop does; without gradients (no_grad, or no
+    input that needs one) nothing is kept. `layer_fits` says when it runs."""
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (z, q, b_eta, b_alpha, w2, w1))
+    out = _HopeLayerCPU.apply(keep, guard, normalize_v, normalized_step, chunk, u, z, q, b_eta, b_alpha, w2, w1)
     return out if u is not None else (*out, None)
 
 

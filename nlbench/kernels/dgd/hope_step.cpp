@@ -731,7 +731,8 @@ void run_backward(const Dims& D, const T* z, const T* q, const T* beta, const T*
 // Same arithmetic as one call per chunk; the chunk loop, the guard's power step and the copies
 // around each call leave Python. z [4][BH][T][d], q and y [BH][T][d] (chunk c: rows cL .. cL + L);
 // chunk c > 0 starts from w2s/w1s[c - 1] [NC - 1][5][BH][..] (kept for the backward pass), the
-// guard vector it uses (already stepped) is us[c] [NC][5][BH][hid].
+// guard vector it uses (already stepped) is us[c] [NC][5][BH][hid]; without a backward pass
+// (flags & 8 clear) both are two slots used in turn.
 
 // smt_step.power_step for one memory: u <- normalize((u + 1e-4 normalize(1)) W1^T W1), W1 [d x hid]
 template <typename T>
@@ -751,9 +752,11 @@ void power_step(T* u, const T* w1, int d, int hid) {
 
 struct LayerPtrs {  // offsets of one (b, h)'s chunk c in the layer's tensors
   int BH, T, NC;
+  int WS, US;  // slots of w2s / w1s and of us: every chunk's (for the backward pass), or two in turn
   size_t zrow(int j, int p, int c, int L, int d) const { return ((size_t(j) * BH + p) * T + size_t(c) * L) * d; }
   size_t row(int p, int c, int L, int d) const { return (size_t(p) * T + size_t(c) * L) * d; }
-  size_t w(int c, int m, int p, int n) const { return ((size_t(c) * NMEM + m) * BH + p) * n; }
+  size_t w(int c, int m, int p, int n) const { return ((size_t(c % WS) * NMEM + m) * BH + p) * n; }
+  size_t u(int c, int m, int p, int n) const { return ((size_t(c % US) * NMEM + m) * BH + p) * n; }
 };
 
 template <typename T>
@@ -766,7 +769,7 @@ Inputs<T> layer_inputs_at(const Dims& D, const LayerPtrs& lp, int p, int c, cons
   for (int m = 0; m < NMEM; ++m) {
     in.w2[m] = c == 0 ? w2_0 + (size_t(m) * BH + p) * hid * d : w2s + lp.w(c - 1, m, p, hid * d);
     in.w1[m] = c == 0 ? w1_0 + (size_t(m) * BH + p) * d * hid : w1s + lp.w(c - 1, m, p, d * hid);
-    in.u[m] = D.guard_on ? us + lp.w(c, m, p, hid) : nullptr;
+    in.u[m] = D.guard_on ? us + lp.u(c, m, p, hid) : nullptr;
   }
   in.b_eta = beta[p % D.H];
   in.b_alpha = balpha[p % D.H];
@@ -785,9 +788,9 @@ void layer_forward_chunk(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T
 template <typename T>
 void run_layer_forward(const Dims& D, int T_, const T* z, const T* q, const T* beta, const T* balpha, const T* w2_0,
                        const T* w1_0, const T* u0, T* y, T* w2s, T* w1s, T* us, T* w2_end, T* w1_end, T* u_end,
-                       int nthreads) {
-  const int BH = D.B * D.H, L = D.L, d = D.d, hid = D.hid;
-  const LayerPtrs lp{BH, T_, T_ / L};
+                       bool keep, int nthreads) {
+  const int BH = D.B * D.H, L = D.L, d = D.d, hid = D.hid, NC = T_ / L;
+  const LayerPtrs lp{BH, T_, NC, keep ? std::max(NC - 1, 1) : 2, keep ? NC : 2};
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int p = 0; p < BH; ++p) {
     static thread_local Work<T> W;
@@ -796,8 +799,8 @@ void run_layer_forward(const Dims& D, int T_, const T* z, const T* q, const T* b
       const bool last = c == lp.NC - 1;
       if (D.guard_on)
         for (int m = 0; m < NMEM; ++m) {
-          T* u = us + lp.w(c, m, p, hid);
-          const T* prev = c == 0 ? u0 + (size_t(m) * BH + p) * hid : us + lp.w(c - 1, m, p, hid);
+          T* u = us + lp.u(c, m, p, hid);
+          const T* prev = c == 0 ? u0 + (size_t(m) * BH + p) * hid : us + lp.u(c - 1, m, p, hid);
           std::copy(prev, prev + hid, u);
           power_step(u, c == 0 ? w1_0 + (size_t(m) * BH + p) * d * hid : w1s + lp.w(c - 1, m, p, d * hid), d, hid);
         }
@@ -811,7 +814,7 @@ void run_layer_forward(const Dims& D, int T_, const T* z, const T* q, const T* b
     }
     if (D.guard_on)
       for (int m = 0; m < NMEM; ++m) {
-        const T* u = us + lp.w(lp.NC - 1, m, p, hid);
+        const T* u = us + lp.u(lp.NC - 1, m, p, hid);
         std::copy(u, u + hid, u_end + (size_t(m) * BH + p) * hid);
       }
   }
@@ -823,8 +826,8 @@ void run_layer_backward(const Dims& D, int T_, const T* z, const T* q, const T* 
                         const T* w2_0, const T* w1_0, const T* w2s, const T* w1s, const T* us, const T* gy,
                         const T* gw2_end, const T* gw1_end, T* gz, T* gq, T* gbeta, T* gbalpha, T* gw2_0, T* gw1_0,
                         int nthreads) {
-  const int BH = D.B * D.H, L = D.L, d = D.d, hid = D.hid, nw = hid * d;
-  const LayerPtrs lp{BH, T_, T_ / L};
+  const int BH = D.B * D.H, L = D.L, d = D.d, hid = D.hid, nw = hid * d, NC = T_ / L;
+  const LayerPtrs lp{BH, T_, NC, std::max(NC - 1, 1), NC};
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int p = 0; p < BH; ++p) {
     static thread_local Work<T> W;
@@ -903,7 +906,7 @@ NLB_ENTRY(double, f64)
                                               int d, int hid, int flags, double guard, int nthreads) {              \
     const Dims D{B, H, L, d, hid, bool(flags & 1), bool(flags & 2), bool(flags & 4), guard};                      \
     run_layer_forward<T>(D, T_, z, q, beta, balpha, w2_0, w1_0, u0, y, w2s, w1s, us, w2_end, w1_end, u_end,       \
-                         nthreads);                                                                              \
+                         bool(flags & 8), nthreads);                                                             \
   }                                                                                                              \
   extern "C" void hope_layer_backward_##SUFFIX(const T* z, const T* q, const T* beta, const T* balpha,            \
                                                const T* w2_0, const T* w1_0, const T* w2s, const T* w1s,           \
