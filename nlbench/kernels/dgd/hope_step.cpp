@@ -667,6 +667,29 @@ __attribute__((flatten)) void backward_flat(const Dims& D, const Inputs<T>& in, 
   backward_one<T, LL, DD, HH>(D, in, W, G, gy, gw2n, gw1n, gz, gq, gbeta, gbalpha, gw2, gw1);
 }
 
+// one chunk of one (b, h): Hope's head sizes in float take the flattened functions (compiled for
+// float only: build time), everything else the generic ones
+template <typename T>
+void forward_chunk(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* o2[NMEM], T* o1[NMEM]) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D.L == 16 && D.d == 32 && D.hid == 32) return forward_flat<T, 16, 32, 32>(D, in, W, y, o2, o1);
+    if (D.L == 16 && D.d == 64 && D.hid == 64) return forward_flat<T, 16, 64, 64>(D, in, W, y, o2, o1);
+  }
+  forward_one<T, 0, 0, 0>(D, in, W, y, o2, o1);
+}
+
+template <typename T>
+void backward_chunk(const Dims& D, const Inputs<T>& in, Work<T>& W, Grads<T>& G, const T* gy, const T* gw2n[NMEM],
+                    const T* gw1n[NMEM], T* gz[NPROJ], T* gq, T* gbeta, T* gbalpha, T* gw2[NMEM], T* gw1[NMEM]) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D.L == 16 && D.d == 32 && D.hid == 32)
+      return backward_flat<T, 16, 32, 32>(D, in, W, G, gy, gw2n, gw1n, gz, gq, gbeta, gbalpha, gw2, gw1);
+    if (D.L == 16 && D.d == 64 && D.hid == 64)
+      return backward_flat<T, 16, 64, 64>(D, in, W, G, gy, gw2n, gw1n, gz, gq, gbeta, gbalpha, gw2, gw1);
+  }
+  backward_one<T, 0, 0, 0>(D, in, W, G, gy, gw2n, gw1n, gz, gq, gbeta, gbalpha, gw2, gw1);
+}
+
 template <typename T>
 void run_forward(const Dims& D, const T* z, const T* q, const T* beta, const T* balpha, const T* w2, const T* w1,
                  const T* u, T* y, T* w2n, T* w1n, int nthreads) {
@@ -681,12 +704,7 @@ void run_forward(const Dims& D, const T* z, const T* q, const T* beta, const T* 
       o2[m] = w2n + (size_t(m) * BH + p) * hid * d;
       o1[m] = w1n + (size_t(m) * BH + p) * d * hid;
     }
-    T* yp = y + size_t(p) * L * d;
-    if constexpr (std::is_same_v<T, float>) {  // Hope's head sizes, compiled for float only (build time)
-      if (L == 16 && d == 32 && hid == 32) { forward_flat<T, 16, 32, 32>(D, in, W, yp, o2, o1); continue; }
-      if (L == 16 && d == 64 && hid == 64) { forward_flat<T, 16, 64, 64>(D, in, W, yp, o2, o1); continue; }
-    }
-    forward_one<T, 0, 0, 0>(D, in, W, yp, o2, o1);
+    forward_chunk(D, in, W, y + size_t(p) * L * d, o2, o1);
   }
 }
 
@@ -712,17 +730,7 @@ void run_backward(const Dims& D, const T* z, const T* q, const T* beta, const T*
     }
     for (int j = 0; j < NPROJ; ++j) oz[j] = gz + (size_t(j) * BH + p) * L * d;
     T *gyp = const_cast<T*>(gy) + size_t(p) * L * d, *gqp = gq + size_t(p) * L * d;
-    if constexpr (std::is_same_v<T, float>) {
-      if (L == 16 && d == 32 && hid == 32) {
-        backward_flat<T, 16, 32, 32>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
-        continue;
-      }
-      if (L == 16 && d == 64 && hid == 64) {
-        backward_flat<T, 16, 64, 64>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
-        continue;
-      }
-    }
-    backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
+    backward_chunk(D, in, W, G, gyp, i2, i1, oz, gqp, gbeta + p, gbalpha + p, o2, o1);
   }
 }
 
@@ -777,15 +785,6 @@ Inputs<T> layer_inputs_at(const Dims& D, const LayerPtrs& lp, int p, int c, cons
 }
 
 template <typename T>
-void layer_forward_chunk(const Dims& D, const Inputs<T>& in, Work<T>& W, T* y, T* o2[NMEM], T* o1[NMEM]) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (D.L == 16 && D.d == 32 && D.hid == 32) return forward_flat<T, 16, 32, 32>(D, in, W, y, o2, o1);
-    if (D.L == 16 && D.d == 64 && D.hid == 64) return forward_flat<T, 16, 64, 64>(D, in, W, y, o2, o1);
-  }
-  forward_one<T, 0, 0, 0>(D, in, W, y, o2, o1);
-}
-
-template <typename T>
 void run_layer_forward(const Dims& D, int T_, const T* z, const T* q, const T* beta, const T* balpha, const T* w2_0,
                        const T* w1_0, const T* u0, T* y, T* w2s, T* w1s, T* us, T* w2_end, T* w1_end, T* u_end,
                        bool keep, int nthreads) {
@@ -810,7 +809,7 @@ void run_layer_forward(const Dims& D, int T_, const T* z, const T* q, const T* b
         o2[m] = last ? w2_end + (size_t(m) * BH + p) * hid * d : w2s + lp.w(c, m, p, hid * d);
         o1[m] = last ? w1_end + (size_t(m) * BH + p) * d * hid : w1s + lp.w(c, m, p, d * hid);
       }
-      layer_forward_chunk(D, in, W, y + lp.row(p, c, L, d), o2, o1);
+      forward_chunk(D, in, W, y + lp.row(p, c, L, d), o2, o1);
     }
     if (D.guard_on)
       for (int m = 0; m < NMEM; ++m) {
@@ -856,16 +855,7 @@ void run_layer_backward(const Dims& D, int T_, const T* z, const T* q, const T* 
       const T* gyp = gy + lp.row(p, c, L, d);
       T* gqp = gq + lp.row(p, c, L, d);
       T be = 0, ba = 0;
-      if constexpr (std::is_same_v<T, float>) {
-        if (L == 16 && d == 32 && hid == 32)
-          backward_flat<T, 16, 32, 32>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
-        else if (L == 16 && d == 64 && hid == 64)
-          backward_flat<T, 16, 64, 64>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
-        else
-          backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
-      } else {
-        backward_one<T, 0, 0, 0>(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
-      }
+      backward_chunk(D, in, W, G, gyp, i2, i1, oz, gqp, &be, &ba, o2, o1);
       sbe += be;
       sba += ba;
       gnext.swap(gcur);
