@@ -75,7 +75,7 @@ def measure_suite(cfg, models, dev_str: str, log: Callable[[str], None], *, comm
                     log(f"{r['model']:>15} {size:>6} T={seq_len:<5} {r['phase']:<5} {r['tokens_per_s']:>10.0f} tok/s "
                         f"p50 {r['step_ms_p50']:.1f} ms  MFU {100 * r['mfu']:.1f}%  ({time.perf_counter() - t0:.0f}s)")
                 rows.extend(got)
-    eager = _eager_references(cfg, rows, bench_case, BenchCase, dev, dtype, peak, log) if cfg.compile_mode else {}
+    eager = _eager_references(cfg, models, rows, dev, dtype, peak, log) if cfg.compile_mode else {}
     stream_models = [m for m in cfg.stream.models if only is None or only in m.row_name] if cfg.stream else []
     for size in cfg.sizes if stream_models else []:
         for m in stream_models:
@@ -100,17 +100,21 @@ def measure_suite(cfg, models, dev_str: str, log: Callable[[str], None], *, comm
     return dict(device=name, peak=peak, rows=rows, kernel_lines=kernel_lines, eager_train=eager)
 
 
-def _eager_references(cfg, rows, bench_case, BenchCase, dev, dtype, peak, log) -> dict:
+def _eager_references(cfg, models, rows, dev, dtype, peak, log) -> dict:
     """In a compiled run, Hope's and the Transformer's train phase once more, eager: the goal on
     compiled throughput compares each model in its faster mode, measured in the same run. Kept
     out of the rows (they would sit in the compiled run's columns); keyed (model, size, T)."""
     import torch
 
+    from nlbench.bench.throughput import BenchCase, bench_case
+
+    entries = {m.row_name: m for m in models}
     out = {}
     for r in rows:
-        if r["model"] not in ("hope", "transformer") or r["phase"] != "train":
+        if r["model"] not in ("hope", "transformer") or r["phase"] != "train" or r["model"] not in entries:
             continue
-        case = BenchCase(r["model"], r["size"], r["seq_len"], cfg.batch_size, {})
+        m = entries[r["model"]]
+        case = BenchCase(m.name, r["size"], r["seq_len"], cfg.batch_size, m.options, label=m.label)
         try:
             got = bench_case(case, device=dev, dtype=dtype, vocab_size=cfg.vocab_size, optimizer=cfg.optimizer,
                              lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, phases=["train"],

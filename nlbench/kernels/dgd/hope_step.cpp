@@ -62,9 +62,14 @@ inline void mm(T* __restrict C, const T* __restrict A, const T* __restrict B, in
 
 // out[c x r] = in[r x c]^T
 template <typename T>
-inline void transpose(T* out, const T* in, int r, int c) {
+inline void transpose_scalar(T* out, const T* in, int r, int c) {
   for (int i = 0; i < r; ++i)
     for (int j = 0; j < c; ++j) out[j * r + i] = in[i * c + j];
+}
+
+template <typename T>
+inline void transpose(T* out, const T* in, int r, int c) {
+  transpose_scalar(out, in, r, c);
 }
 
 #ifdef __AVX__
@@ -90,11 +95,7 @@ NLB_INLINE void transpose8(float* out, const float* in, int r, int c) {
 
 template <>
 inline void transpose<float>(float* out, const float* in, int r, int c) {
-  if (r % 8 || c % 8) {
-    for (int i = 0; i < r; ++i)
-      for (int j = 0; j < c; ++j) out[j * r + i] = in[i * c + j];
-    return;
-  }
+  if (r % 8 || c % 8) return transpose_scalar(out, in, r, c);
   for (int i = 0; i < r; i += 8)
     for (int j = 0; j < c; j += 8) transpose8(out + j * r + i, in + i * c + j, r, c);
 }
@@ -919,26 +920,38 @@ NLB_LAYER_ENTRY(double, f64)
 // Parallel over heads (each owns its channels' weight gradient); the backward recomputes y.
 namespace {
 
+// head h's conv weights as wt[(j K + k) dh + c], contiguous along the channel c
+template <typename T>
+void conv_weights(std::vector<T>& wt, const T* w, int h, int dh, int K) {
+  for (int c = 0; c < dh; ++c)
+    for (int j = 0; j < NPROJ; ++j)
+      for (int k = 0; k < K; ++k) wt[(j * K + k) * dh + c] = w[((h * dh + c) * NPROJ + j) * K + k];
+}
+
+// conv j of head h at (b, t) before the norm: y[c] = sum_k xx[b, t + k, h dh + c] wt[j, k, c]
+template <typename T>
+NLB_INLINE void conv_row(T* y, const T* xx, const T* wt, int b, int t, int j, int TK, int D, int h, int dh, int K) {
+  for (int c = 0; c < dh; ++c) y[c] = 0;
+  for (int k = 0; k < K; ++k) {
+    const T* xr = xx + (size_t(b) * TK + t + k) * D + h * dh;
+    const T* wr = wt + (j * K + k) * dh;
+#pragma omp simd
+    for (int c = 0; c < dh; ++c) y[c] += xr[c] * wr[c];
+  }
+}
+
 template <typename T>
 void inputs_forward(const T* xx, const T* w, T* z, int B, int T_, int K, int D, int H, int nthreads) {
   const int dh = D / H, TK = T_ + K - 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int h = 0; h < H; ++h) {
     std::vector<T> wt(NPROJ * K * dh), y(NPROJ * dh);
-    for (int c = 0; c < dh; ++c)
-      for (int j = 0; j < NPROJ; ++j)
-        for (int k = 0; k < K; ++k) wt[(j * K + k) * dh + c] = w[((h * dh + c) * NPROJ + j) * K + k];
+    conv_weights(wt, w, h, dh, K);
     for (int b = 0; b < B; ++b)
       for (int t = 0; t < T_; ++t) {
         for (int j = 0; j < NPROJ; ++j) {
           T* yj = &y[j * dh];
-          for (int c = 0; c < dh; ++c) yj[c] = 0;
-          for (int k = 0; k < K; ++k) {
-            const T* xr = xx + (size_t(b) * TK + t + k) * D + h * dh;
-            const T* wr = &wt[(j * K + k) * dh];
-#pragma omp simd
-            for (int c = 0; c < dh; ++c) yj[c] += xr[c] * wr[c];
-          }
+          conv_row(yj, xx, wt.data(), b, t, j, TK, D, h, dh, K);
           const T nc = std::max(std::sqrt(dot(yj, yj, dh)), T(NORM_EPS));
           T* out = z + ((size_t(j) * B + b) * H + h) * size_t(T_) * dh + size_t(t) * dh;
           for (int c = 0; c < dh; ++c) out[c] = yj[c] / nc;
@@ -954,21 +967,13 @@ void inputs_backward(const T* xx, const T* w, const T* gz, T* gxx, T* gw, int B,
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int h = 0; h < H; ++h) {
     std::vector<T> wt(NPROJ * K * dh), gwt(NPROJ * K * dh, T(0)), y(dh), gy(dh), nrm(1);
-    for (int c = 0; c < dh; ++c)
-      for (int j = 0; j < NPROJ; ++j)
-        for (int k = 0; k < K; ++k) wt[(j * K + k) * dh + c] = w[((h * dh + c) * NPROJ + j) * K + k];
+    conv_weights(wt, w, h, dh, K);
     for (int b = 0; b < B; ++b) {
       for (int t = 0; t < TK; ++t)
         std::fill(gxx + (size_t(b) * TK + t) * D + h * dh, gxx + (size_t(b) * TK + t) * D + (h + 1) * dh, T(0));
       for (int t = 0; t < T_; ++t)
         for (int j = 0; j < NPROJ; ++j) {
-          for (int c = 0; c < dh; ++c) y[c] = 0;
-          for (int k = 0; k < K; ++k) {
-            const T* xr = xx + (size_t(b) * TK + t + k) * D + h * dh;
-            const T* wr = &wt[(j * K + k) * dh];
-#pragma omp simd
-            for (int c = 0; c < dh; ++c) y[c] += xr[c] * wr[c];
-          }
+          conv_row(y.data(), xx, wt.data(), b, t, j, TK, D, h, dh, K);
           nrm[0] = std::sqrt(dot(y.data(), y.data(), dh));
           const T* g = gz + ((size_t(j) * B + b) * H + h) * size_t(T_) * dh + size_t(t) * dh;
           normalize_grad(g, y.data(), nrm.data(), gy.data(), 1, dh);
